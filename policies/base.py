@@ -1,0 +1,81 @@
+"""The policy interface: what a routing policy sees and returns.
+
+A leaf module: imports nothing else of ours. Policies read backend state
+through `BackendView` and never do I/O; the proxy hands them only backends
+that health allows.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+Clock = Callable[[], float]
+
+
+class BackendView(Protocol):
+    """Read-only view of one backend's state (proxy.state.BackendState satisfies it)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def weight(self) -> int: ...
+    inflight: int
+    requests: int
+    errors: int
+    consecutive_failures: int
+    last_error_at: float | None
+    reported_load: float | None
+    admitted_at: float
+
+    def ewma_s(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What a policy may know about the request being routed."""
+
+    method: str = "GET"
+    path: str = "/"
+    route_class: str = "default"
+    body_size: int = 0  # Content-Length when known, else 0
+    client_ip: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class PolicyOptions(BaseModel):
+    """Base for a policy's options: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyContext:
+    """What a policy is built with. Clock and RNG are injected so tests are exact."""
+
+    clock: Clock = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+    cluster: str = "default"
+    # Route classes of the config, in order (bounded; used by learned policies).
+    route_classes: Sequence[str] = ()
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: ClassVar[str]
+
+    def pick(self, ready: Sequence[BackendView], req: RequestInfo) -> BackendView | None:
+        """Synchronous and cheap. None means no backend: the proxy answers 503."""
+        ...
+
+
+class PolicyFactory(Protocol):
+    name: ClassVar[str]
+    Options: ClassVar[type[PolicyOptions]]
+
+    def __call__(self, options: Any, ctx: PolicyContext) -> Policy: ...

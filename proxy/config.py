@@ -1,0 +1,304 @@
+"""Typed, frozen models for config.yaml.
+
+Every model rejects unknown keys, so a typo is an error that names the field
+rather than a setting silently ignored. Validation happens once, at start-up
+and on reload; the request path trusts the result.
+
+This module imports only other leaf modules of ours (health.config).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from health.config import HealthConfig
+
+DEFAULT_CLUSTER = "default"
+RETRY_ON_VALUES = ("connect-failure", "reset", "timeout", "5xx", "gateway-error")
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names file, field and problem."""
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenTls(Frozen):
+    cert_file: Path
+    key_file: Path
+
+
+class Listen(Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    tls: ListenTls | None = None
+    # Kernel accept queue length.
+    backlog: int = Field(1024, ge=1)
+
+
+class Admin(Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(9901, ge=0, le=65535)
+
+
+class BackendSpec(Frozen):
+    url: str
+    id: str = ""
+    weight: int = Field(1, ge=1, le=1000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url_string(cls, data: Any) -> Any:
+        return {"url": data} if isinstance(data, str) else data
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+        if parts.path not in ("", "/") or parts.query:
+            raise ValueError(f"must not carry a path or query, got {url!r}")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad port in {url!r}") from exc
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _default_id(self) -> BackendSpec:
+        if not self.id:
+            parts = urlsplit(self.url)
+            object.__setattr__(self, "id", f"{parts.hostname}:{parts.port or _default_port(parts.scheme)}")
+        elif not _ID_RE.match(self.id):
+            raise ValueError(f"id {self.id!r} may only hold letters, digits and _.:-")
+        return self
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
+class PolicySpec(Frozen):
+    """`kind` names a registered policy (or a dotted path to a user's class).
+
+    Any other key is an option of that policy, validated by the policy itself
+    when the config is loaded (see proxy.loader).
+    """
+
+    kind: str = "p2c_peak_ewma"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_options(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"kind": data}
+        if isinstance(data, dict):
+            data = dict(data)
+            options = dict(data.pop("options", None) or {})
+            kind = data.pop("kind", "p2c_peak_ewma")
+            options.update(data)
+            return {"kind": kind, "options": options}
+        return data
+
+
+class UpstreamTls(Frozen):
+    verify: bool = True
+    ca_file: Path | None = None
+
+
+class ClusterSpec(Frozen):
+    backends: list[BackendSpec] = Field(min_length=1)
+    policy: PolicySpec = PolicySpec()
+    health: HealthConfig = HealthConfig()
+    tls: UpstreamTls = UpstreamTls()
+    # Time constant of the peak-EWMA latency estimate.
+    ewma_decay_s: float = Field(10.0, gt=0)
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_ids(cls, backends: list[BackendSpec]) -> list[BackendSpec]:
+        seen: set[str] = set()
+        for b in backends:
+            if b.id in seen:
+                raise ValueError(f"backend id {b.id!r} appears twice; give each an explicit id")
+            seen.add(b.id)
+        return backends
+
+
+class Route(Frozen):
+    """First matching route wins. Empty matchers match everything."""
+
+    cluster: str = DEFAULT_CLUSTER
+    # The route class: a bounded label used in metrics and model features.
+    name: str = ""
+    host: str | None = None
+    path_prefix: str = "/"
+    methods: list[str] | None = None
+    # Header name -> exact value, or "*" for "present with any value".
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _slash(cls, prefix: str) -> str:
+        if not prefix.startswith("/"):
+            raise ValueError(f"must start with '/', got {prefix!r}")
+        return prefix
+
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, methods: list[str] | None) -> list[str] | None:
+        return [m.upper() for m in methods] if methods else None
+
+    @model_validator(mode="after")
+    def _default_name(self) -> Route:
+        if not self.name:
+            object.__setattr__(self, "name", self.path_prefix.strip("/").split("/")[0] or "root")
+        return self
+
+
+class Timeouts(Frozen):
+    connect_s: float = Field(1.0, gt=0)
+    per_try_s: float = Field(15.0, gt=0)
+    total_s: float = Field(30.0, gt=0)
+    # Time a client has to send complete request headers (slowloris guard).
+    client_header_s: float = Field(10.0, gt=0)
+    client_idle_s: float = Field(75.0, gt=0)
+    # On SIGTERM, how long in-flight requests may finish before the exit.
+    drain_s: float = Field(15.0, ge=0)
+
+
+class RetryBudget(Frozen):
+    """Concurrent retries allowed: `percent` of active requests, never below `min_concurrent`."""
+
+    percent: float = Field(20.0, ge=0, le=100)
+    min_concurrent: int = Field(3, ge=0)
+
+
+class Retries(Frozen):
+    # Total tries per request, the first included.
+    attempts: int = Field(3, ge=1, le=10)
+    retry_on: list[Literal["connect-failure", "reset", "timeout", "5xx", "gateway-error"]] = Field(
+        default_factory=lambda: ["connect-failure", "reset", "timeout", "gateway-error"]
+    )
+    budget: RetryBudget = RetryBudget()
+
+
+class Limits(Frozen):
+    # All request header lines together (431 above this).
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    max_header_count: int = Field(100, ge=1)
+    # Request body (413 above this); None means unlimited.
+    max_body_bytes: int | None = Field(4 * 1024**3, ge=0)
+
+
+class AccessLog(Frozen):
+    enabled: bool = False
+    # "-" is standard output.
+    path: str = "-"
+    sample_rate: float = Field(1.0, ge=0, le=1)
+
+
+class Telemetry(Frozen):
+    """Decision-time features and outcomes, sampled, for offline training."""
+
+    enabled: bool = False
+    path: Path = Path("telemetry")
+    sample_rate: float = Field(0.1, ge=0, le=1)
+    max_file_bytes: int = Field(64 * 1024**2, ge=1024)
+    max_total_bytes: int = Field(1024**3, ge=1024)
+
+
+class Config(Frozen):
+    listen: Listen = Listen()
+    admin: Admin = Admin()
+    workers: int = Field(1, ge=1, le=64)
+    clusters: dict[str, ClusterSpec] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=list)
+    timeouts: Timeouts = Timeouts()
+    retries: Retries = Retries()
+    limits: Limits = Limits()
+    access_log: AccessLog = AccessLog()
+    telemetry: Telemetry = Telemetry()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        """Top-level `backends`/`policy`/`health` make one cluster named `default`."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        short = {k: data.pop(k) for k in ("backends", "policy", "health") if k in data}
+        if short:
+            if "backends" not in short:
+                raise ValueError("top-level 'policy'/'health' need top-level 'backends' too")
+            if data.get("clusters"):
+                raise ValueError("use either top-level 'backends' or 'clusters', not both")
+            data["clusters"] = {DEFAULT_CLUSTER: short}
+        return data
+
+    @model_validator(mode="after")
+    def _routes_name_clusters(self) -> Config:
+        if not self.clusters:
+            raise ValueError("no backends: give 'backends' (one cluster) or 'clusters'")
+        if not self.routes:
+            if len(self.clusters) != 1:
+                raise ValueError("with several clusters, 'routes' must say which requests go where")
+            only = next(iter(self.clusters))
+            object.__setattr__(self, "routes", [Route(cluster=only, name="default")])
+        for i, route in enumerate(self.routes):
+            if route.cluster not in self.clusters:
+                raise ValueError(
+                    f"routes.{i}.cluster: unknown cluster {route.cluster!r} "
+                    f"(known: {', '.join(sorted(self.clusters))})")
+        if self.timeouts.per_try_s > self.timeouts.total_s:
+            raise ValueError("timeouts.per_try_s must not exceed timeouts.total_s")
+        return self
+
+    def route_classes(self) -> list[str]:
+        """Bounded list of route class names, in route order, without repeats."""
+        return list(dict.fromkeys(r.name for r in self.routes))
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config ({exc.error_count()} error(s))"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def read_config(path: str | Path) -> Config:
+    """Read and validate one YAML file; every failure is a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path))

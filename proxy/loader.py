@@ -1,0 +1,37 @@
+"""Load config.yaml and validate everything the proxy will build from it.
+
+`proxy.config` checks structure; this module also checks what needs other
+packages (policy options, by each policy's own model), so `check-config`,
+start-up and SIGHUP reload all reject the same files with the same messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from policies.registry import PolicyError, validate_options
+from proxy.config import Config, ConfigError, read_config
+
+
+@dataclass(frozen=True)
+class Loaded:
+    config: Config
+    source: Path
+    # Validated policy options per cluster name.
+    policy_options: dict[str, Any]
+
+
+def validate(config: Config, source: str | Path) -> Loaded:
+    options: dict[str, Any] = {}
+    for name, cluster in config.clusters.items():
+        try:
+            options[name] = validate_options(cluster.policy.kind, cluster.policy.options)
+        except PolicyError as exc:
+            raise ConfigError(f"{source}: invalid config\n  clusters.{name}.policy: {exc}") from None
+    return Loaded(config=config, source=Path(source), policy_options=options)
+
+
+def load(path: str | Path) -> Loaded:
+    return validate(read_config(path), path)
