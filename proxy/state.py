@@ -197,6 +197,14 @@ class BackendState:
     def ewma_s(self) -> float:
         return self.ewma.read()
 
+    def error_rate(self) -> float:
+        """Share of failed outcomes among the recent window (0 when none yet)."""
+        return self.window.error_rate
+
+    def latency_percentile_s(self, q: float) -> float:
+        """Recent latency percentile (0..100); NaN before any response."""
+        return self.window.percentile_s(q)
+
     def __repr__(self) -> str:
         return (
             f"BackendState({self.backend.id!r}, health={self.health.value}, "
