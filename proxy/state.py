@@ -30,6 +30,10 @@ ERROR_KINDS = (ERROR_CONNECT, ERROR_TIMEOUT, ERROR_RESET)
 DEFAULT_DECAY_S = 10.0
 DEFAULT_RTT_S = 0.010  # the estimate a backend starts with, before any response
 WINDOW_SIZE = 128
+# Weight of a new observation in the per-route-class latency EWMA
+# (BackendState.route_ewma_s): request-aware features need a backend's
+# latency for *this kind* of request, not only its blended EWMA.
+ROUTE_EWMA_ALPHA = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +169,7 @@ class BackendState:
         "last_error_at",
         "reported_load",
         "requests",
+        "route_ewma_s",
         "window",
     )
 
@@ -176,6 +181,9 @@ class BackendState:
         self.window = OutcomeWindow()
         self.requests = 0
         self.errors = 0
+        # Route class -> EWMA of successful latency for that class (bounded:
+        # route classes come from the config).
+        self.route_ewma_s: dict[str, float] = {}
         self.consecutive_failures = 0
         self.last_error_at: float | None = None
         # Utilisation 0..1 reported by the backend (endpoint-load-metrics), if any.
@@ -303,6 +311,9 @@ class Cluster:
             # Transport failures carry no service time; they are penalised by
             # the failure rate instead so a failing backend never looks fast.
             state.ewma.observe(outcome.latency_s)
+            old = state.route_ewma_s.get(outcome.route_class)
+            state.route_ewma_s[outcome.route_class] = outcome.latency_s if old is None else (
+                old + ROUTE_EWMA_ALPHA * (outcome.latency_s - old))
         for listener in self._outcome_listeners:
             listener(state, outcome)
 
