@@ -217,6 +217,27 @@ class Telemetry(Frozen):
     sample_rate: float = Field(0.1, ge=0, le=1)
     max_file_bytes: int = Field(64 * 1024**2, ge=1024)
     max_total_bytes: int = Field(1024**3, ge=1024)
+    # How often the writer thread writes what is queued.
+    flush_interval_s: float = Field(0.5, gt=0)
+    # Records waiting for the writer beyond this are dropped (and counted).
+    max_pending_rows: int = Field(200_000, ge=1)
+
+
+class Forecast(Frozen):
+    """Next-interval load forecast, Load(t) = a + b*R(t-1) + c*R(t-2), as Prometheus gauges."""
+
+    enabled: bool = False
+    # JSON written by `foretell train forecast`; without it the forecast is
+    # the last interval's count (a=0, b=1, c=0).
+    coefficients_path: Path | None = None
+    interval_s: float = Field(10.0, gt=0)
+    # Requests per second one replica serves at its target utilisation.
+    capacity_rps_per_replica: float = Field(100.0, gt=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1000, ge=1)
+    # Append "interval_end_s,requests" per interval here (training data for
+    # `foretell train forecast --counts`).
+    counts_path: Path | None = None
 
 
 class Config(Frozen):
@@ -230,6 +251,7 @@ class Config(Frozen):
     limits: Limits = Limits()
     access_log: AccessLog = AccessLog()
     telemetry: Telemetry = Telemetry()
+    forecast: Forecast = Forecast()
 
     @model_validator(mode="before")
     @classmethod
