@@ -12,7 +12,10 @@ a backend with `slots` workers queues the way a real server does.
 
 Event timelines are relative to `origin_s`, a `time.monotonic()` reading in
 the parent. On Linux CLOCK_MONOTONIC is system-wide, so parent, children and
-the load generator share one time axis.
+the load generator share one time axis. The origin can be set after the
+children are up (`Fleet.set_origin`, sent over each child's stdin), so a
+bench can start its timeline when the proxy is ready; until it is set, no
+event is active.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -264,7 +268,7 @@ class _Timeline:
 
 
 class _Server:
-    def __init__(self, spec: SimBackend, origin_s: float) -> None:
+    def __init__(self, spec: SimBackend, origin_s: float | None) -> None:
         from aiohttp import web
 
         self.spec = spec
@@ -281,7 +285,17 @@ class _Server:
         self.site: Any = None
 
     def now_s(self) -> float:
+        if self.origin_s is None:
+            return -math.inf  # timeline not started: no event is active
         return time.monotonic() - self.origin_s
+
+    def read_origins(self) -> None:
+        """Thread body: each stdin line is a new timeline origin (time.monotonic())."""
+        for line in sys.stdin:
+            try:
+                self.origin_s = float(line)
+            except ValueError:
+                continue
 
     def _headers(self) -> dict[str, str]:
         h = {BACKEND_HEADER: self.spec.id}
@@ -355,8 +369,7 @@ class _Server:
                                              handle_signals=False)
         await self.runner.setup()
         await self.listen()
-        crashes = sorted((ev for ev in self.spec.events if ev.kind == "crash"),
-                         key=lambda e: e.start_s)
+        crashes = [ev for ev in self.spec.events if ev.kind == "crash"]
         crash_task = asyncio.create_task(self._crash_script(crashes))
         deadline = None if max_lifetime_s is None else time.monotonic() + max_lifetime_s
         try:
@@ -369,20 +382,24 @@ class _Server:
             await self.runner.cleanup()
 
     async def _crash_script(self, crashes: Sequence[Event]) -> None:
-        for ev in crashes:
-            if self.now_s() >= ev.end_s:
-                continue
-            await asyncio.sleep(max(0.0, ev.start_s - self.now_s()))
-            await self.crash()
-            await asyncio.sleep(max(0.0, ev.end_s - self.now_s()))
-            await self.restart()
+        # Polled rather than slept-until, so a later change of origin is honoured.
+        if not crashes:
+            return
+        while True:
+            t = self.now_s()
+            down = any(ev.active(t) for ev in crashes)
+            if down and not self.crashed:
+                await self.crash()
+            elif not down and self.crashed:
+                await self.restart()
+            await asyncio.sleep(0.005)
 
 
 def _child_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fleet")
     parser.add_argument("--spec", required=True, help="SimBackend as JSON")
-    parser.add_argument("--origin-s", type=float, required=True,
-                        help="timeline origin, a time.monotonic() reading")
+    parser.add_argument("--origin-s", type=float, default=None,
+                        help="timeline origin, a time.monotonic() reading (else read from stdin)")
     parser.add_argument("--max-lifetime-s", type=float, default=None)
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
@@ -395,6 +412,7 @@ def _child_main(argv: Sequence[str]) -> int:
         pass
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = _Server(spec, args.origin_s)
+    threading.Thread(target=server.read_origins, daemon=True).start()
     asyncio.run(server.run(args.max_lifetime_s, args.parent_pid))
     return 0
 
@@ -446,9 +464,10 @@ class Fleet:
         return {bid: p.pid for bid, p in self._procs.items()}
 
     def _spawn(self, spec: SimBackend) -> subprocess.Popen[bytes]:
-        assert self.origin_s is not None
         cmd = [sys.executable, "-m", "bench.fleet", "--spec", json.dumps(spec.to_json()),
-               "--origin-s", repr(self.origin_s), "--parent-pid", str(os.getpid())]
+               "--parent-pid", str(os.getpid())]
+        if self.origin_s is not None:
+            cmd += ["--origin-s", repr(self.origin_s)]
         if self.max_lifetime_s is not None:
             cmd += ["--max-lifetime-s", repr(self.max_lifetime_s)]
         env = dict(os.environ)
@@ -457,7 +476,7 @@ class Fleet:
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         # stderr goes to a file, not a pipe: an unread pipe would fill and block the child.
         log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=log)
         self._logs[spec.id] = log
         return proc
@@ -470,18 +489,38 @@ class Fleet:
         log.seek(0)
         return log.read().decode(errors="replace")
 
-    def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+    def start(self, timeout_s: float = READY_TIMEOUT_S, *, defer_origin: bool = False) -> None:
+        """Spawn every backend and wait until all accept.
+
+        Without an origin given to the constructor, the timeline starts when
+        all are ready, or, with `defer_origin`, at a later `set_origin()`.
+        """
         if self._procs:
             raise FleetError("fleet already started")
-        if self.origin_s is None:
-            self.origin_s = time.monotonic()
         try:
             for spec in self.backends:
                 self._procs[spec.id] = self._spawn(spec)
             self._wait_ready(self.backends, timeout_s)
+            if self.origin_s is None and not defer_origin:
+                self.set_origin(time.monotonic())
         except BaseException:
             self.stop()
             raise
+
+    def set_origin(self, origin_s: float) -> None:
+        """Start (or move) every backend's event timeline at `origin_s` (time.monotonic())."""
+        self.origin_s = origin_s
+        for proc in self._procs.values():
+            self._send_origin(proc)
+
+    def _send_origin(self, proc: subprocess.Popen[bytes]) -> None:
+        if self.origin_s is None or proc.stdin is None or proc.poll() is not None:
+            return
+        try:
+            proc.stdin.write(f"{self.origin_s!r}\n".encode())
+            proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the child is gone; stop() will reap it
 
     def _wait_ready(self, specs: Sequence[SimBackend], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -519,6 +558,7 @@ class Fleet:
             raise FleetError(f"backend {backend_id} is still running; kill it first")
         self._procs[backend_id] = self._spawn(spec)
         self._wait_ready([spec], timeout_s)
+        self._send_origin(self._procs[backend_id])
 
     def alive(self, backend_id: str) -> bool:
         return self._procs[backend_id].poll() is None
@@ -526,6 +566,8 @@ class Fleet:
     def stop(self) -> None:
         procs = list(self._procs.values())
         for p in procs:
+            if p.stdin is not None:
+                p.stdin.close()
             if p.poll() is None:
                 p.terminate()
         deadline = time.monotonic() + 5.0
