@@ -1,0 +1,124 @@
+"""Hot-cold lexicographic selection (Prequal, Wydrowski et al., NSDI '24).
+
+Per request, sample `d` distinct backends. A candidate is hot when its load
+(requests in flight, or the utilisation the backend reports) is above the
+`q_rif` quantile of recently seen loads across the fleet, else cold. Pick the
+cold candidate with the lowest latency estimate; when every candidate is hot,
+pick the one with the lowest load. Prequal's point: latency decides among
+backends with headroom, load decides only when nobody has any, so traffic
+follows speed without piling onto the fastest backend.
+
+Differences from the paper: the candidates' state is read synchronously from
+the proxy's own view instead of from asynchronous probes, and the "recent
+distribution" is a ring buffer of the loads of the last candidates sampled
+(Prequal's probe pool), whose quantile is refreshed every `_REFRESH_PICKS`
+picks so a pick never sorts. The latency estimate is the decayed peak EWMA,
+divided by weight and adjusted by the failure penalty and slow start (see
+policies/p2c.py), so a backend that fails fast does not look fast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from policies.base import BackendView, PolicyContext, RequestInfo
+from policies.p2c import CostAdjuster, CostOptions
+
+_REFRESH_PICKS = 16
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank q-quantile (q in [0, 1]); +inf for no values (nobody is hot)."""
+    if not values:
+        return math.inf
+    ordered = sorted(values)
+    rank = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[rank]
+
+
+class HotColdLexicographic:
+    name: ClassVar[str] = "hcl"
+
+    class Options(CostOptions):
+        # Candidates sampled per request (Prequal's d).
+        d: int = Field(default=3, ge=2, le=64)
+        # Loads above this quantile of recent loads are hot.
+        q_rif: float = Field(default=0.84, ge=0.0, le=1.0)
+        # inflight: the proxy's own requests in flight; reported_load: the
+        # backend's endpoint-load-metrics utilisation (0 until it reports).
+        load_signal: Literal["inflight", "reported_load"] = "inflight"
+        # Loads kept for the quantile (the probe pool).
+        history: int = Field(default=256, ge=8, le=65536)
+
+    def __init__(self, options: Options, ctx: PolicyContext) -> None:
+        self.options = options
+        self._clock = ctx.clock
+        self._rng = ctx.rng
+        self._adjust = CostAdjuster(options, ctx.clock())
+        self._reported = options.load_signal == "reported_load"
+        self._d = options.d
+        self._history: list[float] = []
+        self._next = 0  # ring-buffer write position once full
+        self._picks = 0
+        self.hot_threshold = math.inf
+        self._idx: list[int] = []
+
+    def load(self, b: BackendView) -> float:
+        if self._reported:
+            reported = b.reported_load
+            return reported if reported is not None else 0.0
+        return float(b.inflight)
+
+    def _remember(self, load: float) -> None:
+        history = self._history
+        if len(history) < self.options.history:
+            history.append(load)
+        else:
+            history[self._next] = load
+            self._next = (self._next + 1) % len(history)
+
+    def pick(self, ready: Sequence[BackendView], req: RequestInfo) -> BackendView | None:
+        n = len(ready)
+        if n == 0:
+            return None
+        if n == 1:
+            return ready[0]
+        idx = self._idx
+        if len(idx) != n:
+            idx[:] = range(n)
+        rng = self._rng
+        d = self._d if self._d < n else n
+        now = self._clock()
+        threshold = self.hot_threshold
+        adjust = self._adjust
+        best_cold: BackendView | None = None
+        best_cold_latency = math.inf
+        best_hot: BackendView | None = None
+        best_hot_load = math.inf
+        # Partial Fisher-Yates: the first d slots become a uniform sample without replacement.
+        for k in range(d):
+            j = k + int(rng.random() * (n - k))
+            idx[k], idx[j] = idx[j], idx[k]
+            b = ready[idx[k]]
+            load = self.load(b)
+            self._remember(load)
+            if load > threshold:
+                if load < best_hot_load:
+                    best_hot, best_hot_load = b, load
+            else:
+                latency = b.ewma_s() / b.weight * adjust.factor(b, now)
+                if latency < best_cold_latency:
+                    best_cold, best_cold_latency = b, latency
+        self._picks += 1
+        if self._picks % _REFRESH_PICKS == 0:
+            self.hot_threshold = quantile(self._history, self.options.q_rif)
+        if best_cold is not None:
+            return best_cold
+        return best_hot
+
+    def __repr__(self) -> str:
+        return f"HotColdLexicographic({self.options!r}, hot_threshold={self.hot_threshold})"
