@@ -1,8 +1,14 @@
-"""Typed settings for health checking (`health:` in config.yaml). A leaf module."""
+"""Typed settings for health checking (`health:` in config.yaml). A leaf module.
+
+The defaults are the shipped behaviour: a config without a `health:` section
+gets them, and they are what bench/health_bench.py measures.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Frozen(BaseModel):
@@ -15,14 +21,115 @@ class ActiveProbe(_Frozen):
     enabled: bool = True
     path: str = "/healthz"
     expected_statuses: list[int] = Field(default_factory=lambda: [200])
-    interval_s: float = Field(2.0, gt=0)
+    interval_s: float = Field(default=2.0, gt=0)
     # Ejected backends are probed faster so they can come back sooner.
-    ejected_interval_s: float = Field(1.0, gt=0)
-    timeout_s: float = Field(1.0, gt=0)
-    jitter_s: float = Field(0.2, ge=0)
-    rise: int = Field(2, ge=1)
-    fall: int = Field(3, ge=1)
+    ejected_interval_s: float = Field(default=1.0, gt=0)
+    timeout_s: float = Field(default=1.0, gt=0)
+    jitter_s: float = Field(default=0.2, ge=0)
+    rise: int = Field(default=2, ge=1)
+    fall: int = Field(default=3, ge=1)
+    # Log and count probe-driven ejections without ejecting.
+    shadow: bool = False
+
+
+class ConsecutiveFailures(_Frozen):
+    """Eject after N failures in a row; application 5xx and transport errors
+    (connect, reset, timeout) are counted apart, with their own thresholds."""
+
+    enabled: bool = True
+    shadow: bool = False
+    consecutive_5xx: int = Field(default=5, ge=1)
+    # A refused or reset connection is a stronger signal than one 5xx.
+    consecutive_transport: int = Field(default=2, ge=1)
+
+
+class SuccessRate(_Frozen):
+    """Failure rate over a sliding time window, against the fleet's median."""
+
+    enabled: bool = True
+    shadow: bool = False
+    window_s: float = Field(default=2.0, gt=0)
+    bucket_s: float = Field(default=0.25, gt=0)
+    # Backends with fewer requests in the window are not judged.
+    min_requests: int = Field(default=20, ge=1)
+    # The fleet median is only used when this many backends have enough volume;
+    # otherwise the comparison is against zero failures.
+    min_hosts: int = Field(default=3, ge=1)
+    # Detected when failure_rate >= fleet median + margin and >= min_failure_rate.
+    margin: float = Field(default=0.2, gt=0, le=1)
+    min_failure_rate: float = Field(default=0.25, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _buckets(self) -> SuccessRate:
+        if self.bucket_s > self.window_s:
+            raise ValueError("bucket_s must not exceed window_s")
+        return self
+
+
+class LatencyOutlier(_Frozen):
+    """A backend's recent latency quantile against the fleet median of that quantile."""
+
+    enabled: bool = True
+    shadow: bool = False
+    quantile: float = Field(default=90.0, gt=0, lt=100)
+    # Only samples younger than window_s, and at most the last max_samples, count.
+    window_s: float = Field(default=5.0, gt=0)
+    max_samples: int = Field(default=32, ge=4)
+    min_requests: int = Field(default=8, ge=1)
+    min_hosts: int = Field(default=3, ge=1)
+    # Detected when quantile >= ratio * fleet median and exceeds it by min_excess_s.
+    ratio: float = Field(default=3.0, gt=1)
+    min_excess_s: float = Field(default=0.010, ge=0)
+
+
+class Anomaly(_Frozen):
+    """Isolation Forest over fleet-relative window features (ONNX, scored periodically).
+
+    Runs only when `model_path` is set; a missing or invalid model is an
+    error at start-up and a logged error (old model kept) on reload.
+    """
+
+    model_path: Path | None = None
+    shadow: bool = False
+    interval_s: float = Field(default=1.0, gt=0)
+    window_s: float = Field(default=5.0, gt=0)
+    min_requests: int = Field(default=10, ge=1)
+    # Evaluations in a row above the model's threshold before it counts as detected.
+    consecutive: int = Field(default=3, ge=1)
+    # Append each evaluation's feature rows (JSON lines) here: training data
+    # for `foretell train anomaly`. Works without a model.
+    record_path: Path | None = None
+
+
+class Ejection(_Frozen):
+    """Guards applied to every detector's decision."""
+
+    # How often passive detectors are evaluated (5xx detection within ~1 s needs <= 0.5).
+    evaluate_interval_s: float = Field(default=0.25, gt=0)
+    # Passive and anomaly ejections stop once this share of the cluster is out
+    # (as in Envoy, one ejection is always allowed).
+    max_ejection_percent: float = Field(default=50.0, ge=0, le=100)
+    # Panic: when fewer than this share would stay ready, route to all and say so.
+    panic_threshold_percent: float = Field(default=30.0, ge=0, le=100)
+    # Ejection time is base * n for the n-th recent ejection, at most max.
+    base_ejection_s: float = Field(default=5.0, gt=0)
+    max_ejection_s: float = Field(default=60.0, gt=0)
+    # n drops by one per this much time without an ejection.
+    multiplier_decay_s: float = Field(default=30.0, gt=0)
+    # Re-admission waits a random extra 0..jitter so ejected backends do not return together.
+    readmit_jitter_s: float = Field(default=0.5, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> Ejection:
+        if self.max_ejection_s < self.base_ejection_s:
+            raise ValueError("max_ejection_s must be at least base_ejection_s")
+        return self
 
 
 class HealthConfig(_Frozen):
-    active: ActiveProbe = ActiveProbe()
+    active: ActiveProbe = Field(default_factory=ActiveProbe)
+    consecutive: ConsecutiveFailures = Field(default_factory=ConsecutiveFailures)
+    success_rate: SuccessRate = Field(default_factory=SuccessRate)
+    latency: LatencyOutlier = Field(default_factory=LatencyOutlier)
+    anomaly: Anomaly = Field(default_factory=Anomaly)
+    ejection: Ejection = Field(default_factory=Ejection)
