@@ -24,8 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _check_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from proxy.loader import load
     from proxy.config import ConfigError
+    from proxy.loader import load
 
     try:
         loaded = load(args.config)

@@ -77,18 +77,24 @@ class PeakEwma:
     time elapsed since the last update, so an idle backend is tried again.
     """
 
-    __slots__ = ("_clock", "_rtt_s", "_updated_at", "decay_s")
+    __slots__ = ("_clock", "_observed", "_rtt_s", "_updated_at", "decay_s")
 
     def __init__(self, clock: Clock, decay_s: float = DEFAULT_DECAY_S,
                  initial_rtt_s: float = DEFAULT_RTT_S) -> None:
         self._clock = clock
         self.decay_s = decay_s
         self._rtt_s = initial_rtt_s
+        self._observed = False
         self._updated_at = clock()
 
     def observe(self, rtt_s: float) -> None:
         now = self._clock()
-        if rtt_s > self._rtt_s:
+        if not self._observed:
+            # The first response replaces the prior outright: a prior that
+            # decays away over decay_s would hide real speed differences.
+            self._observed = True
+            self._rtt_s = rtt_s
+        elif rtt_s > self._rtt_s:
             self._rtt_s = rtt_s
         else:
             w = math.exp(-max(0.0, now - self._updated_at) / self.decay_s)

@@ -1,0 +1,104 @@
+"""Admin endpoints on their own port: /metrics, /live, /ready, /backends, /config."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+from proxy import metrics
+from proxy.server import Proxy
+
+
+def metrics_registry() -> CollectorRegistry:
+    """With several workers, aggregate every worker's metrics files; else this process's."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return registry
+    return REGISTRY
+
+
+def _ms(seconds: float) -> float | None:
+    return None if math.isnan(seconds) else round(seconds * 1e3, 3)
+
+
+def backends_snapshot(proxy: Proxy) -> dict[str, Any]:
+    clusters = {}
+    for name, cr in proxy.runtime.clusters.items():
+        entries = []
+        for state in cr.cluster.states.values():
+            entry: dict[str, Any] = {
+                "id": state.id,
+                "url": state.backend.url,
+                "weight": state.weight,
+                "health": state.health.value,
+                "reason": state.health_reason,
+                "inflight": state.inflight,
+                "ewma_ms": _ms(state.ewma_s()),
+                "p50_ms": _ms(state.latency_percentile_s(50)),
+                "p90_ms": _ms(state.latency_percentile_s(90)),
+                "requests": state.requests,
+                "errors": state.errors,
+                "error_rate": round(state.error_rate(), 4),
+                "ejections": state.ejections,
+                "reported_load": state.reported_load,
+            }
+            entry["detectors"] = cr.checker.describe(state.id)
+            entries.append(entry)
+        clusters[name] = {"policy": cr.policy_name, "panic": cr.cluster.panic, "backends": entries}
+    return {"worker": proxy_worker_id(), "clusters": clusters}
+
+
+def proxy_worker_id() -> int:
+    return int(os.environ.get("FORETELL_WORKER_ID", "0"))
+
+
+def refresh_gauges(proxy: Proxy) -> None:
+    """Per-backend gauges are set at scrape/tick time, not per request."""
+    for name, cr in proxy.runtime.clusters.items():
+        metrics.CLUSTER_PANIC.labels(name).set(1 if cr.cluster.panic else 0)
+        for state in cr.cluster.states.values():
+            metrics.UPSTREAM_INFLIGHT.labels(name, state.id).set(state.inflight)
+            metrics.BACKEND_EWMA.labels(name, state.id).set(state.ewma_s())
+    metrics.ACTIVE_REQUESTS.set(proxy.active_requests)
+
+
+def admin_app(get_proxy: Callable[[], Proxy], is_ready: Callable[[], bool]) -> web.Application:
+    routes = web.RouteTableDef()
+
+    @routes.get("/metrics")
+    async def _metrics(request: web.Request) -> web.Response:
+        refresh_gauges(get_proxy())
+        body = generate_latest(metrics_registry())
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @routes.get("/live")
+    async def _live(request: web.Request) -> web.Response:
+        return web.Response(text="live\n")
+
+    @routes.get("/ready")
+    async def _ready(request: web.Request) -> web.Response:
+        if is_ready():
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready\n")
+
+    @routes.get("/backends")
+    async def _backends(request: web.Request) -> web.Response:
+        return web.json_response(backends_snapshot(get_proxy()))
+
+    @routes.get("/config")
+    async def _config(request: web.Request) -> web.Response:
+        proxy = get_proxy()
+        return web.json_response({"source": str(proxy.runtime.loaded.source),
+                                  "config": proxy.runtime.config.model_dump(mode="json")})
+
+    app = web.Application()
+    app.add_routes(routes)
+    return app

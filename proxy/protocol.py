@@ -1,0 +1,71 @@
+"""The client-facing HTTP connection: aiohttp's low-level server, hardened.
+
+Two things aiohttp's RequestHandler does not do by itself:
+- answer oversized header lines / too many headers with 431 (it says 400);
+- close a connection whose first request headers do not arrive in time
+  (slowloris). Between requests the keep-alive timeout applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from proxy import errors
+
+
+class ProxyRequestHandler(RequestHandler):
+    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout_s = header_timeout_s
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_overdue)
+
+    def _headers_overdue(self) -> None:
+        self._header_timer = None
+        if self._request_count == 0:
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+        if _headers_too_large(exc):
+            reason = errors.HEADERS_TOO_LARGE
+        elif status == 400:
+            reason = errors.BAD_REQUEST
+        else:
+            return super().handle_error(request, status, exc, message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        return errors.error_response(reason, str(exc or message or "")[:200], close=True)
+
+
+def _headers_too_large(exc: BaseException | None) -> bool:
+    if isinstance(exc, LineTooLong):
+        return True
+    return isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)
+
+
+class ProxyHttpServer(web.Server):
+    """web.Server whose connections use ProxyRequestHandler."""
+
+    def __init__(self, handler: Any, *, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._header_timeout_s = header_timeout_s
+
+    def __call__(self) -> RequestHandler:
+        return ProxyRequestHandler(self, loop=self._loop, header_timeout_s=self._header_timeout_s,
+                                   **self._kwargs)

@@ -1,0 +1,175 @@
+"""What one validated config becomes inside a worker: clusters, policies, health, router.
+
+A `Runtime` is built whole and swapped whole on reload; a request keeps
+using the runtime it started with. Clusters keep their backend state across
+reloads when a backend's identity is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from health.checker import HealthChecker
+
+from policies import registry
+from policies.base import Policy, PolicyContext
+from proxy.config import ClusterSpec, Config, Timeouts, UpstreamTls
+from proxy.loader import Loaded
+from proxy.router import Router
+from proxy.state import Backend, Cluster
+
+log = logging.getLogger("foretell.runtime")
+
+# Upstream connections idle longer than this are closed (below typical
+# backend keep-alive timeouts, so the proxy closes first and avoids resets).
+UPSTREAM_KEEPALIVE_S = 30.0
+
+
+def upstream_ssl(tls: UpstreamTls) -> ssl.SSLContext | bool:
+    if not tls.verify:
+        return False
+    return ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+
+
+def new_session(tls: UpstreamTls, timeouts: Timeouts) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S,
+        ssl=upstream_ssl(tls), ttl_dns_cache=60,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        # A proxy forwards bytes as they are: no decompression, no added headers.
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s,
+                                      sock_read=timeouts.per_try_s),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        raise_for_status=False,
+    )
+
+
+@dataclass
+class ClusterRuntime:
+    name: str
+    spec: ClusterSpec
+    cluster: Cluster
+    policy: Policy
+    session: aiohttp.ClientSession
+    checker: HealthChecker
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def policy_name(self) -> str:
+        return type(self.policy).name
+
+    def start_policy_background(self) -> None:
+        run = getattr(self.policy, "run_background", None)
+        if run is not None:
+            self.tasks.append(asyncio.create_task(run(), name=f"policy-{self.name}"))
+
+    async def stop_policy(self, policy: Policy | None = None) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.tasks.clear()
+        close = getattr(policy or self.policy, "close", None)
+        if close is not None:
+            close()
+
+
+@dataclass
+class Runtime:
+    loaded: Loaded
+    router: Router
+    clusters: dict[str, ClusterRuntime]
+
+    @property
+    def config(self) -> Config:
+        return self.loaded.config
+
+
+def backends_of(spec: ClusterSpec) -> list[Backend]:
+    return [Backend(id=b.id, url=b.url, weight=b.weight) for b in spec.backends]
+
+
+async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[], float] = time.monotonic,
+                seed: int | None = None) -> tuple[Runtime, list[Any]]:
+    """A new runtime, reusing what is unchanged from `previous`.
+
+    Returns the runtime and a list of retired parts (sessions, checkers,
+    policies) that the caller closes once in-flight requests are done.
+    """
+    config = loaded.config
+    clusters: dict[str, ClusterRuntime] = {}
+    retired: list[Any] = []
+    old = previous.clusters if previous else {}
+    for name, spec in config.clusters.items():
+        prev = old.get(name)
+        if prev is not None and prev.spec.ewma_decay_s == spec.ewma_decay_s:
+            cluster = prev.cluster
+            cluster.set_backends(backends_of(spec))
+        else:
+            cluster = Cluster(name, backends_of(spec), clock=clock, decay_s=spec.ewma_decay_s)
+        if prev is not None and prev.spec.tls == spec.tls and prev.spec.ewma_decay_s == spec.ewma_decay_s:
+            session = prev.session
+        else:
+            session = new_session(spec.tls, config.timeouts)
+            if prev is not None:
+                retired.append(prev.session)
+        if prev is not None and prev.cluster is cluster and prev.spec.policy == spec.policy:
+            policy = prev.policy
+        else:
+            ctx = PolicyContext(clock=clock, rng=random.Random(seed), cluster=name,
+                                route_classes=tuple(config.route_classes()))
+            policy = registry.create(spec.policy.kind, loaded.policy_options[name], ctx)
+            if prev is not None:
+                retired.append(("policy", prev))
+        if prev is not None and prev.cluster is cluster and prev.spec.health == spec.health \
+                and prev.spec.backends == spec.backends and prev.spec.tls == spec.tls:
+            checker = prev.checker
+        else:
+            checker = HealthChecker(cluster, spec.health, clock=clock, ssl=upstream_ssl(spec.tls))
+            await checker.start()
+            if prev is not None:
+                retired.append(prev.checker)
+        cr = ClusterRuntime(name, spec, cluster, policy, session, checker)
+        if prev is not None and policy is prev.policy:
+            cr.tasks = prev.tasks
+        else:
+            cr.start_policy_background()
+        clusters[name] = cr
+    for name, prev in old.items():
+        if name not in clusters:
+            retired.extend([prev.session, prev.checker, ("policy", prev)])
+    return Runtime(loaded, Router(config.routes), clusters), retired
+
+
+async def retire(parts: list[Any]) -> None:
+    for part in parts:
+        try:
+            if isinstance(part, aiohttp.ClientSession):
+                await part.close()
+            elif isinstance(part, HealthChecker):
+                await part.stop()
+            elif isinstance(part, tuple) and part[0] == "policy":
+                await part[1].stop_policy()
+        except Exception:
+            log.exception("error while closing %r", part)
+
+
+async def close(runtime: Runtime) -> None:
+    parts: list[Any] = []
+    for cr in runtime.clusters.values():
+        parts.extend([cr.checker, ("policy", cr), cr.session])
+    await retire(parts)

@@ -1,0 +1,318 @@
+"""The request path: route, pick, forward, retry, answer.
+
+`Proxy.handle` is the aiohttp low-level handler. It never raises for an
+upstream problem: every failure becomes a 4xx/5xx with an `x-foretell-error`
+reason, and safe requests are retried on a different backend first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+
+from policies.base import RequestInfo
+from proxy import errors, metrics
+from proxy.access_log import AccessLog
+from proxy.config import Config
+from proxy.headers import client_response_headers, upstream_request_headers
+from proxy.load_report import parse_utilization
+from proxy.runtime import ClusterRuntime, Runtime
+from proxy.state import ERROR_CONNECT, ERROR_RESET, ERROR_TIMEOUT, BackendState, Outcome
+
+log = logging.getLogger("foretell.proxy")
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Responses up to this size are read whole and sent in one write.
+BUFFER_LIMIT_BYTES = 64 * 1024
+STREAM_CHUNK_BYTES = 64 * 1024
+GATEWAY_ERRORS = frozenset({502, 503, 504})
+_NONE: frozenset[int] = frozenset()
+LOAD_HEADER = "endpoint-load-metrics"
+
+_REASON_OF_KIND = {
+    ERROR_CONNECT: errors.CONNECT_FAILURE,
+    ERROR_RESET: errors.RESET,
+    ERROR_TIMEOUT: errors.TIMEOUT,
+}
+_RETRY_ON_OF_KIND = {ERROR_CONNECT: "connect-failure", ERROR_RESET: "reset", ERROR_TIMEOUT: "timeout"}
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestBody:
+    """The client's request body, streamed once, with a size limit.
+
+    `started` tells whether any byte may have gone upstream: until then the
+    request can be replayed on another backend whatever its method.
+    """
+
+    def __init__(self, content: aiohttp.StreamReader, limit_bytes: int | None) -> None:
+        self._content = content
+        self._limit_bytes = limit_bytes
+        self.started = False
+        self.sent_bytes = 0
+        self.too_large = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        self.started = True
+        async for chunk in self._content.iter_chunked(STREAM_CHUNK_BYTES):
+            self.sent_bytes += len(chunk)
+            if self._limit_bytes is not None and self.sent_bytes > self._limit_bytes:
+                self.too_large = True
+                raise BodyTooLarge()
+            yield chunk
+
+
+class Proxy:
+    """Holds the current runtime and answers requests with it."""
+
+    def __init__(self, runtime: Runtime, *, telemetry: Any = None, forecaster: Any = None,
+                 access_log: AccessLog | None = None, rng: random.Random | None = None) -> None:
+        self.runtime = runtime
+        self.telemetry = telemetry
+        self.forecaster = forecaster
+        self.access_log = access_log
+        self.active_requests = 0
+        self.active_retries = 0
+        self.draining = False
+        self._rng = rng or random.Random()
+        self._loop_time: Callable[[], float] = asyncio.get_running_loop().time
+
+    # -- entry point ----------------------------------------------------------
+    async def handle(self, request: BaseRequest) -> web.StreamResponse:
+        runtime = self.runtime
+        self.active_requests += 1
+        started = self._loop_time()
+        cluster_name = "-"
+        resp: web.StreamResponse | None = None
+        try:
+            if self.forecaster is not None:
+                self.forecaster.on_request()
+            resp, cluster_name = await self._handle(runtime, request)
+            return resp
+        finally:
+            self.active_requests -= 1
+            status = resp.status if resp is not None else 0
+            metrics.requests(cluster_name, metrics.code_class(status)).inc()
+            if self.access_log is not None:
+                self.access_log.record(request, resp, cluster_name, self._loop_time() - started)
+
+    async def _handle(self, runtime: Runtime, request: BaseRequest) -> tuple[web.StreamResponse, str]:
+        config = runtime.config
+        limits = config.limits
+        if _header_bytes(request) > limits.max_header_bytes:
+            return self._error("-", errors.HEADERS_TOO_LARGE, close=True), "-"
+        match = runtime.router.match(request.host, request.path, request.method, request.headers)
+        if match is None:
+            return self._error("-", errors.NO_ROUTE), "-"
+        cr = runtime.clusters[match.cluster]
+        length = request.content_length
+        if limits.max_body_bytes is not None and length is not None and length > limits.max_body_bytes:
+            return self._error(cr.name, errors.BODY_TOO_LARGE, f"{length} > {limits.max_body_bytes} bytes",
+                               close=True), cr.name
+        info = RequestInfo(method=request.method, path=request.path, route_class=match.route_class,
+                           body_size=length or 0, client_ip=request.remote or "",
+                           headers=request.headers)
+        upgrade = request.headers.get("Upgrade")
+        if upgrade is not None and "upgrade" in request.headers.get("Connection", "").lower():
+            if upgrade.lower() != "websocket":
+                return self._error(cr.name, errors.UPGRADE_UNSUPPORTED, upgrade), cr.name
+            from proxy.websocket import proxy_websocket
+
+            return await proxy_websocket(self, cr, request, info), cr.name
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            # The limits passed, so tell the client to send its body.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return await self._forward_with_retries(config, cr, request, info), cr.name
+
+    # -- forwarding ---------------------------------------------------------------
+    async def _forward_with_retries(self, config: Config, cr: ClusterRuntime, request: BaseRequest,
+                                    info: RequestInfo) -> web.StreamResponse:
+        up_headers, request_id = upstream_request_headers(
+            request.headers, client_ip=request.remote or "", scheme=request.scheme, host=request.host)
+        body = RequestBody(request.content, config.limits.max_body_bytes) if request.body_exists else None
+        retries = config.retries
+        deadline = self._loop_time() + config.timeouts.total_s
+        tried: set[str] = set()
+        last_reason: str | None = None
+        retrying = False
+        retry_statuses = _retry_statuses(config)
+        try:
+            for attempt in range(1, retries.attempts + 1):
+                ready = cr.cluster.ready()
+                candidates = ready if not tried else tuple(s for s in ready if s.id not in tried)
+                chosen = cr.policy.pick(candidates, info) if candidates else None
+                if chosen is None:
+                    break
+                state = cr.cluster.states.get(chosen.id)
+                if state is None:  # a policy returned something that is not ours
+                    raise RuntimeError(f"policy {cr.policy_name} returned unknown backend {chosen.id!r}")
+                metrics.picks(cr.name, cr.policy_name).inc()
+                propensity = getattr(cr.policy, "last_propensity", None)
+                token = None
+                if self.telemetry is not None:
+                    token = self.telemetry.on_pick(cr.name, candidates, info, state, propensity)
+                remaining_s = deadline - self._loop_time()
+                if remaining_s <= 0:
+                    last_reason = errors.TIMEOUT
+                    break
+                can_retry = (attempt < retries.attempts and len(candidates) > 1
+                             and (retrying or self._retry_budget_allows(config)))
+                result = await self._attempt(config, cr, request, info, state, up_headers, request_id,
+                                             body, remaining_s, token, retry_statuses if can_retry else _NONE)
+                if isinstance(result, web.StreamResponse):
+                    return result
+                kind, status = result
+                tried.add(state.id)
+                if body is not None and body.too_large:
+                    return self._error(cr.name, errors.BODY_TOO_LARGE, close=True)
+                last_reason = _REASON_OF_KIND.get(kind or "", errors.RESET)
+                if attempt == retries.attempts or not self._may_retry(config, request, body, kind, status):
+                    break
+                if not retrying:
+                    if not self._retry_budget_allows(config):
+                        metrics.RETRIES_DENIED.labels(cr.name).inc()
+                        break
+                    retrying = True
+                    self.active_retries += 1
+                metrics.retries(cr.name, last_reason).inc()
+        finally:
+            if retrying:
+                self.active_retries -= 1
+        if last_reason is None:
+            return self._error(cr.name, errors.NO_BACKEND,
+                               "panic" if cr.cluster.panic else "no ready backend")
+        return self._error(cr.name, last_reason)
+
+    def _may_retry(self, config: Config, request: BaseRequest, body: RequestBody | None,
+                   kind: str | None, status: int) -> bool:
+        retry_on = config.retries.retry_on
+        if kind is not None:
+            if _RETRY_ON_OF_KIND[kind] not in retry_on:
+                return False
+        elif not ("5xx" in retry_on or ("gateway-error" in retry_on and status in GATEWAY_ERRORS)):
+            return False
+        if body is not None and body.started:
+            return False
+        # A connect failure sent nothing, so any method is safe to replay.
+        return kind == ERROR_CONNECT or request.method in IDEMPOTENT
+
+    def _retry_budget_allows(self, config: Config) -> bool:
+        budget = config.retries.budget
+        allowed = max(budget.min_concurrent, budget.percent / 100.0 * self.active_requests)
+        return self.active_retries < allowed
+
+    async def _attempt(self, config: Config, cr: ClusterRuntime, request: BaseRequest, info: RequestInfo,
+                       state: BackendState, up_headers: Any, request_id: str, body: RequestBody | None,
+                       remaining_s: float, token: Any,
+                       retry_statuses: frozenset[int]) -> web.StreamResponse | tuple[str | None, int]:
+        """One try. A response to send, or (error kind, status) of a failed try to maybe retry."""
+        backend = state.backend
+        url = backend.url + request.raw_path
+        timeout_s = min(config.timeouts.per_try_s, remaining_s)
+        with cr.cluster.track(state) as tracker:
+            started = self._loop_time()
+            kind: str | None = None
+            up: aiohttp.ClientResponse | None = None
+            try:
+                async with asyncio.timeout(timeout_s):
+                    up = await cr.session.request(
+                        request.method, url, headers=up_headers,
+                        data=body.chunks() if body is not None else None,
+                        allow_redirects=False, compress=None)
+            except TimeoutError:
+                kind = ERROR_TIMEOUT
+            except aiohttp.ClientConnectorError:
+                kind = ERROR_CONNECT
+            except (aiohttp.ClientError, OSError):
+                kind = ERROR_RESET
+            latency_s = self._loop_time() - started
+            status = up.status if up is not None else 0
+            outcome = Outcome(status, latency_s, kind, 0, info.route_class)
+            tracker.finish(outcome)
+            self._observe(cr, state, info, outcome, token)
+            if up is None:
+                return kind, 0
+            load_report = up.headers.get(LOAD_HEADER)
+            if load_report is not None:
+                cr.cluster.set_reported_load(state.id, parse_utilization(load_report))
+            if status in retry_statuses and body is None and request.method in IDEMPOTENT:
+                up.release()
+                return None, status
+            return await self._send_response(request, up, state.id, request_id, cr.name)
+
+    def _observe(self, cr: ClusterRuntime, state: BackendState, info: RequestInfo, outcome: Outcome,
+                 token: Any) -> None:
+        labels = (cr.name, state.id)
+        metrics.upstream_requests(*labels, metrics.code_class(outcome.status)).inc()
+        if outcome.error_kind is None:
+            metrics.upstream_latency(*labels).observe(outcome.latency_s)
+        observe = getattr(cr.policy, "observe", None)
+        if observe is not None:
+            observe(state, info, outcome)
+        if token is not None and self.telemetry is not None:
+            self.telemetry.on_outcome(token, outcome)
+
+    async def _send_response(self, request: BaseRequest, up: aiohttp.ClientResponse, backend_id: str,
+                             request_id: str, cluster: str) -> web.StreamResponse:
+        headers = client_response_headers(up.headers, backend_id=backend_id, request_id=request_id)
+        length = up.content_length
+        no_body = request.method == "HEAD" or up.status in (204, 304) or 100 <= up.status < 200
+        if no_body or (length is not None and length <= BUFFER_LIMIT_BYTES):
+            try:
+                payload = b"" if no_body else await up.read()
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                up.close()
+                metrics.errors(cluster, errors.RESET).inc()
+                return errors.error_response(errors.RESET, "upstream closed mid-body")
+            finally:
+                up.release()
+            resp = web.Response(status=up.status, reason=up.reason, headers=headers,
+                                body=None if no_body else payload)
+            return resp
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        complete = False
+        try:
+            await resp.prepare(request)
+            async for chunk in up.content.iter_chunked(STREAM_CHUNK_BYTES):
+                await resp.write(chunk)
+            await resp.write_eof()
+            complete = True
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            # Headers are out: all that can be done is to cut the client off.
+            metrics.errors(cluster, errors.RESET).inc()
+            log.warning("stream from %s broke after headers: %r", backend_id, exc)
+            resp.force_close()
+        finally:
+            if complete:
+                up.release()
+            else:
+                up.close()
+        return resp
+
+    def _error(self, cluster: str, reason: str, detail: str = "", *, close: bool = False) -> web.Response:
+        metrics.errors(cluster, reason).inc()
+        return errors.error_response(reason, detail, close=close)
+
+
+def _retry_statuses(config: Config) -> frozenset[int]:
+    retry_on = config.retries.retry_on
+    if "5xx" in retry_on:
+        return frozenset(range(500, 600))
+    if "gateway-error" in retry_on:
+        return GATEWAY_ERRORS
+    return frozenset()
+
+
+def _header_bytes(request: BaseRequest) -> int:
+    # name + ": " + value + CRLF for every header line
+    return sum(len(k) + len(v) + 4 for k, v in request.raw_headers)

@@ -1,0 +1,87 @@
+"""WebSocket pass-through: accept the client's upgrade, open one upstream, relay frames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from aiohttp.web_request import BaseRequest
+
+from policies.base import RequestInfo
+from proxy import errors
+from proxy.headers import strip_hop_by_hop
+from proxy.state import ERROR_CONNECT, ERROR_RESET, Outcome
+
+if TYPE_CHECKING:
+    from proxy.runtime import ClusterRuntime
+    from proxy.server import Proxy
+
+# The WebSocket handshake headers are made anew by each side.
+_HANDSHAKE = ("sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+              "sec-websocket-protocol", "sec-websocket-accept", "host")
+
+
+async def proxy_websocket(proxy: Proxy, cr: ClusterRuntime, request: BaseRequest,
+                          info: RequestInfo) -> web.StreamResponse:
+    chosen = cr.policy.pick(cr.cluster.ready(), info)
+    if chosen is None:
+        return errors.error_response(errors.NO_BACKEND)
+    state = cr.cluster.states[chosen.id]
+    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+                 if p.strip()]
+    headers = strip_hop_by_hop(request.headers, drop=_HANDSHAKE)
+    url = state.backend.url.replace("http", "ws", 1) + request.raw_path
+    loop_time = asyncio.get_running_loop().time
+    with cr.cluster.track(state) as tracker:
+        started = loop_time()
+        try:
+            upstream = await cr.session.ws_connect(url, headers=headers, protocols=protocols,
+                                                   autoping=False)
+        except aiohttp.WSServerHandshakeError as exc:
+            tracker.finish(Outcome(exc.status, loop_time() - started, None, 0, info.route_class))
+            return web.Response(status=exc.status, text="upstream refused the WebSocket upgrade\n",
+                                headers={errors.ERROR_HEADER: "upstream_refused_upgrade",
+                                         "x-foretell-backend": state.id})
+        except aiohttp.ClientConnectorError:
+            tracker.finish(Outcome(0, loop_time() - started, ERROR_CONNECT, 0, info.route_class))
+            return errors.error_response(errors.CONNECT_FAILURE)
+        except (aiohttp.ClientError, OSError):
+            tracker.finish(Outcome(0, loop_time() - started, ERROR_RESET, 0, info.route_class))
+            return errors.error_response(errors.RESET)
+        tracker.finish(Outcome(101, loop_time() - started, None, 0, info.route_class))
+        client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
+                                       autoping=False)
+        client.headers["x-foretell-backend"] = state.id
+        await client.prepare(request)
+        relays = [asyncio.create_task(_relay(client, upstream)),
+                  asyncio.create_task(_relay(upstream, client))]
+        try:
+            await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in relays:
+                task.cancel()
+            for task in relays:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await upstream.close()
+            await client.close()
+        return client
+
+
+async def _relay(src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                 dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+    async for msg in src:
+        if msg.type is WSMsgType.TEXT:
+            await dst.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            await dst.send_bytes(msg.data)
+        elif msg.type is WSMsgType.PING:
+            await dst.ping(msg.data)
+        elif msg.type is WSMsgType.PONG:
+            await dst.pong(msg.data)
+        elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            break
+    await dst.close(code=src.close_code or 1000)

@@ -1,0 +1,214 @@
+"""One proxy process: listener, admin (worker 0), reload on SIGHUP, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from proxy import admin, metrics, runtime
+from proxy.access_log import AccessLog
+from proxy.config import Config, ConfigError
+from proxy.loader import Loaded, load
+from proxy.protocol import ProxyHttpServer
+from proxy.server import Proxy
+
+log = logging.getLogger("foretell.worker")
+
+GAUGE_REFRESH_S = 1.0
+
+
+def listen_ssl(config: Config) -> ssl.SSLContext | None:
+    tls = config.listen.tls
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return ctx
+
+
+class Worker:
+    def __init__(self, config_path: str | Path, worker_id: int = 0) -> None:
+        self.config_path = Path(config_path)
+        self.worker_id = worker_id
+        self.proxy: Proxy | None = None
+        self._stop = asyncio.Event()
+        self._runner: web.BaseRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._extras: list[Any] = []
+        self.listen_port: int | None = None
+        self.admin_port: int | None = None
+
+    # -- lifecycle --------------------------------------------------------------
+    async def start(self, loaded: Loaded | None = None) -> None:
+        loaded = loaded or load(self.config_path)
+        config = loaded.config
+        rt, _ = await runtime.build(loaded, None)
+        telemetry, forecaster = await self._start_extras(config)
+        access_log = AccessLog(config.access_log) if config.access_log.enabled else None
+        self.proxy = Proxy(rt, telemetry=telemetry, forecaster=forecaster, access_log=access_log)
+        limits = config.limits
+        server = ProxyHttpServer(
+            self.proxy.handle,
+            header_timeout_s=config.timeouts.client_header_s,
+            keepalive_timeout=config.timeouts.client_idle_s,
+            max_line_size=limits.max_header_bytes,
+            max_field_size=limits.max_header_bytes,
+            max_headers=limits.max_header_count,
+            # A client that goes away cancels its upstream request too.
+            handler_cancellation=True,
+            access_log=None,
+        )
+        self._runner = web.ServerRunner(server, handle_signals=False,
+                                        shutdown_timeout=config.timeouts.drain_s)
+        await self._runner.setup()
+        self._ssl = listen_ssl(config)
+        site = web.TCPSite(self._runner, config.listen.host, config.listen.port,
+                           backlog=config.listen.backlog, reuse_port=True, ssl_context=self._ssl)
+        await site.start()
+        self.listen_port = _bound_port(site)
+        if self.worker_id == 0:
+            app = admin.admin_app(self._get_proxy, self.is_ready)
+            self._admin_runner = web.AppRunner(app, handle_signals=False, access_log=None)
+            await self._admin_runner.setup()
+            admin_site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port,
+                                     reuse_port=True)
+            await admin_site.start()
+            self.admin_port = _bound_port(admin_site)
+        self._spawn(self._refresh_gauges())
+        log.info("worker %d listening on %s:%s (admin %s), policy per cluster: %s", self.worker_id,
+                 config.listen.host, self.listen_port, self.admin_port,
+                 {n: c.policy_name for n, c in rt.clusters.items()})
+
+    async def _start_extras(self, config: Config) -> tuple[Any, Any]:
+        telemetry = None
+        if config.telemetry.enabled:
+            from proxy.telemetry import TelemetryRecorder
+
+            telemetry = TelemetryRecorder(config.telemetry, config.route_classes(), self.worker_id)
+            await telemetry.start()
+            self._extras.append(telemetry)
+        return telemetry, None
+
+    def _get_proxy(self) -> Proxy:
+        assert self.proxy is not None
+        return self.proxy
+
+    def is_ready(self) -> bool:
+        return self.proxy is not None and not self.proxy.draining
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            await asyncio.sleep(GAUGE_REFRESH_S)
+            if self.proxy is not None:
+                admin.refresh_gauges(self.proxy)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def reload(self) -> bool:
+        """Re-read the config file; apply it if valid, else keep serving with the old one."""
+        proxy = self._get_proxy()
+        try:
+            loaded = load(self.config_path)
+            old = proxy.runtime.config
+            if _restart_only(loaded.config) != _restart_only(old):
+                log.warning("reload: listen/admin/workers changes need a restart; applying the rest")
+            new_rt, retired = await runtime.build(loaded, proxy.runtime)
+        except ConfigError as exc:
+            metrics.CONFIG_RELOADS.labels("invalid").inc()
+            log.error("reload rejected, still serving the previous config:\n%s", exc)
+            return False
+        except Exception as exc:
+            metrics.CONFIG_RELOADS.labels("error").inc()
+            log.error("reload failed, still serving the previous config: %s", exc)
+            return False
+        proxy.runtime = new_rt
+        self._reload_tls(loaded.config)
+        metrics.CONFIG_RELOADS.labels("applied").inc()
+        log.info("reload: applied %s", self.config_path)
+        # Requests that started on the old runtime may still use its parts.
+        self._spawn(self._retire_later(retired, loaded.config.timeouts.total_s))
+        return True
+
+    def _reload_tls(self, config: Config) -> None:
+        tls = config.listen.tls
+        if tls is None or self._ssl is None:
+            return
+        try:
+            self._ssl.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            log.error("reload: keeping the old TLS certificate, cannot load %s / %s: %s",
+                      tls.cert_file, tls.key_file, exc)
+
+    async def _retire_later(self, parts: list[Any], delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await runtime.retire(parts)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to drain_s), then close."""
+        if self.proxy is not None:
+            self.proxy.draining = True
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        if self.proxy is not None:
+            await runtime.close(self.proxy.runtime)
+            if self.proxy.access_log is not None:
+                self.proxy.access_log.close()
+        for extra in self._extras:
+            await extra.stop()
+
+
+def _restart_only(config: Config) -> tuple[Any, ...]:
+    """Settings a running worker cannot change (its sockets and process count)."""
+    listen = config.listen
+    return (listen.host, listen.port, listen.tls is None, config.admin, config.workers)
+
+
+def _bound_port(site: web.TCPSite) -> int | None:
+    server = site._server  # aiohttp keeps the asyncio.Server here
+    if server is None or not getattr(server, "sockets", None):
+        return None
+    port: int = server.sockets[0].getsockname()[1]
+    return port
+
+
+async def run(config_path: str | Path, worker_id: int) -> int:
+    os.environ["FORETELL_WORKER_ID"] = str(worker_id)
+    worker = Worker(config_path, worker_id)
+    try:
+        await worker.start()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    worker.install_signal_handlers()
+    await worker.wait_stopped()
+    log.info("worker %d draining", worker_id)
+    await worker.stop()
+    return 0
