@@ -236,6 +236,8 @@ class FeatureMatrix:
         self._refreshed_at = -math.inf
         self._req_key: tuple[str, str, int] | None = None
         self._slot = OTHER_SLOT
+        # A new object whenever rows are reassigned, so callers can cache per row.
+        self.generation: object = object()
 
     def _alloc(self, capacity: int) -> None:
         self.matrix = np.zeros((capacity, N_FEATURES), dtype=DTYPE)
@@ -245,6 +247,10 @@ class FeatureMatrix:
     @property
     def rows(self) -> int:
         return self._n
+
+    def row(self, backend_id: str) -> int | None:
+        """The row of a backend in the current matrix, None if it has none."""
+        return self._row_of.get(backend_id)
 
     def prepare(self, ready: Sequence[BackendView], req: RequestInfo) -> np.ndarray:
         n = len(ready)
@@ -281,6 +287,7 @@ class FeatureMatrix:
         self._n = n
         self._row_of = {s.id: i for i, s in enumerate(ready)}
         self._req_key = None
+        self.generation = object()
         self._refresh_all(self._clock())
 
     def _refresh_all(self, now: float) -> None:

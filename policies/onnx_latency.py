@@ -1,0 +1,485 @@
+"""Route to the backend a learned latency model predicts is fastest (kind `onnx_latency`).
+
+Per request: the persistent feature matrix (policies.features) is brought up
+to date, one onnxruntime call scores every ready backend (or a random subset
+of `max_scored` when the pool is larger), and the score is
+
+    predicted_ms * correction[backend] + failure_penalty_ms * error_rate
+
+where `correction` is an online EWMA of observed/predicted latency per
+backend (drift between retrainings) and the penalty keeps a backend that
+fails fast from looking fast. The lowest score wins; with probability
+`epsilon` a uniformly random backend is chosen instead. `last_propensity`
+is P(chosen | this decision) = epsilon/n + (1-epsilon)*[chosen is the best]
+(conditional on the sampled subset when there is one), which is what
+off-policy evaluation needs.
+
+Failure never stops routing: while the model is missing, fails to load,
+does not match the feature schema, raises, or is slower than `budget_us`,
+the `fallback` heuristic routes and `foretell_model_fallbacks_total{reason}`
+counts it. `shadow: true` routes with the fallback while still predicting,
+so prediction-error metrics can be read before trusting the model.
+
+`run_background()` polls the model file every `reload_interval_s`; a changed
+file is loaded off the event loop, validated (schema version, feature names,
+a trial run) and swapped in whole; a bad file is logged and counted, and the
+previous model keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import Field
+
+from policies import registry
+from policies.base import BackendView, Policy, PolicyContext, PolicyOptions, RequestInfo
+from policies.features import (
+    ERROR_RATE,
+    N_FEATURES,
+    FeatureMatrix,
+    SchemaError,
+    check_schema,
+)
+
+log = logging.getLogger("foretell.policies.onnx_latency")
+
+TARGET = "latency_ms"
+
+PREDICTION_ERROR = Histogram(
+    "foretell_model_prediction_error_seconds",
+    "Absolute error of the latency model's prediction for the chosen backend",
+    ["cluster", "mode"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+PICK_TIME = Histogram(
+    "foretell_model_pick_seconds",
+    "Time of one onnx_latency pick (features + inference + choice), sampled",
+    ["cluster"],
+    buckets=(5e-6, 1e-5, 1.5e-5, 2e-5, 3e-5, 5e-5, 1e-4, 2.5e-4, 1e-3),
+)
+FALLBACKS = Counter(
+    "foretell_model_fallbacks_total",
+    "Picks made by the fallback heuristic instead of the model, by reason",
+    ["cluster", "reason"],
+)
+RELOADS = Counter("foretell_model_reloads_total", "Model (re)loads by result", ["cluster", "result"])
+MODEL_INFO = Gauge(
+    "foretell_model_info", "The latency model in use (value 1)", ["cluster", "version", "kind"],
+    multiprocess_mode="max",
+)
+MODEL_ACTIVE = Gauge(
+    "foretell_model_active", "1 when the model routes, 0 when the fallback does", ["cluster"],
+    multiprocess_mode="min",
+)
+
+# Fallback reasons (bounded metric label values).
+MISSING_FILE = "missing_file"
+LOAD_ERROR = "load_error"
+SCHEMA_MISMATCH = "schema_mismatch"
+INFERENCE_ERROR = "inference_error"
+OVER_BUDGET = "over_budget"
+SHADOW = "shadow"
+REASONS = (MISSING_FILE, LOAD_ERROR, SCHEMA_MISMATCH, INFERENCE_ERROR, OVER_BUDGET, SHADOW)
+
+
+class ModelError(Exception):
+    """A model file that cannot serve; `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def session_options() -> Any:
+    """onnxruntime settings for a tiny model called inline on the event loop."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # A spinning worker thread would burn a core between requests.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
+
+
+@dataclass
+class LoadedModel:
+    """An onnxruntime session validated against the feature schema."""
+
+    path: Path
+    session: Any
+    input_name: str
+    output_name: str
+    metadata: dict[str, str]
+    route_classes: list[str]
+    version: str
+    kind: str
+    file_key: tuple[int, int, int] = (0, 0, 0)
+    _binding: Any = field(default=None, repr=False)
+    _bound: tuple[int, int] = (0, 0)
+    _out: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), np.float32), repr=False)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Predicted latency (ms) per row of `x` (float32, C-contiguous); a view valid until
+        the next call. Buffers are bound once per (buffer, rows) so a call costs one run."""
+        n = x.shape[0]
+        key = (x.__array_interface__["data"][0], n)
+        if key != self._bound:
+            self._bind(x)
+            self._bound = key
+        self.session.run_with_iobinding(self._binding)
+        return self._out[:n, 0]
+
+    def _bind(self, x: np.ndarray) -> None:
+        import onnxruntime as ort
+
+        n = x.shape[0]
+        if self._out.shape[0] < n:
+            self._out = np.zeros((max(n, 16), 1), dtype=np.float32)
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(x))
+        binding.bind_output(self.output_name, "cpu", 0, np.float32, (n, 1),
+                            self._out.ctypes.data)
+        self._binding = binding
+
+    def predict_copy(self, x: np.ndarray) -> np.ndarray:
+        out = self.session.run([self.output_name], {self.input_name: x})[0]
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+
+def file_key(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load and validate a model file; ModelError(reason, message) says why not."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    try:
+        key = file_key(path)
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(MISSING_FILE, f"{path}: no such model file") from None
+    except OSError as exc:
+        raise ModelError(LOAD_ERROR, f"{path}: cannot read: {exc}") from None
+    try:
+        session = ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own types for corrupt files
+        raise ModelError(LOAD_ERROR, f"{path}: not a loadable ONNX model: {exc}") from None
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    try:
+        if "foretell.schema_version" not in meta:
+            raise SchemaError("no foretell.schema_version in the model metadata")
+        check_schema(meta["foretell.schema_version"],
+                     json.loads(meta.get("foretell.feature_names", "[]")))
+        if meta.get("foretell.target", TARGET) != TARGET:
+            raise SchemaError(f"target {meta.get('foretell.target')!r}, expected {TARGET!r}")
+        route_classes = list(json.loads(meta.get("foretell.route_classes", "[]")))
+    except (SchemaError, ValueError, TypeError) as exc:
+        raise ModelError(SCHEMA_MISMATCH, f"{path}: {exc}") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or inputs[0].shape[-1] not in (N_FEATURES, None, "N") or not outputs:
+        raise ModelError(SCHEMA_MISMATCH, f"{path}: expected one float input of width "
+                                          f"{N_FEATURES}, got {[i.shape for i in inputs]}")
+    model = LoadedModel(
+        path=path, session=session, input_name=inputs[0].name, output_name=outputs[0].name,
+        metadata=meta, route_classes=route_classes,
+        version=meta.get("foretell.model_version", "unknown")[:64],
+        kind=meta.get("foretell.model_kind", "unknown")[:32], file_key=key)
+    # A trial run: shape and finiteness, so a broken model never reaches a request.
+    try:
+        trial = model.predict_copy(np.zeros((2, N_FEATURES), dtype=np.float32))
+    except Exception as exc:
+        raise ModelError(INFERENCE_ERROR, f"{path}: trial inference failed: {exc}") from None
+    if trial.shape != (2,) or not np.all(np.isfinite(trial)):
+        raise ModelError(INFERENCE_ERROR, f"{path}: trial inference gave {trial!r}")
+    return model
+
+
+class OnnxLatency:
+    name: ClassVar[str] = "onnx_latency"
+
+    class Options(PolicyOptions):
+        model_path: Path = Path("models/latency.onnx")
+        # The heuristic that routes whenever the model cannot (and in shadow mode).
+        fallback: str = "p2c_peak_ewma"
+        fallback_options: dict[str, Any] = Field(default_factory=dict)
+        epsilon: float = Field(0.0, ge=0, lt=1)
+        failure_penalty_ms: float = Field(1000.0, ge=0)
+        shadow: bool = False
+        # Score at most this many backends per request (0 = all).
+        max_scored: int = Field(0, ge=0)
+        # Weight of one observation in the observed/predicted correction (0 = off).
+        residual_alpha: float = Field(0.02, ge=0, le=1)
+        residual_clip: float = Field(4.0, ge=1)
+        # Fall back while the smoothed pick time exceeds this, for cooldown_s.
+        budget_us: float = Field(250.0, gt=0)
+        cooldown_s: float = Field(30.0, ge=0)
+        reload_interval_s: float = Field(1.0, gt=0)
+        # Backend columns are fully recomputed at least this often.
+        refresh_s: float = Field(0.25, gt=0)
+        # Observe the pick-time histogram every Nth pick (it costs ~1 µs).
+        pick_time_every: int = Field(16, ge=1)
+
+    def __init__(self, options: Options, ctx: PolicyContext) -> None:
+        self.options = options
+        self._clock = ctx.clock
+        self._rng = ctx.rng
+        self.cluster = ctx.cluster
+        self._ctx_routes = list(ctx.route_classes)
+        if options.fallback == self.name:
+            raise registry.PolicyError("onnx_latency: fallback must be a heuristic, not itself")
+        self.fallback: Policy = registry.create(options.fallback, options.fallback_options, ctx)
+        self.last_propensity: float | None = None
+        self.last_reason: str | None = None  # why the last pick fell back, None if it did not
+        self.model: LoadedModel | None = None
+        self._features = FeatureMatrix(self._ctx_routes, ctx.clock, options.refresh_s)
+        self._corr_generation: object = None
+        self._corr = np.ones(0, dtype=np.float32)
+        self._corr_of: dict[str, float] = {}
+        self._pending: dict[int, tuple[str, float]] = {}
+        self._pick_ewma_us = 0.0
+        self._disabled_until = -math.inf
+        self._disabled_reason = ""
+        self._picks = 0
+        self._fallback_counters = {r: FALLBACKS.labels(self.cluster, r) for r in REASONS}
+        self._pick_hist = PICK_TIME.labels(self.cluster)
+        self._err_hist = PREDICTION_ERROR.labels(self.cluster, "shadow" if options.shadow else "serving")
+        self._load_error_reason = MISSING_FILE
+        self._watched_key: tuple[int, int, int] | None = None
+        try:
+            self._install(load_model(options.model_path))
+        except ModelError as exc:
+            self._load_error_reason = exc.reason
+            RELOADS.labels(self.cluster, "failed").inc()
+            log.warning("cluster %s: %s; routing with %s until a valid model appears",
+                        self.cluster, exc, options.fallback)
+            MODEL_ACTIVE.labels(self.cluster).set(0)
+            self._watched_key = self._key_or_none()
+
+    # -- model lifecycle ----------------------------------------------------------
+    def _key_or_none(self) -> tuple[int, int, int] | None:
+        try:
+            return file_key(self.options.model_path)
+        except OSError:
+            return None
+
+    def _install(self, model: LoadedModel) -> None:
+        old = self.model
+        routes = model.route_classes or self._ctx_routes
+        if model.route_classes and model.route_classes != self._ctx_routes:
+            log.warning("cluster %s: model was trained with route classes %s, config has %s; "
+                        "using the model's (unknown classes count as 'other')",
+                        self.cluster, model.route_classes, self._ctx_routes)
+        self._features = FeatureMatrix(routes, self._clock, self.options.refresh_s)
+        self._corr_generation = None
+        self.model = model
+        self._watched_key = model.file_key
+        self._disabled_until = -math.inf
+        self._pick_ewma_us = 0.0
+        if old is not None:
+            MODEL_INFO.remove(self.cluster, old.version, old.kind)
+        MODEL_INFO.labels(self.cluster, model.version, model.kind).set(1)
+        MODEL_ACTIVE.labels(self.cluster).set(1)
+        RELOADS.labels(self.cluster, "ok").inc()
+        log.info("cluster %s: latency model %s (%s) loaded from %s",
+                 self.cluster, model.version, model.kind, model.path)
+
+    async def run_background(self) -> None:
+        """Watch the model file; reload it when it changes."""
+        background = getattr(self.fallback, "run_background", None)
+        fallback_task = asyncio.create_task(background()) if background is not None else None
+        try:
+            while True:
+                await asyncio.sleep(self.options.reload_interval_s)
+                await self.check_reload()
+        finally:
+            if fallback_task is not None:
+                fallback_task.cancel()
+
+    async def check_reload(self) -> bool:
+        """Load the model file if it changed since the last look; True when a new model serves."""
+        key = self._key_or_none()
+        if key is None or key == self._watched_key:
+            return False
+        self._watched_key = key
+        try:
+            model = await asyncio.to_thread(load_model, self.options.model_path)
+        except ModelError as exc:
+            RELOADS.labels(self.cluster, "failed").inc()
+            if self.model is None:
+                self._load_error_reason = exc.reason
+            log.error("cluster %s: model reload refused, %s: %s", self.cluster,
+                      "keeping the current model" if self.model else "still on the fallback", exc)
+            return False
+        self._install(model)
+        return True
+
+    # -- routing -----------------------------------------------------------------
+    def _fall_back(self, ready: Sequence[BackendView], req: RequestInfo,
+                   reason: str) -> BackendView | None:
+        self._fallback_counters[reason].inc()
+        self.last_reason = reason
+        chosen = self.fallback.pick(ready, req)
+        self.last_propensity = getattr(self.fallback, "last_propensity", None)
+        return chosen
+
+    def pick(self, ready: Sequence[BackendView], req: RequestInfo) -> BackendView | None:
+        model = self.model
+        if not ready:
+            self.last_propensity = None
+            return None
+        if model is None:
+            return self._fall_back(ready, req, self._load_error_reason)
+        if self._disabled_until > -math.inf:
+            if self._clock() < self._disabled_until:
+                return self._fall_back(ready, req, self._disabled_reason)
+            self._disabled_until = -math.inf
+            self._pick_ewma_us = 0.0
+            MODEL_ACTIVE.labels(self.cluster).set(1)
+        started = time.perf_counter_ns()
+        try:
+            best, pred, idx = self._score(model, ready, req)
+        except Exception as exc:  # the model must never fail a request
+            log.exception("cluster %s: inference failed (%s); falling back for %.0f s",
+                          self.cluster, exc, self.options.cooldown_s)
+            self._disable(INFERENCE_ERROR)
+            return self._fall_back(ready, req, INFERENCE_ERROR)
+        if self.options.shadow:
+            chosen = self._fall_back(ready, req, SHADOW)
+            if chosen is not None:
+                for j, s in enumerate(ready):
+                    if s is chosen:
+                        p = _prediction_of(j, pred, idx)
+                        if p is not None:
+                            self._remember(req, chosen.id, p)
+                        break
+            return chosen
+        n = len(ready)
+        eps = self.options.epsilon
+        i = best
+        if eps > 0.0 and self._rng.random() < eps:
+            i = self._rng.randrange(n)
+        self.last_propensity = eps / n + (1.0 - eps) * (i == best) if eps > 0.0 else 1.0
+        chosen = ready[i]
+        self.last_reason = None
+        p = _prediction_of(i, pred, idx)
+        if p is not None:
+            self._remember(req, chosen.id, p)
+        elapsed_us = (time.perf_counter_ns() - started) / 1e3
+        self._pick_ewma_us += 0.01 * (elapsed_us - self._pick_ewma_us)
+        self._picks += 1
+        if self._picks % self.options.pick_time_every == 0:
+            self._pick_hist.observe(elapsed_us / 1e6)
+            if self._pick_ewma_us > self.options.budget_us:
+                log.warning("cluster %s: picks take %.0f µs (budget %.0f µs); falling back "
+                            "for %.0f s", self.cluster, self._pick_ewma_us,
+                            self.options.budget_us, self.options.cooldown_s)
+                self._disable(OVER_BUDGET)
+        return chosen
+
+    def _disable(self, reason: str) -> None:
+        self._disabled_until = self._clock() + self.options.cooldown_s
+        self._disabled_reason = reason
+        MODEL_ACTIVE.labels(self.cluster).set(0)
+
+    def _score(self, model: LoadedModel, ready: Sequence[BackendView],
+               req: RequestInfo) -> tuple[int, np.ndarray, np.ndarray | None]:
+        """Index (into ready) of the lowest score, the predictions, and which rows were
+        scored (None = all, else indices into ready)."""
+        fm = self._features
+        x = fm.prepare(ready, req)
+        n = len(ready)
+        k = self.options.max_scored
+        if self._corr_generation is not fm.generation:
+            self._corr = np.array([self._corr_of.get(s.id, 1.0) for s in ready], np.float32)
+            self._corr_generation = fm.generation
+        if k and n > k:
+            idx = np.array(self._rng.sample(range(n), k))
+            pred = model.predict_copy(np.ascontiguousarray(x[idx]))
+            score = pred * self._corr[idx] + self.options.failure_penalty_ms * x[idx, ERROR_RATE]
+            j = int(np.argmin(score))
+            return int(idx[j]), pred, idx
+        pred = model.predict(x)
+        score = pred * self._corr
+        if self.options.failure_penalty_ms:
+            score += self.options.failure_penalty_ms * x[:, ERROR_RATE]
+        return int(np.argmin(score)), pred, None
+
+    def _remember(self, req: RequestInfo, backend_id: str, pred_ms: float) -> None:
+        if len(self._pending) > 65536:  # attempts that never reported back
+            self._pending.clear()
+        self._pending[id(req)] = (backend_id, pred_ms)
+
+    # -- feedback -------------------------------------------------------------------
+    def observe(self, backend: BackendView, req: RequestInfo, outcome: Any) -> None:
+        self._features.refresh(backend)
+        fallback_observe = getattr(self.fallback, "observe", None)
+        if fallback_observe is not None:
+            fallback_observe(backend, req, outcome)
+        pending = self._pending.pop(id(req), None)
+        if pending is None or pending[0] != backend.id or outcome.error_kind is not None:
+            return
+        pred_ms = pending[1]
+        observed_ms = outcome.latency_s * 1e3
+        if self._picks % 4 == 0:
+            self._err_hist.observe(abs(observed_ms - pred_ms) / 1e3)
+        alpha = self.options.residual_alpha
+        if alpha <= 0.0 or pred_ms <= 0.0 or self.options.shadow:
+            return
+        clip = self.options.residual_clip
+        ratio = min(max(observed_ms / pred_ms, 1.0 / clip), clip)
+        old = self._corr_of.get(backend.id, 1.0)
+        new = old + alpha * (ratio - old)
+        self._corr_of[backend.id] = new
+        i = self._features.row(backend.id)
+        if i is not None and i < len(self._corr) and self._corr_generation is self._features.generation:
+            self._corr[i] = new
+
+    def close(self) -> None:
+        close = getattr(self.fallback, "close", None)
+        if close is not None:
+            close()
+
+    def describe(self) -> dict[str, object]:
+        m = self.model
+        return {
+            "model_path": str(self.options.model_path),
+            "model_version": m.version if m else None,
+            "model_kind": m.kind if m else None,
+            "serving": m is not None and not self.options.shadow and self._disabled_until == -math.inf,
+            "fallback": self.options.fallback,
+            "last_fallback_reason": self.last_reason,
+            "pick_ewma_us": round(self._pick_ewma_us, 2),
+            "correction": {k: round(v, 3) for k, v in self._corr_of.items()},
+        }
+
+    def __repr__(self) -> str:
+        m = self.model
+        return (f"OnnxLatency(model={m.version if m else None!r}, fallback="
+                f"{self.options.fallback!r}, epsilon={self.options.epsilon}, "
+                f"shadow={self.options.shadow})")
+
+
+def _prediction_of(i: int, pred: np.ndarray, idx: np.ndarray | None) -> float | None:
+    """The prediction for ready[i], None when it was not among the scored subset."""
+    if idx is None:
+        return float(pred[i])
+    hits = np.flatnonzero(idx == i)
+    return float(pred[hits[0]]) if len(hits) else None
