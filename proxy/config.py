@@ -124,6 +124,8 @@ class ClusterSpec(Frozen):
     tls: UpstreamTls = UpstreamTls()
     # Time constant of the peak-EWMA latency estimate.
     ewma_decay_s: float = Field(10.0, gt=0)
+    # When every backend is ejected: route to all of them anyway (true) or answer 503.
+    panic_routing: bool = True
 
     @field_validator("backends")
     @classmethod

@@ -118,9 +118,11 @@ async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[],
         prev = old.get(name)
         if prev is not None and prev.spec.ewma_decay_s == spec.ewma_decay_s:
             cluster = prev.cluster
+            cluster.panic_routing = spec.panic_routing
             cluster.set_backends(backends_of(spec))
         else:
             cluster = Cluster(name, backends_of(spec), clock=clock, decay_s=spec.ewma_decay_s)
+        cluster.panic_routing = spec.panic_routing
         if prev is not None and prev.spec.tls == spec.tls and prev.spec.ewma_decay_s == spec.ewma_decay_s:
             session = prev.session
         else:

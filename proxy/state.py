@@ -264,6 +264,8 @@ class Cluster:
         self._outcome_listeners: list[OutcomeListener] = []
         self._health_listeners: list[HealthListener] = []
         self.panic = False
+        # With nothing healthy: route to all (True, Envoy's panic) or answer 503 (False).
+        self.panic_routing = True
         self._ready: tuple[BackendState, ...] = ()
         self.set_backends(backends)
 
@@ -359,8 +361,8 @@ class Cluster:
         ready = tuple(s for s in self.states.values() if s.health is not Health.EJECTED)
         # Panic: with nothing healthy left, route to everyone rather than fail
         # every request (Envoy's panic threshold at its limit).
-        self.panic = not ready and bool(self.states)
-        self._ready = ready if ready else tuple(self.states.values())
+        self.panic = not ready and bool(self.states) and self.panic_routing
+        self._ready = ready if ready or not self.panic_routing else tuple(self.states.values())
 
     def __repr__(self) -> str:
         return f"Cluster({self.name!r}, backends={len(self.states)}, ready={len(self._ready)})"
