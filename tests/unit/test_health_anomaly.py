@@ -1,0 +1,170 @@
+"""The anomaly model end to end: record healthy windows, train, export, load, score, reload."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from health.anomaly import (
+    FEATURE_NAMES,
+    SCHEMA_VERSION,
+    AnomalyDetector,
+    AnomalyModel,
+    AnomalyModelError,
+    WindowStats,
+    fleet_features,
+    load_feature_rows,
+)
+from health.checker import HealthChecker
+from health.config import ActiveProbe, Anomaly, HealthConfig
+from proxy.state import Backend, Cluster, Health, Outcome
+from tests.unit.health_support import Clock
+from train.anomaly import fit_and_export
+
+SPEEDS = [1.0, 1.3, 1.6, 1.9, 2.1, 2.4, 2.7, 3.0]
+
+
+def simulate(det: AnomalyDetector, clock: Clock, rng: random.Random, seconds: float,
+             slow: dict[str, float] | None = None, load: float = 1.0) -> None:
+    """Exponential service times per backend speed; 20 ms steps, one evaluation per step."""
+    slow = slow or {}
+    for _ in range(int(seconds / 0.02)):
+        clock.advance(0.02)
+        for i, speed in enumerate(SPEEDS):
+            b = f"b{i}"
+            mean_s = 0.005 * speed * load * slow.get(b, 1.0)
+            # Slower backends get proportionally less traffic, as a load-aware policy does.
+            if rng.random() < 1.0 / speed:
+                det.observe(b, Outcome(200, rng.expovariate(1 / mean_s)))
+        det.evaluate(clock())
+
+
+def cluster_of(clock: Clock) -> Cluster:
+    return Cluster("c", [Backend(f"b{i}", f"http://127.0.0.1:{9000 + i}")
+                         for i in range(len(SPEEDS))], clock=clock)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("anomaly")
+    rec = tmp / "healthy.jsonl"
+    clock = Clock()
+    rng = random.Random(7)
+    det = AnomalyDetector(Anomaly(record_path=rec, interval_s=0.2), clock, cluster_of(clock),
+                          lambda _b: None)
+    for load in (0.7, 1.0, 1.5):  # several load levels: relative features must not care
+        simulate(det, clock, rng, 40.0, load=load)
+    rows = load_feature_rows([rec])
+    assert rows.shape[1] == len(FEATURE_NAMES) and len(rows) > 1000
+    out = tmp / "anomaly.onnx"
+    trained = fit_and_export(rows, out, quantile=0.999, n_estimators=50, seed=0)
+    assert trained.max_abs_diff < 1e-3
+    return out
+
+
+def test_model_metadata_and_threshold(model_path: Path) -> None:
+    m = AnomalyModel(model_path)
+    assert m.metadata["schema_version"] == SCHEMA_VERSION
+    assert m.metadata["feature_names"].split(",") == list(FEATURE_NAMES)
+    assert m.metadata["threshold_quantile"] == "0.999"
+    assert 0.3 < m.threshold < 0.9
+
+
+def test_fleet_features_are_relative_so_a_global_slowdown_is_not_anomalous() -> None:
+    base = {f"b{i}": WindowStats(100, 0.01 * s, 0.02 * s, 0.03 * s, 0.0, 0.0, 2, 0.001, None)
+            for i, s in enumerate(SPEEDS)}
+    spiked = {b: WindowStats(s.requests, s.p50_s * 5, s.p90_s * 5, s.p99_s * 5, 0.0, 0.0, 10,
+                             0.005, None) for b, s in base.items()}
+    ids1, rows1 = fleet_features(base, 10)
+    ids2, rows2 = fleet_features(spiked, 10)
+    assert ids1 == ids2 and np.allclose(rows1, rows2, atol=1e-6)
+    assert fleet_features(dict(list(base.items())[:2]), 10)[0] == []
+
+
+def test_ten_times_slower_backend_scores_above_threshold(model_path: Path) -> None:
+    clock = Clock()
+    cluster = cluster_of(clock)
+    det = AnomalyDetector(Anomaly(model_path=model_path, interval_s=0.2), clock, cluster,
+                          lambda _b: None)
+    rng = random.Random(99)
+    simulate(det, clock, rng, 10.0, load=1.2)
+    healthy = dict(det.scores)
+    assert all(s <= det.model.threshold for s in healthy.values()), healthy  # type: ignore[union-attr]
+    simulate(det, clock, rng, 5.0, slow={"b0": 10.0}, load=1.2)
+    verdicts = {v.backend_id: v for v in det.evaluate(clock.advance(0.2))}
+    assert verdicts["b0"].detected, verdicts["b0"].reason
+    assert [b for b, v in verdicts.items() if v.detected] == ["b0"]
+
+
+def test_missing_and_invalid_model_files_are_clear_errors(tmp_path: Path) -> None:
+    clock = Clock()
+    missing = tmp_path / "nope.onnx"
+    with pytest.raises(AnomalyModelError, match=r"nope\.onnx: anomaly model file not found"):
+        HealthChecker(cluster_of(clock),
+                      HealthConfig(anomaly=Anomaly(model_path=missing),
+                                   active=ActiveProbe(enabled=False)), clock=clock)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not onnx at all")
+    with pytest.raises(AnomalyModelError, match=r"garbage\.onnx: not a loadable ONNX model"):
+        AnomalyModel(garbage)
+
+
+def test_wrong_schema_refused(model_path: Path, tmp_path: Path) -> None:
+    import onnx
+
+    m = onnx.load(str(model_path))
+    for p in m.metadata_props:
+        if p.key == "schema_version":
+            p.value = "foretell-anomaly-0"
+    bad = tmp_path / "old.onnx"
+    onnx.save(m, str(bad))
+    with pytest.raises(AnomalyModelError, match="schema_version 'foretell-anomaly-0'"):
+        AnomalyModel(bad)
+
+
+def test_reload_keeps_old_model_on_error_and_takes_a_good_one(
+        model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    live = tmp_path / "live.onnx"
+    live.write_bytes(model_path.read_bytes())
+    clock = Clock()
+    det = AnomalyDetector(Anomaly(model_path=live), clock, cluster_of(clock), lambda _b: None)
+    old = det.model
+    live.write_bytes(b"truncated")
+    os.utime(live, ns=(1, 1))
+    with caplog.at_level(logging.ERROR, logger="foretell.health"):
+        assert not det.maybe_reload()
+    assert det.model is old
+    assert "anomaly model reload failed, keeping the previous model" in caplog.text
+    assert "live.onnx: not a loadable ONNX model" in caplog.text
+    live.write_bytes(model_path.read_bytes())
+    os.utime(live, ns=(2, 2))
+    assert det.maybe_reload() and det.model is not old
+
+
+def test_checker_ejects_on_anomaly(model_path: Path) -> None:
+    clock = Clock()
+    cluster = cluster_of(clock)
+    cfg = HealthConfig(anomaly=Anomaly(model_path=model_path, interval_s=0.2),
+                       active=ActiveProbe(enabled=False),
+                       latency={"enabled": False})  # type: ignore[arg-type]
+    hc = HealthChecker(cluster, cfg, clock=clock)
+    assert hc.anomaly is not None
+    rng = random.Random(5)
+    simulate(hc.anomaly, clock, rng, 5.0, load=1.0)
+    hc.evaluate()
+    assert all(s.health is Health.HEALTHY for s in cluster.states.values())
+    for _ in range(40):
+        simulate(hc.anomaly, clock, rng, 0.2, slow={"b3": 10.0})
+        hc.evaluate()
+        if cluster.get("b3").health is Health.EJECTED:
+            break
+    assert cluster.get("b3").health is Health.EJECTED
+    assert cluster.get("b3").health_reason.startswith("ejected by anomaly: anomaly score")
+    score = hc.describe("b3")["anomaly_score"]
+    assert isinstance(score, float) and not math.isnan(score)

@@ -1,0 +1,159 @@
+"""HealthChecker on a real Cluster with an injected clock: decisions, guards, re-admission."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from health.base import ProbeResult
+from health.checker import HealthChecker
+from health.config import ActiveProbe, Ejection, HealthConfig, LatencyOutlier
+from proxy.state import Backend, Cluster, Health, Outcome
+from tests.unit.health_support import CONNECT, HTTP_503, OK, Clock, ok
+
+
+def make(n: int, clock: Clock, **cfg: object) -> tuple[Cluster, HealthChecker]:
+    cluster = Cluster("c", [Backend(f"b{i}", f"http://127.0.0.1:{10000 + i}") for i in range(n)],
+                      clock=clock)
+    config = HealthConfig.model_validate(cfg)
+    return cluster, HealthChecker(cluster, config, clock=clock, rng=random.Random(1))
+
+
+def send(cluster: Cluster, backend_id: str, outcome: Outcome, times: int = 1) -> None:
+    for _ in range(times):
+        with cluster.track(cluster.get(backend_id)) as t:
+            t.finish(outcome)
+
+
+def test_5xx_backend_ejected_with_reason_and_removed_from_ready() -> None:
+    clock = Clock()
+    cluster, hc = make(4, clock)
+    send(cluster, "b1", HTTP_503, 4)
+    hc.evaluate()
+    assert cluster.get("b1").health is Health.HEALTHY
+    send(cluster, "b1", HTTP_503)
+    hc.evaluate()
+    state = cluster.get("b1")
+    assert state.health is Health.EJECTED
+    assert state.health_reason.startswith(
+        "ejected by consecutive_failures: 5 5xx responses in a row (threshold 5) (5.")
+    assert "b1" not in {s.id for s in cluster.ready()}
+    info = hc.describe("b1")
+    assert info["ejected"] is True and info["ejected_by"] == "consecutive_failures"
+    assert info["verdicts"]["consecutive_failures"]["detected"] is True  # type: ignore[index]
+    assert info["probe"]["up"] is False  # type: ignore[index]
+    assert "ejected for 5.0 s (#1)" in info["history"][0]  # type: ignore[index]
+
+
+def test_readmission_after_time_and_rise_probes_then_longer_second_ejection() -> None:
+    clock = Clock()
+    cluster, hc = make(4, clock)
+    send(cluster, "b0", CONNECT, 2)
+    hc.evaluate()
+    assert cluster.get("b0").health is Health.EJECTED
+    until = clock() + 5.0 + 0.5
+    clock.advance(5.6)
+    hc.evaluate()
+    assert cluster.get("b0").health is Health.EJECTED, "probes have not passed yet"
+    assert "waiting for probes" in cluster.get("b0").health_reason
+    hc.on_probe("b0", ProbeResult(True, 0.001, 200))
+    hc.evaluate()
+    assert cluster.get("b0").health is Health.EJECTED, "rise is 2"
+    hc.on_probe("b0", ProbeResult(True, 0.001, 200))
+    hc.evaluate()
+    state = cluster.get("b0")
+    assert state.health is Health.HEALTHY and clock() >= until
+    # Slow start keys off admitted_at, which set_health moved to the re-admission time.
+    assert state.admitted_at == clock()
+    assert hc.describe("b0")["verdicts"] == {}
+    # Old evidence was forgotten: one more connect error is not two in a row.
+    send(cluster, "b0", CONNECT)
+    hc.evaluate()
+    assert cluster.get("b0").health is Health.HEALTHY
+    send(cluster, "b0", CONNECT)
+    hc.evaluate()
+    assert cluster.get("b0").health is Health.EJECTED
+    assert hc.describe("b0")["ejection_multiplier"] == 2
+    assert "ejected for 10.0 s (#2)" in hc.describe("b0")["history"][-1]  # type: ignore[index]
+
+
+def test_max_ejection_percent_holds_back_and_counts_detected() -> None:
+    clock = Clock()
+    cluster, hc = make(8, clock, ejection={"max_ejection_percent": 50.0})
+    for i in range(5):
+        send(cluster, f"b{i}", HTTP_503, 5 + i)  # b4 is the worst streak
+    hc.evaluate()
+    health = {s.id: s.health for s in cluster.states.values()}
+    ejected = sorted(b for b, h in health.items() if h is Health.EJECTED)
+    assert ejected == ["b1", "b2", "b3", "b4"]
+    assert health["b0"] is Health.SUSPECT
+    assert "max_ejection_percent 50% reached (4 of 8 out)" in cluster.get("b0").health_reason
+    assert len(cluster.ready()) == 4 and not cluster.panic and not hc.panic
+
+
+def test_panic_when_probes_fail_for_most_backends() -> None:
+    clock = Clock()
+    cluster, hc = make(4, clock)
+    for b in ("b0", "b1", "b2"):
+        for _ in range(3):
+            hc.on_probe(b, ProbeResult(False, 1.0, 0, "connect error: refused"))
+    hc.evaluate()
+    assert hc.panic
+    assert len(cluster.ready()) == 4
+    assert cluster.get("b0").health is Health.SUSPECT
+    assert cluster.get("b0").health_reason.startswith(
+        "panic: only 1 of 4 backends would be ready (< 30%); routing to all; active: active probe")
+    assert hc.describe("b0")["panic"] is True
+    # One comes back: 2 of 4 ready is 50%, the panic ends and the other two are out.
+    clock.advance(6.0)
+    hc.on_probe("b0", ProbeResult(True, 0.001, 200))
+    hc.on_probe("b0", ProbeResult(True, 0.001, 200))
+    hc.evaluate()
+    assert not hc.panic
+    assert [s.id for s in cluster.ready()] == ["b0", "b3"]
+
+
+def test_shadow_latency_detector_marks_suspect_only() -> None:
+    clock = Clock()
+    cluster, hc = make(4, clock, latency=LatencyOutlier(shadow=True).model_dump())
+    for _ in range(10):
+        clock.advance(0.01)
+        for b in ("b0", "b1", "b2"):
+            send(cluster, b, OK)
+        send(cluster, "b3", ok(0.5))
+    hc.evaluate()
+    s = cluster.get("b3")
+    assert s.health is Health.SUSPECT and s.health_reason.startswith("shadow mode: latency: p90")
+    assert len(cluster.ready()) == 4
+
+
+def test_slow_backend_ejected_and_fast_ones_kept() -> None:
+    clock = Clock()
+    cluster, hc = make(8, clock)
+    for _ in range(12):
+        clock.advance(0.05)
+        for i in range(7):
+            send(cluster, f"b{i}", ok(0.010 * (1 + i / 3)))
+        send(cluster, "b7", ok(0.200))
+    hc.evaluate()
+    assert [s.id for s in cluster.states.values() if s.health is not Health.HEALTHY] == ["b7"]
+    assert cluster.get("b7").health_reason.startswith("ejected by latency: p90 200.0 ms")
+
+
+async def test_a_failure_streak_is_acted_on_at_once_not_at_the_next_tick() -> None:
+    cluster = Cluster("c", [Backend(f"b{i}", f"http://127.0.0.1:{10000 + i}") for i in range(4)])
+    config = HealthConfig(active=ActiveProbe(enabled=False),
+                          ejection=Ejection(evaluate_interval_s=30.0))
+    hc = HealthChecker(cluster, config)
+    await hc.start()
+    try:
+        await asyncio.sleep(0.05)  # the loop's first wait has begun
+        started = time.monotonic()
+        send(cluster, "b2", CONNECT, 2)
+        while cluster.get("b2").health is not Health.EJECTED:
+            assert time.monotonic() - started < 1.0
+            await asyncio.sleep(0.005)
+        assert time.monotonic() - started < 0.1
+    finally:
+        await hc.stop()
