@@ -7,12 +7,12 @@ import random
 from collections import Counter
 
 import pytest
-from policy_sim import Behaviour, FakeClock, make_cluster, record, shares, simulate
 
 from policies import registry
 from policies.base import PolicyContext
 from policies.p2c import CostAdjuster, CostOptions, failure_factor, pick_p2c, slow_start_factor
 from proxy.state import Health, Outcome
+from tests.unit.policy_sim import Behaviour, FakeClock, make_cluster, record, shares, simulate
 
 
 def test_empty_and_single() -> None:

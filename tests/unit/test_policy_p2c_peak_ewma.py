@@ -1,0 +1,79 @@
+"""Peak-EWMA: exact decayed estimates, the cost, and shares in a simulation."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from policies import registry
+from policies.base import PolicyContext, RequestInfo
+from policies.p2c_peak_ewma import P2CPeakEwma, peak_ewma_cost
+from proxy.state import Outcome, PeakEwma
+from tests.unit.policy_sim import Behaviour, FakeClock, make_cluster, record, shares, simulate
+
+REQ = RequestInfo()
+
+
+def _policy(clock: FakeClock, seed: int, **options: object) -> P2CPeakEwma:
+    policy = registry.create("p2c_peak_ewma", options,
+                             PolicyContext(clock=clock, rng=random.Random(seed)))
+    assert isinstance(policy, P2CPeakEwma)
+    return policy
+
+
+def test_peak_ewma_exact_decayed_values() -> None:
+    clock = FakeClock(50.0)
+    ewma = PeakEwma(clock, decay_s=10.0, initial_rtt_s=0.010)
+    assert ewma.read() == 0.010
+    ewma.observe(0.100)  # a new peak is taken at once
+    assert ewma.read() == 0.100
+    clock.advance(10.0)  # read decays toward zero: x e^-1 after one time constant
+    assert ewma.read() == pytest.approx(0.100 * math.exp(-1), rel=1e-12)
+    ewma.observe(0.020)  # below the (undecayed) estimate: blend with weight e^-1
+    expected = 0.100 * math.exp(-1) + 0.020 * (1 - math.exp(-1))
+    assert ewma.read() == pytest.approx(expected, rel=1e-12)
+    clock.advance(5.0)
+    assert ewma.read() == pytest.approx(expected * math.exp(-0.5), rel=1e-12)
+    ewma.observe(0.0)  # same blend rule with elapsed 5 s
+    assert ewma.read() == pytest.approx(expected * math.exp(-0.5), rel=1e-12)
+    clock.advance(0.0)
+    ewma.observe(0.5)  # peak again
+    assert ewma.read() == 0.5
+
+
+def test_cost_is_rtt_times_inflight_plus_one() -> None:
+    assert peak_ewma_cost(0.010, 0) == 0.010
+    assert peak_ewma_cost(0.010, 3) == pytest.approx(0.040)
+
+
+def test_empty_ready_list() -> None:
+    assert _policy(FakeClock(), 1).pick((), REQ) is None
+
+
+def test_faster_backend_wins_the_pair() -> None:
+    clock = FakeClock()
+    cluster = make_cluster(clock, n=2)
+    record(cluster, "b0", Outcome(200, 0.050))
+    record(cluster, "b1", Outcome(200, 0.020))
+    policy = _policy(clock, 2)
+    assert {policy.pick(cluster.ready(), REQ).id for _ in range(50)} == {"b1"}  # type: ignore[union-attr]
+    # Three in flight make b1 cost 4 x 20 ms > 50 ms.
+    with cluster.track(cluster.get("b1")), cluster.track(cluster.get("b1")), \
+            cluster.track(cluster.get("b1")):
+        assert {policy.pick(cluster.ready(), REQ).id for _ in range(50)} == {"b0"}  # type: ignore[union-attr]
+
+
+def test_four_times_slower_backend_gets_clearly_less_share() -> None:
+    def behaviour(backend_id: str, t: float) -> Behaviour:
+        return Behaviour(0.040 if backend_id == "b0" else 0.010)
+
+    clock = FakeClock()
+    cluster = make_cluster(clock, n=4)
+    policy = _policy(clock, 3)
+    s = shares(simulate(cluster, policy, clock, behaviour, rate_per_s=400, duration_s=10.0))
+    # Fair share is 0.25; a peak-EWMA P2C sends the slow one well under half of
+    # it (about 0.05 here), and each fast one more than twice as much as it.
+    assert s["b0"] < 0.10, s
+    assert min(s["b1"], s["b2"], s["b3"]) > 2 * s["b0"], s
