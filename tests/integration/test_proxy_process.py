@@ -1,0 +1,169 @@
+"""The proxy as users run it: a separate process, signals, workers, big bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+import yaml
+
+from tests.support import Backends, ProxyProcess, aiter_bytes, fetch_json, free_port, proxy_config, write_config
+
+BIG_BYTES = 100 * 1024 * 1024
+
+
+@pytest.fixture
+async def run_proxy(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], ProxyProcess]]:
+    procs: list[ProxyProcess] = []
+
+    def start(cfg: dict[str, Any]) -> ProxyProcess:
+        port, admin_port = free_port(), free_port()
+        cfg = {**cfg, "listen": {"host": "127.0.0.1", "port": port},
+               "admin": {"host": "127.0.0.1", "port": admin_port}}
+        proc = ProxyProcess(write_config(tmp_path / f"proxy-{len(procs)}.yaml", cfg), port, admin_port)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+async def _wait_ready(proc: ProxyProcess) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, proc.wait_ready)
+
+
+class RssSampler:
+    """Peak resident memory of a process, sampled while a transfer runs."""
+
+    def __init__(self, pid: int) -> None:
+        self._proc = psutil.Process(pid)
+        self.baseline = self._proc.memory_info().rss
+        self.peak = self.baseline
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            await asyncio.sleep(0.02)
+
+    def stop(self) -> int:
+        self._task.cancel()
+        return self.peak - self.baseline
+
+
+async def test_streams_100mb_both_ways_in_bounded_memory(backends: Backends, run_proxy) -> None:
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls))
+    await _wait_ready(proc)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as client:
+        sampler = RssSampler(proc.proc.pid)
+        async with client.post(proc.url + "/upload", data=aiter_bytes(BIG_BYTES)) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["received"] == BIG_BYTES
+        upload_growth = sampler.stop()
+        sampler = RssSampler(proc.proc.pid)
+        received = 0
+        async with client.get(proc.url + f"/bytes/{BIG_BYTES}?length=1") as resp:
+            assert resp.status == 200
+            assert int(resp.headers["Content-Length"]) == BIG_BYTES
+            async for chunk in resp.content.iter_chunked(1 << 20):
+                received += len(chunk)
+        download_growth = sampler.stop()
+    assert received == BIG_BYTES
+    # "Well below the body size": the proxy holds a few chunks, not the body.
+    assert upload_growth < BIG_BYTES / 5, upload_growth
+    assert download_growth < BIG_BYTES / 5, download_growth
+
+
+async def test_sighup_applies_good_config_and_keeps_serving_on_bad(backends: Backends, run_proxy) -> None:
+    urls = {n: await backends.start(n) for n in ("a", "b")}
+    proc = run_proxy(proxy_config({"a": urls["a"]}))
+    await _wait_ready(proc)
+    async with aiohttp.ClientSession() as client:
+        async def backends_hit(n: int) -> set[str]:
+            seen = set()
+            for _ in range(n):
+                async with client.get(proc.url + "/echo") as resp:
+                    assert resp.status == 200
+                    seen.add(resp.headers["x-foretell-backend"])
+            return seen
+
+        assert await backends_hit(4) == {"a"}
+        current = yaml.safe_load(proc.config_path.read_text())
+        good = {**proxy_config(urls), "listen": current["listen"], "admin": current["admin"]}
+        write_config(proc.config_path, good)
+        proc.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while await backends_hit(4) != {"a", "b"}:
+            assert time.monotonic() < deadline, proc.log()
+            await asyncio.sleep(0.1)
+        proc.config_path.write_text(proc.config_path.read_text() + "\nbogus_key: 1\n")
+        proc.signal(signal.SIGHUP)
+        await asyncio.sleep(1.0)
+        assert await backends_hit(6) == {"a", "b"}
+        assert proc.proc.poll() is None
+        log = proc.log()
+        assert "reload rejected" in log and "bogus_key" in log
+        text = await (await client.get(proc.admin_url + "/metrics")).text()
+        assert 'foretell_config_reloads_total{result="invalid"} 1.0' in text
+        assert 'foretell_config_reloads_total{result="applied"} 1.0' in text
+
+
+async def test_sigterm_drains_inflight_requests(backends: Backends, run_proxy) -> None:
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls, timeouts={"drain_s": 10}))
+    await _wait_ready(proc)
+    async with aiohttp.ClientSession() as client:
+        async def slow() -> tuple[int, str]:
+            async with client.get(proc.url + "/sleep/1500") as resp:
+                return resp.status, await resp.text()
+
+        pending = [asyncio.create_task(slow()) for _ in range(5)]
+        await asyncio.sleep(0.4)
+        proc.signal(signal.SIGTERM)
+        results = await asyncio.gather(*pending)
+    assert results == [(200, "a")] * 5
+    code = await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 10)
+    assert code == 0
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as client, client.get(proc.url + "/echo"):
+            pass
+
+
+async def test_two_workers_share_the_port_and_metrics(backends: Backends, run_proxy) -> None:
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls, workers=2))
+    await _wait_ready(proc)
+    parent = psutil.Process(proc.proc.pid)
+    deadline = time.monotonic() + 20
+    while len(parent.children()) < 2:
+        assert time.monotonic() < deadline, proc.log()
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)  # both workers bound
+    total = 200
+    # New connection per request so the kernel spreads them over both workers.
+    for _ in range(total):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
+            async with client.get(proc.url + "/echo") as resp:
+                assert resp.status == 200
+    pids = {c.pid for c in parent.children()}
+    async with aiohttp.ClientSession() as client:
+        text = await (await client.get(proc.admin_url + "/metrics")).text()
+        snapshot = await fetch_json(client, proc.admin_url + "/backends")
+    served = float(re.search(r'foretell_requests_total\{cluster="default",code_class="2xx"\} (\S+)',
+                             text).group(1))  # type: ignore[union-attr]
+    assert served == total
+    assert len(pids) == 2
+    # each worker counted some: worker 0 alone saw fewer than all of them
+    worker0 = sum(b["requests"] for b in snapshot["clusters"]["default"]["backends"])
+    assert 0 < worker0 < total
