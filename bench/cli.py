@@ -1,0 +1,124 @@
+"""`foretell bench ...`: run scenarios, measure proxy overhead.
+
+Subcommands are registered in `build_parser`; each one's function takes the
+parsed arguments and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_POLICIES = "round_robin,least_request,p2c_peak_ewma,hcl"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bench import report, runner, scenarios
+
+    try:
+        chosen = scenarios.select(args.scenario)
+    except KeyError as exc:
+        print(f"bench run: {exc.args[0]}", file=sys.stderr)
+        return 2
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if not policies:
+        print("bench run: --policies is empty", file=sys.stderr)
+        return 2
+    from policies.registry import PolicyError, resolve
+
+    for p in policies:
+        try:
+            resolve(p)
+        except PolicyError as exc:
+            print(f"bench run: {exc}", file=sys.stderr)
+            return 2
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    plans = runner.plan(chosen, policies, quick=args.quick, repeats=repeats, seed=args.seed,
+                        health=args.health)
+    out = Path(args.out)
+    est_s = sum(p.duration_s + 5.0 for p in plans)
+    print(f"bench run: {len(plans)} runs ({len(chosen)} scenarios x {len(policies)} policies, "
+          f"{repeats} repeat(s)), about {est_s / 60:.0f} min -> {out}", file=sys.stderr)
+    command = "foretell bench " + " ".join(shlex.quote(a) for a in args.argv)
+    meta = {"command": command, "machine": runner.machine_info(), "policies": policies,
+            "scenarios": [s.name for s in chosen], "quick": args.quick, "repeats": repeats,
+            "seed": args.seed, "health": args.health, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    results = runner.run_all(plans, out, progress)
+    meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    runner.write_results(results, out, meta)
+    rows = report.aggregate(results)
+    table = report.markdown_table(rows)
+    (out / "results.md").write_text(f"# Bench results\n\n`{command}`\n\n{table}\n")
+    plots = report.plot(results, out / "plots")
+    print(table)
+    if args.results_md:
+        md = Path(args.results_md)
+        plot_dir = md.parent / "results"
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        copied = []
+        for p in plots:
+            shutil.copy(p, plot_dir / p.name)
+            copied.append(Path("results") / p.name)
+        md.write_text(report.results_markdown(meta, table, copied))
+        print(f"bench run: wrote {md}", file=sys.stderr)
+    failed = sum(1 for r in results if "failed" in r)
+    if failed:
+        print(f"bench run: {failed} of {len(results)} runs failed (see {out}/raw/*.log)",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _overhead(args: argparse.Namespace) -> int:
+    from bench.overhead import run_overhead
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    return run_overhead(policies, duration_s=args.duration_s, connections=args.connections,
+                        out=Path(args.out) if args.out else None,
+                        install=not args.no_install)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foretell bench", description="Foretell benchmarks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run scenarios against policies, side by side")
+    run.add_argument("--scenario", default="all", help="name or code, comma list, or 'all'")
+    run.add_argument("--policies", default=DEFAULT_POLICIES, help="comma list of policy kinds")
+    run.add_argument("--quick", action="store_true",
+                     help="one utilisation per scenario, short runs, one repeat")
+    run.add_argument("--repeats", type=int, default=None, help="default: 3 (1 with --quick)")
+    run.add_argument("--seed", type=int, default=1)
+    run.add_argument("--health", choices=("default", "shadow"), default="default",
+                     help="shadow: passive detectors only detect, so policies are compared alone")
+    run.add_argument("--out", default="bench-out", help="output directory")
+    run.add_argument("--results-md", default=None,
+                     help="also write this markdown page (e.g. bench/RESULTS.md) with plots")
+    run.set_defaults(func=_run)
+
+    ov = sub.add_parser("overhead", help="throughput and CPU per request vs nginx and haproxy (wrk)")
+    ov.add_argument("--policies", default="round_robin,p2c_peak_ewma")
+    ov.add_argument("--duration-s", type=float, default=10.0)
+    ov.add_argument("--connections", type=int, default=32)
+    ov.add_argument("--out", default=None, help="write the table (markdown) here too")
+    ov.add_argument("--no-install", action="store_true",
+                    help="do not apt-get missing tools (fail instead)")
+    ov.set_defaults(func=_overhead)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
