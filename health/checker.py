@@ -102,6 +102,7 @@ class HealthChecker:
         self._panic_reason = ""
         self._wake: asyncio.Event | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopped = False
         self._sync_members()
         cluster.on_outcome(self._on_outcome)
 
@@ -111,6 +112,8 @@ class HealthChecker:
 
     # -- hot path -------------------------------------------------------------
     def _on_outcome(self, state: BackendState, outcome: Outcome) -> None:
+        if self._stopped:  # replaced on reload; the cluster has no unsubscribe
+            return
         backend_id = state.backend.id
         for d in self.detectors:
             d.observe(backend_id, outcome)
@@ -123,10 +126,21 @@ class HealthChecker:
     def _sync_members(self) -> None:
         ids = set(self.cluster.states)
         for backend_id in ids - self._records.keys():
-            self._records[backend_id] = _Record()
-            self._trackers[backend_id] = ProbeTracker(self.config.active.rise,
-                                                      self.config.active.fall)
-            metrics.set_state(self.cluster.name, backend_id, "healthy")
+            record = self._records[backend_id] = _Record()
+            tracker = self._trackers[backend_id] = ProbeTracker(self.config.active.rise,
+                                                                self.config.active.fall)
+            state = self.cluster.states[backend_id]
+            if state.health is Health.EJECTED:
+                # Taking over from a previous checker (config reload): keep it out until
+                # it has served a base ejection time and passed probes, as if just ejected.
+                now = self._clock()
+                record.ejected, record.ejected_at = True, now
+                record.eject_until = now + self.config.ejection.base_ejection_s
+                record.ejected_by = "previous checker"
+                record.ejection_reason = f"previous checker: {state.health_reason}"
+                record.multiplier = 1
+                tracker.mark_down()
+            metrics.set_state(self.cluster.name, backend_id, state.health.value)
         for backend_id in self._records.keys() - ids:
             del self._records[backend_id]
             del self._trackers[backend_id]
@@ -151,6 +165,7 @@ class HealthChecker:
                                                          name=f"health {self.cluster.name}")
 
     async def stop(self) -> None:
+        self._stopped = True
         tasks = list(self._tasks.values())
         self._tasks.clear()
         for t in tasks:
