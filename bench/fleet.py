@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import IO, Any, Literal
@@ -395,6 +395,14 @@ class _Server:
             await asyncio.sleep(0.005)
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return None
+    return uvloop.new_event_loop
+
+
 def _child_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fleet")
     parser.add_argument("--spec", required=True, help="SimBackend as JSON")
@@ -404,16 +412,11 @@ def _child_main(argv: Sequence[str]) -> int:
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
     spec = SimBackend.from_json(json.loads(args.spec))
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        pass
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = _Server(spec, args.origin_s)
     threading.Thread(target=server.read_origins, daemon=True).start()
-    asyncio.run(server.run(args.max_lifetime_s, args.parent_pid))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(server.run(args.max_lifetime_s, args.parent_pid))
     return 0
 
 

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -342,10 +342,11 @@ def _main(argv: Sequence[str]) -> int:
     try:
         import uvloop
 
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
-    records = asyncio.run(run(spec))
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        records = runner.run(run(spec))
     records.save(args.out)
     ok = int(records.ok.sum())
     print(f"loadgen: {len(records)} requests ({spec.mode}-loop), {ok} ok -> {args.out}",
