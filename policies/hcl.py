@@ -12,9 +12,10 @@ Differences from the paper: the candidates' state is read synchronously from
 the proxy's own view instead of from asynchronous probes, and the "recent
 distribution" is a ring buffer of the loads of the last candidates sampled
 (Prequal's probe pool), whose quantile is refreshed every `_REFRESH_PICKS`
-picks so a pick never sorts. The latency estimate is the decayed peak EWMA,
-divided by weight and adjusted by the failure penalty and slow start (see
-policies/p2c.py), so a backend that fails fast does not look fast.
+picks (a sort of `history` values, ~1 us for 64) rather than on every pick.
+The latency estimate is the decayed peak EWMA, divided by weight and adjusted
+by the failure penalty and slow start (see policies/p2c.py), so a backend
+that fails fast does not look fast.
 """
 
 from __future__ import annotations

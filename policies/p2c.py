@@ -21,9 +21,12 @@ Two adjustments enter every cost:
   window that only moves when it gets requests.
 - slow start (`slow_start_factor`): a backend (re)admitted at `admitted_at`
   gets the effective weight `max(min_weight_percent / 100,
-  (t / window_s) ** (1 / aggression))` for `t < window_s` (Envoy). Costs are
-  divided by it; RR and random multiply weights by it. Backends already
-  present when the policy was created are never in slow start.
+  (t / window_s) ** (1 / aggression))` for `t < window_s` (Envoy). RR and
+  random multiply weights by it, so shares ramp exactly. Costs are divided by
+  it, so in P2C a warming backend wins a comparison only against a rival 1/f
+  times costlier: its share grows with the ramp and with the load on the
+  others (an idle fleet does not need it; a busy one hands it work early).
+  Backends already present when the policy was created are never ramped.
 """
 
 from __future__ import annotations

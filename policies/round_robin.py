@@ -7,10 +7,11 @@ than in bursts.
 
 The running values are keyed by backend id, so a ready-list change (a backend
 ejected, added or re-admitted, or a retry that excludes the backend already
-tried) keeps everyone's position in the cycle; a newcomer starts at 0. The
-values of the backends taking part always sum to what they summed to before,
-so nobody gains a burst from a change. Slow start and, if enabled, the failure penalty scale
-the weights (both default off here: plain round robin is a baseline).
+tried) keeps everyone's position in the cycle; a newcomer starts at 0. A pick
+adds the total and subtracts it again, so it never changes the sum of the
+values taking part and nobody gains a burst from a change. Slow start and, if
+enabled, the failure penalty scale the weights (both default off here: plain
+round robin is a baseline).
 """
 
 from __future__ import annotations
