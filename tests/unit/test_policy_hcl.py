@@ -30,7 +30,7 @@ def _hold(stack: ExitStack, cluster: Cluster, backend_id: str, n: int) -> None:
 
 
 def _latencies(cluster: Cluster, latency_s: dict[str, float]) -> None:
-    # All above the 10 ms initial estimate, so each is taken as a peak at once.
+    # A backend's first response sets its estimate outright.
     for bid, lat in latency_s.items():
         record(cluster, bid, Outcome(200, lat))
 

@@ -41,6 +41,12 @@ def test_peak_ewma_exact_decayed_values() -> None:
     clock.advance(0.0)
     ewma.observe(0.5)  # peak again
     assert ewma.read() == 0.5
+    # The first response replaces the prior outright, even when lower.
+    fresh = PeakEwma(clock, decay_s=10.0, initial_rtt_s=0.010)
+    fresh.observe(0.002)
+    assert fresh.read() == 0.002
+    clock.advance(20.0)
+    assert fresh.read() == pytest.approx(0.002 * math.exp(-2), rel=1e-12)
 
 
 def test_cost_is_rtt_times_inflight_plus_one() -> None:
