@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--no-install", action="store_true",
                     help="do not apt-get missing tools (fail instead)")
     ov.set_defaults(func=_overhead)
+
+    from bench.health_bench import add_parser as add_health_parser
+
+    add_health_parser(sub)
     return parser
 
 
