@@ -77,12 +77,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _overhead(args: argparse.Namespace) -> int:
-    from bench.overhead import run_overhead
+    from bench.overhead import OverheadError, run_overhead
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    return run_overhead(policies, duration_s=args.duration_s, connections=args.connections,
-                        out=Path(args.out) if args.out else None,
-                        install=not args.no_install)
+    try:
+        return run_overhead(policies, duration_s=args.duration_s, connections=args.connections,
+                            out=Path(args.out) if args.out else None,
+                            install=not args.no_install)
+    except OverheadError as exc:
+        print(f"bench overhead: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
