@@ -234,8 +234,9 @@ class FeatureMatrix:
         self._row_of: dict[str, int] = {}
         self._n = 0
         self._refreshed_at = -math.inf
-        self._req_key: tuple[str, str, int] | None = None
+        self._req_key: tuple[str, int, str] | None = None
         self._slot = OTHER_SLOT
+        self._views(0)
         # A new object whenever rows are reassigned, so callers can cache per row.
         self.generation: object = object()
 
@@ -253,24 +254,19 @@ class FeatureMatrix:
         return self._row_of.get(backend_id)
 
     def prepare(self, ready: Sequence[BackendView], req: RequestInfo) -> np.ndarray:
-        n = len(ready)
-        m = self.matrix
         if ready is not self._ready:
             self._rebuild(ready)
-            m = self.matrix
         else:
             now = self._clock()
             if now - self._refreshed_at >= self.refresh_s:
                 self._refresh_all(now)
-            m[:n, INFLIGHT] = [s.inflight for s in ready]
-        key = (req.method, req.route_class, req.body_size)
-        if key != self._req_key:
+            self._inflight[:] = [s.inflight for s in ready]
+        if (req.route_class, req.body_size, req.method) != self._req_key:
             self._write_request(req)
-            self._req_key = key
-        x = m[:n]
-        np.multiply(x[:, EWMA:EWMA + 2], x[:, INFLIGHT:INFLIGHT + 1] + 1.0,
-                    out=x[:, EWMA_COST:EWMA_COST + 2])
-        return x
+        # Derived costs: (ewma, route_ewma) * (inflight + 1), two numpy calls.
+        np.add(self._inflight1, 1.0, out=self._tmp)
+        np.multiply(self._ewma2, self._tmp, out=self._cost2)
+        return self._x
 
     def refresh(self, view: BackendView) -> None:
         """Recompute one backend's columns (after its outcome was recorded)."""
@@ -279,12 +275,23 @@ class FeatureMatrix:
             return
         self._write_backend(i, view, self._clock())
 
+    def _views(self, n: int) -> None:
+        # Views built once per ready list, so a request creates none.
+        x = self.matrix[:n]
+        self._x = x
+        self._inflight = x[:, INFLIGHT]
+        self._inflight1 = x[:, INFLIGHT:INFLIGHT + 1]
+        self._ewma2 = x[:, EWMA:EWMA + 2]
+        self._cost2 = x[:, EWMA_COST:EWMA_COST + 2]
+        self._tmp = np.zeros((n, 1), dtype=DTYPE)
+
     def _rebuild(self, ready: Sequence[BackendView]) -> None:
         n = len(ready)
         if n > self.matrix.shape[0]:
             self._alloc(max(n, 2 * self.matrix.shape[0]))
         self._ready = ready
         self._n = n
+        self._views(n)
         self._row_of = {s.id: i for i, s in enumerate(ready)}
         self._req_key = None
         self.generation = object()
@@ -314,6 +321,7 @@ class FeatureMatrix:
         x[:, ROUTE_EWMA] = self._route_ms[:n, slot]
         x[:, ROUTE_MISSING] = self._route_missing[:n, slot]
         self._slot = slot
+        self._req_key = (req.route_class, req.body_size, req.method)
 
     def build(self, ready: Sequence[BackendView], req: RequestInfo) -> np.ndarray:
         """A fresh (len(ready), N_FEATURES) array computed from scratch (a copy)."""

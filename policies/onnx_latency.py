@@ -83,6 +83,9 @@ MODEL_ACTIVE = Gauge(
     multiprocess_mode="min",
 )
 
+# Picks after a (re)load not counted against the time budget (first runs are slow).
+WARMUP_PICKS = 64
+
 # Fallback reasons (bounded metric label values).
 MISSING_FILE = "missing_file"
 LOAD_ERROR = "load_error"
@@ -252,6 +255,7 @@ class OnnxLatency:
         self._features = FeatureMatrix(self._ctx_routes, ctx.clock, options.refresh_s)
         self._corr_generation: object = None
         self._corr = np.ones(0, dtype=np.float32)
+        self._score_buf = np.zeros(0, dtype=np.float32)
         self._corr_of: dict[str, float] = {}
         self._pending: dict[int, tuple[str, float]] = {}
         self._pick_ewma_us = 0.0
@@ -293,6 +297,7 @@ class OnnxLatency:
         self._watched_key = model.file_key
         self._disabled_until = -math.inf
         self._pick_ewma_us = 0.0
+        self._picks = 0
         if old is not None:
             MODEL_INFO.remove(self.cluster, old.version, old.kind)
         MODEL_INFO.labels(self.cluster, model.version, model.kind).set(1)
@@ -383,8 +388,11 @@ class OnnxLatency:
         if p is not None:
             self._remember(req, chosen.id, p)
         elapsed_us = (time.perf_counter_ns() - started) / 1e3
-        self._pick_ewma_us += 0.01 * (elapsed_us - self._pick_ewma_us)
         self._picks += 1
+        if self._picks > WARMUP_PICKS:
+            # Clamped so one stall (GC, first run after a rebuild) cannot trip the budget alone.
+            sample = min(elapsed_us, 4.0 * self.options.budget_us)
+            self._pick_ewma_us += 0.01 * (sample - self._pick_ewma_us)
         if self._picks % self.options.pick_time_every == 0:
             self._pick_hist.observe(elapsed_us / 1e6)
             if self._pick_ewma_us > self.options.budget_us:
@@ -417,10 +425,13 @@ class OnnxLatency:
             j = int(np.argmin(score))
             return int(idx[j]), pred, idx
         pred = model.predict(x)
-        score = pred * self._corr
+        score = self._score_buf
+        if len(score) != n:
+            score = self._score_buf = np.zeros(n, dtype=np.float32)
+        np.multiply(pred, self._corr, out=score)
         if self.options.failure_penalty_ms:
             score += self.options.failure_penalty_ms * x[:, ERROR_RATE]
-        return int(np.argmin(score)), pred, None
+        return int(score.argmin()), pred, None
 
     def _remember(self, req: RequestInfo, backend_id: str, pred_ms: float) -> None:
         if len(self._pending) > 65536:  # attempts that never reported back

@@ -1,0 +1,204 @@
+"""Telemetry directory -> validated records of one schema, with a report of what was dropped.
+
+Reads the `*.ftel` files written by proxy.telemetry (format documented
+there). Nothing is dropped silently: every skipped file and every dropped
+decision is counted by reason and file in `LoadReport`, which the CLI prints.
+
+Rules:
+- a file that cannot be read or has a bad header is skipped (reason "unreadable");
+- a partial last record (a crash mid-write) is dropped ("truncated bytes");
+- files of another schema version or feature list are never mixed in: the
+  load fails unless `skip_other_schemas=True`, and then they are skipped and
+  listed;
+- files whose route classes differ from the majority are treated the same way
+  (their one-hot slots would mean something else);
+- a decision is dropped whole when any of its records is malformed: a
+  non-finite feature, a latency that is negative/non-finite/absurd, a
+  propensity outside (0, 1], not exactly one chosen record, or fewer records
+  than its `n_ready` (cut off).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from policies.features import FEATURE_NAMES, SCHEMA_VERSION
+from proxy.telemetry import SUFFIX, TelemetryFormatError, read_telemetry
+
+MAX_LATENCY_S = 3600.0
+
+
+class DatasetError(Exception):
+    """Telemetry that cannot be trained on; the message says which files and why."""
+
+
+@dataclass
+class FileReport:
+    path: Path
+    records: int = 0
+    kept_records: int = 0
+    truncated_bytes: int = 0
+    skipped: str = ""  # why the whole file was skipped, "" when used
+    dropped: Counter[str] = field(default_factory=Counter)  # decisions dropped by reason
+
+
+@dataclass
+class LoadReport:
+    files: list[FileReport] = field(default_factory=list)
+
+    @property
+    def used_files(self) -> list[FileReport]:
+        return [f for f in self.files if not f.skipped]
+
+    def dropped_total(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for f in self.files:
+            total.update(f.dropped)
+        return total
+
+    def lines(self) -> list[str]:
+        out = []
+        used = self.used_files
+        out.append(f"{len(self.files)} file(s): {len(used)} used, "
+                   f"{len(self.files) - len(used)} skipped; "
+                   f"{sum(f.kept_records for f in used)} records kept")
+        for f in self.files:
+            if f.skipped:
+                out.append(f"  skipped {f.path.name}: {f.skipped}")
+                continue
+            notes = []
+            if f.truncated_bytes:
+                notes.append(f"truncated: dropped a partial record of {f.truncated_bytes} bytes")
+            if f.dropped:
+                notes.append("dropped decisions: " + ", ".join(
+                    f"{n} {reason}" for reason, n in sorted(f.dropped.items())))
+            if notes:
+                out.append(f"  {f.path.name}: " + "; ".join(notes))
+        return out
+
+
+@dataclass
+class Telemetry:
+    """Valid records (all candidates of each kept decision), sorted by (time, decision)."""
+
+    records: np.ndarray
+    route_classes: list[str]
+    sample_rates: list[float]
+    report: LoadReport
+
+    def chosen(self) -> np.ndarray:
+        return self.records[self.records["chosen"] == 1]
+
+
+def _valid_decisions(rec: np.ndarray, report: FileReport) -> np.ndarray:
+    """Boolean mask over records: True for records of decisions with no malformed record."""
+    if len(rec) == 0:
+        return np.zeros(0, dtype=bool)
+    ids, inverse, counts = np.unique(rec["decision_id"], return_inverse=True, return_counts=True)
+    bad = np.zeros(len(ids), dtype=bool)
+
+    def mark(row_mask: np.ndarray, reason: str) -> None:
+        dec = np.zeros(len(ids), dtype=bool)
+        dec[inverse[row_mask]] = True
+        new = dec & ~bad
+        if new.any():
+            report.dropped[reason] += int(new.sum())
+        bad[dec] = True
+
+    mark(~np.all(np.isfinite(rec["features"]), axis=1), "non-finite feature")
+    lat = rec["latency_s"]
+    mark(~np.isfinite(lat) | (lat < 0) | (lat > MAX_LATENCY_S), "bad latency")
+    p = rec["propensity"]
+    mark(~np.isnan(p) & ((p <= 0) | (p > 1)), "propensity outside (0, 1]")
+    chosen_per = np.bincount(inverse, weights=rec["chosen"].astype(np.float64), minlength=len(ids))
+    dec_bad = chosen_per != 1
+    mark(dec_bad[inverse], "not exactly one chosen")
+    n_ready = np.zeros(len(ids), dtype=np.int64)
+    n_ready[inverse] = rec["n_ready"]
+    incomplete = counts != n_ready
+    mark(incomplete[inverse], "incomplete decision")
+    keep: np.ndarray = ~bad[inverse]
+    return keep
+
+
+def load_telemetry(directory: str | Path, *, skip_other_schemas: bool = False) -> Telemetry:
+    """All valid records of the current schema under `directory` (recursively)."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise DatasetError(f"{directory}: no such directory")
+    paths = sorted(directory.rglob(f"*{SUFFIX}")) if directory.is_dir() else [directory]
+    if not paths:
+        raise DatasetError(f"{directory}: no telemetry files (*{SUFFIX})")
+    report = LoadReport()
+    loaded = []
+    for path in paths:
+        fr = FileReport(path)
+        report.files.append(fr)
+        try:
+            tf = read_telemetry(path)
+        except (OSError, TelemetryFormatError) as exc:
+            fr.skipped = f"unreadable: {exc}"
+            continue
+        fr.truncated_bytes = tf.truncated_bytes
+        fr.records = len(tf.records)
+        h = tf.header
+        if str(h.get("schema_version")) != str(SCHEMA_VERSION) or \
+                list(h.get("feature_names", [])) != list(FEATURE_NAMES):
+            fr.skipped = (f"schema version {h.get('schema_version')} "
+                          f"(this trainer reads {SCHEMA_VERSION})")
+            continue
+        loaded.append((fr, tf))
+    other = [f for f in report.files if f.skipped.startswith("schema")]
+    if other and not skip_other_schemas:
+        names = ", ".join(f.path.name for f in other[:5]) + (" ..." if len(other) > 5 else "")
+        raise DatasetError(
+            f"{len(other)} of {len(paths)} file(s) hold another feature schema ({names}); "
+            f"refusing to mix schemas. Move them away or pass --skip-other-schemas.")
+    # One meaning of the route slots: the most common route-class list wins.
+    votes = Counter(tuple(tf.header.get("route_classes", [])) for _, tf in loaded)
+    if not votes:
+        raise DatasetError(f"{directory}: no usable telemetry\n" + "\n".join(report.lines()))
+    routes, _ = votes.most_common(1)[0]
+    if len(votes) > 1 and not skip_other_schemas:
+        raise DatasetError(
+            f"files disagree on route classes ({', '.join(str(list(v)) for v in votes)}); "
+            "their one-hot slots mean different things. Use one config's telemetry "
+            "or pass --skip-other-schemas to keep only the most common.")
+    parts = []
+    rates = []
+    next_id = 0
+    for fr, tf in loaded:
+        if tuple(tf.header.get("route_classes", [])) != routes:
+            fr.skipped = f"route classes {tf.header.get('route_classes')} differ from {list(routes)}"
+            continue
+        keep = _valid_decisions(tf.records, fr)
+        fr.kept_records = int(keep.sum())
+        kept = tf.records[keep].copy()
+        # Decision ids restart with every proxy run: make them unique across files.
+        _, inverse = np.unique(kept["decision_id"], return_inverse=True)
+        kept["decision_id"] = next_id + inverse
+        next_id += int(inverse.max()) + 1 if len(kept) else 0
+        parts.append(kept)
+        rates.append(float(tf.header.get("sample_rate", 1.0)))
+    records = np.concatenate(parts) if parts else np.zeros(0, dtype=loaded[0][1].records.dtype)
+    if len(records) == 0:
+        raise DatasetError(f"{directory}: no valid records\n" + "\n".join(report.lines()))
+    order = np.lexsort((records["decision_id"], records["time_s"]))
+    return Telemetry(records[order], list(routes), rates, report)
+
+
+def decision_groups(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, chosen_index) for records sorted so each decision is contiguous.
+
+    `starts` has one entry per decision plus the end; chosen_index[k] is the
+    absolute index of decision k's chosen record.
+    """
+    ids = records["decision_id"]
+    change = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+    starts = np.concatenate(([0], change, [len(ids)]))
+    chosen_rows = np.flatnonzero(records["chosen"] == 1)
+    return starts, chosen_rows

@@ -1,0 +1,314 @@
+"""Fit the latency model on telemetry and export it to ONNX (`foretell train latency`).
+
+Steps, each reported on the terminal:
+1. load and validate telemetry (train.dataset), keep the chosen records;
+2. target: latency in ms of the chosen attempt, successful attempts only.
+   Failures (transport errors, 5xx) are not latencies: a fast 500 would teach
+   the model that the backend is fast. The policy handles them with its
+   failure penalty (error rate x failure_penalty_ms) instead, and
+   `foretell train evaluate` charges them `failure_cost_ms`. Targets are
+   clipped at the 99.9th percentile of the training part;
+3. time-ordered split: the last `validation_fraction` of decisions validate;
+4. baselines: a per-backend EWMA of observed latency (alpha chosen on the
+   training part), plus the proxy's own logged peak-EWMA and per-route EWMA;
+5. candidates: ridge and a small MLP (both behind a StandardScaler; features
+   are already clipped and free of NaN by the schema) and histogram gradient
+   boosting; each is exported and its onnxruntime inference time measured
+   on 16 rows; the lowest validation MAE among those within
+   `max_inference_us` wins;
+6. refuse to write a model whose validation MAE is not below the EWMA
+   predictor's (unless `force`);
+7. parity: onnxruntime and scikit-learn must agree on the validation set;
+8. write to a temporary file next to `out` and `os.replace` it, so the proxy
+   never reads a half-written model.
+
+Metadata in the ONNX file (model.metadata_props): foretell.schema_version,
+foretell.feature_names, foretell.route_classes, foretell.target (latency_ms),
+foretell.model_kind, foretell.model_version, foretell.training_window
+(JSON: first/last decision time, rows), foretell.validation (JSON metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from policies.features import EWMA, FEATURE_NAMES, N_FEATURES, ROUTE_EWMA, schema_metadata
+from train.dataset import Telemetry
+
+TARGET = "latency_ms"
+CANDIDATES = ("ridge", "mlp", "hgb")
+
+
+class TrainError(Exception):
+    """Training could not produce an acceptable model; the message says why."""
+
+
+class Progress:
+    """Terminal progress: one line per step with the elapsed time."""
+
+    def __init__(self, stream: TextIO | None = None, prefix: str = "train") -> None:
+        self.stream = stream or sys.stderr
+        self.prefix = prefix
+        self.t0 = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        print(f"[{self.prefix} {elapsed:6.1f}s] {message}", file=self.stream, flush=True)
+
+
+@dataclass
+class Prepared:
+    x: np.ndarray  # float32 (rows, N_FEATURES), chosen records in time order
+    y_ms: np.ndarray  # float64 target
+    backend: np.ndarray  # backend id bytes per row
+    time_s: np.ndarray
+    split: int  # rows [0, split) train, [split, n) validate
+    clip_ms: float
+    failures: int  # failed attempts left out
+
+
+def prepare(data: Telemetry, *, validation_fraction: float,
+            max_rows: int | None = None) -> Prepared:
+    chosen = data.chosen()
+    failed = (chosen["error_kind"] != 0) | (chosen["status"] >= 500) | (chosen["status"] == 0)
+    chosen = chosen[~failed]
+    if max_rows is not None and len(chosen) > max_rows:
+        chosen = chosen[-max_rows:]  # the most recent
+    n = len(chosen)
+    if n < 20:
+        raise TrainError(f"only {n} successful decisions; need at least 20 to train and validate")
+    y = chosen["latency_s"].astype(np.float64) * 1e3
+    split = min(max(round(n * (1.0 - validation_fraction)), 10), n - 5)
+    clip_ms = float(np.quantile(y[:split], 0.999))
+    y = np.clip(y, 0.0, clip_ms)
+    x = np.ascontiguousarray(chosen["features"], dtype=np.float32)
+    return Prepared(x, y, chosen["backend"], chosen["time_s"], split, clip_ms, int(failed.sum()))
+
+
+def mae(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(np.abs(np.asarray(pred, dtype=np.float64) - y)))
+
+
+def ewma_predictions(backend: np.ndarray, y: np.ndarray, start_ms: np.ndarray,
+                     alpha: float) -> np.ndarray:
+    """Per-backend EWMA predictor: each row is predicted by the EWMA of that backend's
+    earlier targets (its logged peak-EWMA before the first), then updates it."""
+    state: dict[bytes, float] = {}
+    out = np.empty(len(y), dtype=np.float64)
+    for i in range(len(y)):
+        b = backend[i]
+        prev = state.get(b)
+        if prev is None:
+            prev = float(start_ms[i])
+        out[i] = prev
+        state[b] = prev + alpha * (y[i] - prev)
+    return out
+
+
+def baselines(p: Prepared) -> tuple[float, dict[str, float], float]:
+    """(chosen alpha, validation MAE per baseline, EWMA predictor's validation MAE)."""
+    s = p.split
+    best_alpha, best_train = 0.1, np.inf
+    for alpha in (0.02, 0.05, 0.1, 0.2, 0.4):
+        pred = ewma_predictions(p.backend[:s], p.y_ms[:s], p.x[:s, EWMA], alpha)
+        err = mae(pred, p.y_ms[:s])
+        if err < best_train:
+            best_alpha, best_train = alpha, err
+    full = ewma_predictions(p.backend, p.y_ms, p.x[:, EWMA], best_alpha)
+    yv = p.y_ms[s:]
+    result = {
+        "ewma_per_backend": mae(full[s:], yv),
+        "logged_peak_ewma": mae(p.x[s:, EWMA], yv),
+        "logged_route_ewma": mae(p.x[s:, ROUTE_EWMA], yv),
+    }
+    return best_alpha, result, result["ewma_per_backend"]
+
+
+def make_candidate(kind: str, seed: int) -> Any:
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.linear_model import Ridge
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if kind == "ridge":
+        return make_pipeline(StandardScaler(), Ridge(alpha=1.0))
+    if kind == "mlp":
+        return make_pipeline(StandardScaler(), MLPRegressor(
+            hidden_layer_sizes=(32, 32), early_stopping=True, max_iter=80,
+            learning_rate_init=3e-3, random_state=seed))
+    if kind == "hgb":
+        return HistGradientBoostingRegressor(max_iter=60, max_depth=4, learning_rate=0.15,
+                                             random_state=seed)
+    raise TrainError(f"unknown candidate {kind!r} (known: {', '.join(CANDIDATES)})")
+
+
+def to_onnx(model: Any, metadata: dict[str, str]) -> bytes:
+    import onnx
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    onx = convert_sklearn(model, initial_types=[("features", FloatTensorType([None, N_FEATURES]))])
+    onnx.helper.set_model_props(onx, metadata)
+    data: bytes = onx.SerializeToString()
+    return data
+
+
+def ort_session(data: bytes) -> Any:
+    import onnxruntime as ort
+
+    from policies.onnx_latency import session_options
+
+    return ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
+
+
+def ort_predict(session: Any, x: np.ndarray) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    out = session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    return np.asarray(out, dtype=np.float64).reshape(-1)
+
+
+def inference_us(session: Any, x16: np.ndarray, runs: int = 1500) -> float:
+    """Median time of one 16-row call through the same IOBinding path the policy uses."""
+    from policies.onnx_latency import LoadedModel
+
+    m = LoadedModel(path=Path("-"), session=session, input_name=session.get_inputs()[0].name,
+                    output_name=session.get_outputs()[0].name, metadata={}, route_classes=[],
+                    version="", kind="")
+    x = np.ascontiguousarray(x16, dtype=np.float32)
+    for _ in range(100):
+        m.predict(x)
+    times = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter_ns()
+        m.predict(x)
+        times[i] = time.perf_counter_ns() - t0
+    return float(np.median(times) / 1e3)
+
+
+@dataclass
+class CandidateResult:
+    kind: str
+    val_mae: float
+    train_s: float
+    inference_us: float
+    model: Any = field(repr=False)
+    onnx: bytes = field(repr=False)
+
+
+@dataclass
+class TrainResult:
+    chosen: CandidateResult
+    candidates: list[CandidateResult]
+    baselines: dict[str, float]
+    ewma_mae: float
+    parity_max_abs_ms: float
+    metadata: dict[str, str]
+    written: Path | None
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, ...] = CANDIDATES,
+                  validation_fraction: float = 0.2,
+                  max_rows: int | None = 300_000, max_inference_us: float = 12.0,
+                  force: bool = False, seed: int = 0,
+                  progress: Callable[[str], None] = print) -> TrainResult:
+    p = prepare(data, validation_fraction=validation_fraction, max_rows=max_rows)
+    n, s = len(p.y_ms), p.split
+    progress(f"{n} successful decisions: {s} train, {n - s} validation (time-ordered); "
+             f"{p.failures} failed attempts left out (the policy's failure penalty covers "
+             f"them); targets clipped at {p.clip_ms:.1f} ms")
+    alpha, base, ewma_mae = baselines(p)
+    progress("baselines (validation MAE): " + ", ".join(f"{k} {v:.3f} ms" for k, v in base.items())
+             + f" [EWMA alpha {alpha}]")
+    x16 = p.x[s:s + 16] if n - s >= 16 else np.resize(p.x[s:], (16, N_FEATURES))
+    results: list[CandidateResult] = []
+    yv = p.y_ms[s:]
+    common = schema_metadata(data.route_classes)
+    for kind in candidates:
+        t0 = time.perf_counter()
+        model = make_candidate(kind, seed)
+        model.fit(p.x[:s], p.y_ms[:s])
+        fit_s = time.perf_counter() - t0
+        err = mae(model.predict(p.x[s:]), yv)
+        onnx_bytes = to_onnx(model, {**common, "foretell.model_kind": kind})
+        cost = inference_us(ort_session(onnx_bytes), x16)
+        results.append(CandidateResult(kind, err, fit_s, cost, model, onnx_bytes))
+        progress(f"candidate {kind:5s}: validation MAE {err:.3f} ms, fit {fit_s:.1f} s, "
+                 f"inference {cost:.1f} µs / 16 rows")
+    fast = [r for r in results if r.inference_us <= max_inference_us]
+    if not fast:
+        raise TrainError(f"no candidate infers within {max_inference_us:g} µs for 16 rows "
+                         f"({', '.join(f'{r.kind} {r.inference_us:.1f}' for r in results)}); "
+                         "raise --max-inference-us")
+    best = min(fast, key=lambda r: r.val_mae)
+    slower_better = [r for r in results if r not in fast and r.val_mae < best.val_mae]
+    for r in slower_better:
+        progress(f"note: {r.kind} is more accurate ({r.val_mae:.3f} ms) but too slow "
+                 f"({r.inference_us:.1f} µs > {max_inference_us:g} µs)")
+    ratio = best.val_mae / ewma_mae if ewma_mae > 0 else float("inf")
+    progress(f"chose {best.kind}: MAE {best.val_mae:.3f} ms = {ratio:.2f}x the EWMA predictor's")
+    window = {"first_time_s": float(p.time_s[0]), "last_time_s": float(p.time_s[-1]),
+              "train_rows": s, "validation_rows": n - s,
+              "validation_from_time_s": float(p.time_s[s])}
+    version = f"{best.kind}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    validation = {"mae_ms": best.val_mae, "ewma_mae_ms": ewma_mae, "mae_ratio_vs_ewma": ratio,
+                  "baselines_mae_ms": base, "inference_us_16_rows": best.inference_us,
+                  "candidates": {r.kind: {"mae_ms": r.val_mae, "inference_us": r.inference_us}
+                                 for r in results},
+                  "failures_left_out": p.failures, "target_clip_ms": p.clip_ms}
+    metadata = {**common, "foretell.model_kind": best.kind, "foretell.model_version": version,
+                "foretell.target": TARGET, "foretell.training_window": json.dumps(window),
+                "foretell.validation": json.dumps(validation)}
+    final = to_onnx(best.model, metadata)
+    # Parity on the whole validation set: the served model is the fitted model.
+    sk = best.model.predict(p.x[s:])
+    ort_pred = ort_predict(ort_session(final), p.x[s:])
+    diff = np.abs(sk - ort_pred)
+    tol = 1e-3 * np.maximum(1.0, np.abs(sk)) + 0.01
+    bad = int(np.sum(diff > tol))
+    parity = float(diff.max()) if len(diff) else 0.0
+    # Trees compare float32 thresholds in ONNX: allow a handful of rows at a split edge.
+    if bad > max(1, int(0.001 * len(diff))):
+        raise TrainError(f"parity check failed: onnxruntime and scikit-learn differ on {bad} of "
+                         f"{len(diff)} validation rows (max {parity:.4f} ms)")
+    progress(f"parity: onnxruntime vs scikit-learn max |diff| {parity:.5f} ms over "
+             f"{len(diff)} rows ({bad} beyond tolerance)")
+    result = TrainResult(best, results, base, ewma_mae, parity, metadata, None)
+    if best.val_mae >= ewma_mae and not force:
+        raise TrainError(f"refusing to write: the model's validation MAE {best.val_mae:.3f} ms "
+                         f"is not better than the EWMA predictor's {ewma_mae:.3f} ms "
+                         "(pass --force to write it anyway)")
+    if out is not None:
+        atomic_write(out, final)
+        result.written = out
+        progress(f"wrote {out} ({len(final)} bytes, version {version})")
+    return result
+
+
+# Names used by the CLI and tests.
+__all__ = ["CANDIDATES", "FEATURE_NAMES", "TrainError", "TrainResult", "train_latency"]
