@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 
@@ -36,19 +36,20 @@ def resolve(kind: str) -> PolicyFactory:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if attr is None and exc.name == module_name:
-            raise PolicyError(f"kind {kind!r}: no such policy (known: {', '.join(builtin_kinds())})") from None
+            known = ", ".join(builtin_kinds())
+            raise PolicyError(f"kind {kind!r}: no such policy (known: {known})") from None
         raise PolicyError(f"kind {kind!r}: cannot import {module_name}: {exc}") from None
     if attr is None:
         found = [v for v in vars(module).values()
                  if isinstance(v, type) and getattr(v, "name", None) == kind and hasattr(v, "Options")]
         if not found:
             raise PolicyError(f"kind {kind!r}: module {module_name} defines no policy named {kind!r}")
-        return found[0]  # type: ignore[no-any-return]
+        return cast(PolicyFactory, found[0])
     cls = getattr(module, attr, None)
     if cls is None or not hasattr(cls, "Options") or not hasattr(cls, "pick"):
         raise PolicyError(f"kind {kind!r}: {attr} in {module_name} is not a policy class "
                           "(needs name, Options and pick)")
-    return cls  # type: ignore[no-any-return]
+    return cast(PolicyFactory, cls)
 
 
 def validate_options(kind: str, options: Mapping[str, Any]) -> Any:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from health.config import HealthConfig
 
 DEFAULT_CLUSTER = "default"
-RETRY_ON_VALUES = ("connect-failure", "reset", "timeout", "5xx", "gateway-error")
+RetryOn = Literal["connect-failure", "reset", "timeout", "5xx", "gateway-error"]
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
 
 
@@ -190,8 +190,8 @@ class RetryBudget(Frozen):
 class Retries(Frozen):
     # Total tries per request, the first included.
     attempts: int = Field(3, ge=1, le=10)
-    retry_on: list[Literal["connect-failure", "reset", "timeout", "5xx", "gateway-error"]] = Field(
-        default_factory=lambda: ["connect-failure", "reset", "timeout", "gateway-error"]
+    retry_on: list[RetryOn] = Field(
+        default_factory=lambda: ["connect-failure", "reset", "timeout", "gateway-error"]  # type: ignore[arg-type]
     )
     budget: RetryBudget = RetryBudget()
 

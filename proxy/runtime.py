@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from health.checker import HealthChecker
 
+from health.checker import HealthChecker
 from policies import registry
 from policies.base import Policy, PolicyContext
 from proxy.config import ClusterSpec, Config, Timeouts, UpstreamTls

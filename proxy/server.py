@@ -276,9 +276,8 @@ class Proxy:
                 return errors.error_response(errors.RESET, "upstream closed mid-body")
             finally:
                 up.release()
-            resp = web.Response(status=up.status, reason=up.reason, headers=headers,
+            return web.Response(status=up.status, reason=up.reason, headers=headers,
                                 body=None if no_body else payload)
-            return resp
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         complete = False
         try:

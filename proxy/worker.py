@@ -193,9 +193,10 @@ def _restart_only(config: Config) -> tuple[Any, ...]:
 
 def _bound_port(site: web.TCPSite) -> int | None:
     server = site._server  # aiohttp keeps the asyncio.Server here
-    if server is None or not getattr(server, "sockets", None):
+    sockets = getattr(server, "sockets", None)
+    if not sockets:
         return None
-    port: int = server.sockets[0].getsockname()[1]
+    port: int = sockets[0].getsockname()[1]
     return port
 
 

@@ -15,7 +15,15 @@ import psutil
 import pytest
 import yaml
 
-from tests.support import Backends, ProxyProcess, aiter_bytes, fetch_json, free_port, proxy_config, write_config
+from tests.support import (
+    Backends,
+    ProxyProcess,
+    aiter_bytes,
+    fetch_json,
+    free_port,
+    proxy_config,
+    write_config,
+)
 
 BIG_BYTES = 100 * 1024 * 1024
 
@@ -153,9 +161,9 @@ async def test_two_workers_share_the_port_and_metrics(backends: Backends, run_pr
     total = 200
     # New connection per request so the kernel spreads them over both workers.
     for _ in range(total):
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
-            async with client.get(proc.url + "/echo") as resp:
-                assert resp.status == 200
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as client, client.get(proc.url + "/echo") as resp:
+            assert resp.status == 200
     pids = {c.pid for c in parent.children()}
     async with aiohttp.ClientSession() as client:
         text = await (await client.get(proc.admin_url + "/metrics")).text()
