@@ -162,7 +162,7 @@ async def test_two_workers_share_the_port_and_metrics(backends: Backends, run_pr
     # New connection per request so the kernel spreads them over both workers.
     for _ in range(total):
         connector = aiohttp.TCPConnector(force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as client, client.get(proc.url + "/echo") as resp:
+        async with aiohttp.ClientSession(connector=connector) as one, one.get(proc.url + "/echo") as resp:
             assert resp.status == 200
     pids = {c.pid for c in parent.children()}
     async with aiohttp.ClientSession() as client:
