@@ -157,3 +157,35 @@ async def test_a_failure_streak_is_acted_on_at_once_not_at_the_next_tick() -> No
         assert time.monotonic() - started < 0.1
     finally:
         await hc.stop()
+
+
+def test_readmitted_backend_ramps_up_under_a_slow_start_policy() -> None:
+    """Re-admission moves admitted_at; the policies' slow start reads it."""
+    from policies.base import PolicyContext, RequestInfo
+    from policies.registry import create, validate_options
+
+    clock = Clock()
+    cluster, hc = make(4, clock)
+    policy = create("p2c_peak_ewma", validate_options("p2c_peak_ewma", {"slow_start_s": 10.0}),
+                    PolicyContext(clock=clock, rng=random.Random(3)))
+
+    def share_of_b0(picks: int = 2000) -> float:
+        ready = cluster.ready()
+        chosen = [policy.pick(ready, RequestInfo()) for _ in range(picks)]
+        return sum(1 for c in chosen if c is not None and c.id == "b0") / picks
+
+    assert 0.15 < share_of_b0() < 0.35  # serving from the start: not ramped
+    # Ejected by probes, so no request failures feed the policies' failure penalty.
+    for _ in range(3):
+        hc.on_probe("b0", ProbeResult(False, 1.0, 0, "timeout after 1 s"))
+    hc.evaluate()
+    assert share_of_b0() == 0.0
+    clock.advance(6.0)
+    hc.on_probe("b0", ProbeResult(True, 0.001, 200))
+    hc.on_probe("b0", ProbeResult(True, 0.001, 200))
+    hc.evaluate()
+    assert cluster.get("b0").health is Health.HEALTHY
+    early = share_of_b0()
+    clock.advance(10.0)
+    late = share_of_b0()
+    assert early < 0.1 and 0.15 < late < 0.35
