@@ -89,6 +89,12 @@ def _overhead(args: argparse.Namespace) -> int:
         return 1
 
 
+def _memory(args: argparse.Namespace) -> int:
+    from bench.memory import main as memory_main
+
+    return memory_main(["--connections", str(args.connections), "--hold-s", str(args.hold_s)])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foretell bench", description="Foretell benchmarks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -115,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--no-install", action="store_true",
                     help="do not apt-get missing tools (fail instead)")
     ov.set_defaults(func=_overhead)
+
+    mem = sub.add_parser("memory", help="proxy RSS at idle and with many keep-alive connections")
+    mem.add_argument("--connections", type=int, default=1000)
+    mem.add_argument("--hold-s", type=float, default=20.0)
+    mem.set_defaults(func=_memory)
 
     from bench.health_bench import add_parser as add_health_parser
 
