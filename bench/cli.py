@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,10 @@ def _run(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    results = runner.run_all(plans, out, progress)
+    # SIGTERM unwinds like Ctrl-C, so every fleet and proxy process is stopped by PID.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    results = runner.run_all(plans, out, progress,
+                             partial=lambda rs: runner.write_results(rs, out, meta))
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
     runner.write_results(results, out, meta)
     rows = report.aggregate(results)
@@ -74,6 +78,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"bench run: {failed} of {len(results)} runs failed (see {out}/raw/*.log)",
               file=sys.stderr)
     return 1 if failed else 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _overhead(args: argparse.Namespace) -> int:

@@ -90,6 +90,8 @@ def proxy_config(plan: RunPlan, backend_urls: Sequence[tuple[str, str]], port: i
         "workers": plan.workers,
         "backends": [{"id": bid, "url": url} for bid, url in backend_urls],
         "policy": {"kind": plan.policy, **plan.policy_options},
+        # Only shutdown: the load has ended when the proxy is stopped.
+        "timeouts": {"drain_s": 1.0},
     }
     if plan.health == "shadow":
         cfg["health"] = {name: {"shadow": True}
@@ -291,7 +293,10 @@ def run_one(plan: RunPlan, workdir: Path) -> dict[str, Any]:
 
 
 def run_all(plans: Sequence[RunPlan], out_dir: Path,
-            progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
+            progress: Callable[[str], None] = print,
+            partial: Callable[[list[dict[str, Any]]], object] | None = None,
+            ) -> list[dict[str, Any]]:
+    """Run every plan in order; `partial(results)` after each run (to save progress)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / "raw"
     raw.mkdir(exist_ok=True)
@@ -305,8 +310,12 @@ def run_all(plans: Sequence[RunPlan], out_dir: Path,
             progress(f"[{i}/{len(plans)}] {p.label}: FAILED: {exc}")
             results.append({"scenario": p.scenario.name, "utilisation": p.utilisation,
                             "policy": p.policy, "repeat": p.repeat, "failed": str(exc)})
+            if partial is not None:
+                partial(results)
             continue
         results.append(summary)
+        if partial is not None:
+            partial(results)
         progress(f"[{i}/{len(plans)}] {p.label}: p50 {summary['p50_ms']:.1f} ms  "
                  f"p99 {summary['p99_ms']:.1f} ms  err {summary['error_rate'] * 100:.2f}%  "
                  f"cpu {summary['proxy_cpu_us_per_req'] or float('nan'):.0f} us/req  "

@@ -9,7 +9,7 @@ by `mean_slowdown` for scenarios whose backends are slower on average than
 their nominal speed (bimodal).
 
 The base fleet: 8 backends, 2 worker slots each, lognormal service times
-with a 20 ms mean: 800 requests/s at 100%, small enough for the load
+with a 40 ms mean: 400 requests/s at 100%, small enough for the load
 generator, the proxy and the fleet to share 2 cores.
 """
 
@@ -24,7 +24,7 @@ from bench.loadgen import RouteMix
 
 N_BACKENDS = 8
 SLOTS = 2
-BASE_SERVICE = ServiceTime("lognormal", mean_ms=20.0, lognormal_sigma=0.5)
+BASE_SERVICE = ServiceTime("lognormal", mean_ms=40.0, lognormal_sigma=0.5)
 LONG_S = 10_000.0  # "until the end of the run" for events
 
 
