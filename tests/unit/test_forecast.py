@@ -1,0 +1,121 @@
+"""Load forecast: coefficients recovered from synthetic counts; the proxy-side forecaster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from proxy.config import Forecast
+from proxy.forecast import FORECAST_RPS, REPLICAS, ForecastError, LoadForecaster, load_coefficients
+from train.cli import main as train_main
+from train.forecast import fit_forecast
+
+
+def ar2_counts(a: float, b: float, c: float, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    r = [100.0, 110.0]
+    for _ in range(n - 2):
+        r.append(a + b * r[-1] + c * r[-2] + rng.normal(0, 2.0))
+    return np.array(r)
+
+
+def test_fit_recovers_coefficients() -> None:
+    counts = ar2_counts(20.0, 0.6, 0.3, 3000)
+    coef = fit_forecast(counts, interval_s=10.0)
+    assert coef.a == pytest.approx(20.0, rel=0.1)
+    assert coef.b == pytest.approx(0.6, abs=0.03)
+    assert coef.c == pytest.approx(0.3, abs=0.03)
+    assert coef.metrics is not None
+    assert coef.metrics["validation_mae_requests"] < coef.metrics["persistence_mae_requests"]
+
+
+def test_cli_writes_coefficients_the_proxy_reads(tmp_path: Path) -> None:
+    counts = tmp_path / "counts.csv"
+    rows = ar2_counts(10.0, 0.5, 0.4, 500, seed=1)
+    counts.write_text("interval_end_s,requests\n" + "".join(
+        f"{i * 5.0:.1f},{v:.0f}\n" for i, v in enumerate(rows)))
+    out = tmp_path / "forecast.json"
+    assert train_main(["forecast", "--counts", str(counts), "--interval-s", "5",
+                       "--out", str(out)]) == 0
+    coef = load_coefficients(out)
+    assert coef.interval_s == 5.0 and coef.b == pytest.approx(0.5, abs=0.1)
+
+
+def test_forecaster_gauges_and_replicas(tmp_path: Path) -> None:
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps({"format": "foretell-forecast", "version": 1, "interval_s": 10.0,
+                                "a": 50.0, "b": 0.5, "c": 0.25}))
+    counts = tmp_path / "counts.csv"
+    cfg = Forecast(enabled=True, coefficients_path=path, interval_s=10.0,
+                   capacity_rps_per_replica=20.0, min_replicas=2, max_replicas=10,
+                   counts_path=counts)
+    f = LoadForecaster(cfg, wall=lambda: 123.0)
+    for _ in range(1000):
+        f.on_request()
+    f.close_interval()  # R(t-1)=1000, R(t-2)=0 -> 50 + 500 = 550 per 10 s
+    assert f.forecast_rps == pytest.approx(55.0)
+    assert f.replicas == 3  # ceil(55 / 20)
+    for _ in range(400):
+        f.on_request()
+    f.close_interval()  # 50 + 0.5*400 + 0.25*1000 = 500 -> 50 rps
+    assert f.forecast_rps == pytest.approx(50.0)
+    assert FORECAST_RPS._value.get() == pytest.approx(50.0)
+    assert REPLICAS._value.get() == 3
+    f.close_interval()  # 50 + 0 + 100 = 150 -> 15 rps -> 1 replica, min 2
+    assert f.replicas == 2
+    assert counts.read_text().splitlines() == ["123.000,1000", "123.000,400", "123.000,0"]
+
+
+def test_forecaster_splits_intercept_across_workers(tmp_path: Path) -> None:
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps({"format": "foretell-forecast", "version": 1, "interval_s": 1.0,
+                                "a": 100.0, "b": 1.0, "c": 0.0}))
+    f = LoadForecaster(Forecast(enabled=True, coefficients_path=path, interval_s=1.0,
+                                capacity_rps_per_replica=50.0), workers=4)
+    for _ in range(25):
+        f.on_request()
+    f.close_interval()
+    assert f.forecast_rps == pytest.approx(25 + 100 / 4)  # this worker's share
+    assert f.replicas == 4  # (50 * 4 workers) / 50
+
+
+def test_persistence_without_coefficients() -> None:
+    f = LoadForecaster(Forecast(enabled=True, interval_s=2.0, capacity_rps_per_replica=1.0))
+    for _ in range(10):
+        f.on_request()
+    f.close_interval()
+    assert f.forecast_rps == pytest.approx(5.0) and f.replicas == 5
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such coefficients file"),
+    ("{not json", "not valid JSON"),
+    ('{"format": "other"}', "not a forecast coefficients file"),
+    ('{"format": "foretell-forecast", "version": 2}', "version 2"),
+    ('{"format": "foretell-forecast", "version": 1, "interval_s": 10, "a": 1, "b": "x", "c": 0}',
+     "'b' must be a finite number"),
+    ('{"format": "foretell-forecast", "version": 1, "interval_s": 5, "a": 1, "b": 1, "c": 0}',
+     "fitted for 5 s intervals"),
+])
+def test_bad_coefficients_file_is_a_clear_error(tmp_path: Path, content: str | None,
+                                               message: str) -> None:
+    path = tmp_path / "f.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ForecastError, match=message) as exc:
+        LoadForecaster(Forecast(enabled=True, coefficients_path=path, interval_s=10.0))
+    assert str(path) in str(exc.value)
+
+
+async def test_start_stop_closes_intervals() -> None:
+    import asyncio
+
+    f = LoadForecaster(Forecast(enabled=True, interval_s=0.05))
+    await f.start()
+    f.on_request()
+    await asyncio.sleep(0.18)
+    await f.stop()
+    assert f.intervals >= 2

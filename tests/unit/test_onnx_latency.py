@@ -1,0 +1,250 @@
+"""onnx_latency: loading, hot reload, every fallback, exploration propensities, shadow mode."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from policies.base import PolicyContext, RequestInfo
+from policies.features import INFLIGHT, N_FEATURES, schema_metadata
+from policies.onnx_latency import (
+    FALLBACKS,
+    INFERENCE_ERROR,
+    LOAD_ERROR,
+    MISSING_FILE,
+    OVER_BUDGET,
+    RELOADS,
+    SCHEMA_MISMATCH,
+    SHADOW,
+    OnnxLatency,
+)
+from policies.registry import create
+from proxy.state import Outcome
+from tests.unit.learning_sim import ROUTES, Sim
+from train.latency import to_onnx
+
+REQ = RequestInfo(route_class="fast")
+
+
+def linear_model(path: Path, weights: np.ndarray, bias: float = 1.0,
+                 meta: dict[str, str] | None = None, version: str = "v1") -> Path:
+    """A real linear regressor exported through the same path as training."""
+    from sklearn.linear_model import LinearRegression
+
+    m = LinearRegression()
+    m.coef_ = weights.astype(np.float64)
+    m.intercept_ = bias
+    m.n_features_in_ = N_FEATURES
+    metadata = {**schema_metadata(ROUTES), "foretell.target": "latency_ms",
+                "foretell.model_version": version, **(meta or {})}
+    path.write_bytes(to_onnx(m, metadata))
+    return path
+
+
+def inflight_model(path: Path, version: str = "v1") -> Path:
+    w = np.zeros(N_FEATURES)
+    w[INFLIGHT] = 10.0  # predicted latency grows with inflight: least-request behaviour
+    return linear_model(path, w, version=version)
+
+
+def fails_beyond_two_rows(path: Path) -> Path:
+    """Valid for the trial run (2 rows), raises at inference with any other row count."""
+    x = helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, N_FEATURES])
+    y = helper.make_tensor_value_info("variable", TensorProto.FLOAT, [None, 1])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [2, N_FEATURES])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["features", "shape"], ["r"]),
+         helper.make_node("ReduceSum", ["r", "axes"], ["variable"], keepdims=1)],
+        "fails", [x], [y], initializer=[shape, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    helper.set_model_props(model, {**schema_metadata(ROUTES), "foretell.target": "latency_ms"})
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def policy(sim: Sim, path: Path, seed: int = 0, **options: object) -> OnnxLatency:
+    ctx = PolicyContext(clock=sim.clock, rng=random.Random(seed), cluster="t",
+                        route_classes=ROUTES)
+    p = create("onnx_latency", {"model_path": str(path), **options}, ctx)
+    assert isinstance(p, OnnxLatency)
+    return p
+
+
+def count(reason: str) -> float:
+    value: float = FALLBACKS.labels("t", reason)._value.get()
+    return value
+
+
+def test_model_routes_by_prediction(tmp_path: Path) -> None:
+    sim = Sim(n_backends=3)
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"))
+    ready = sim.cluster.ready()
+    with sim.cluster.track(ready[0]), sim.cluster.track(ready[2]):
+        assert p.pick(ready, REQ) is ready[1]
+    assert p.last_propensity == 1.0 and p.last_reason is None
+
+
+def test_missing_file_falls_back_then_loads_when_it_appears(tmp_path: Path) -> None:
+    import asyncio
+
+    sim = Sim(n_backends=3)
+    path = tmp_path / "m.onnx"
+    p = policy(sim, path)
+    before = count(MISSING_FILE)
+    assert p.pick(sim.cluster.ready(), REQ) is not None
+    assert p.last_reason == MISSING_FILE and count(MISSING_FILE) == before + 1
+    inflight_model(path)
+    assert asyncio.run(p.check_reload()) is True
+    p.pick(sim.cluster.ready(), REQ)
+    assert p.last_reason is None and p.model is not None
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: p.write_bytes(b"\x08\x01garbage") and p, LOAD_ERROR),
+    (lambda p: linear_model(p, np.zeros(N_FEATURES), meta={"foretell.schema_version": "999"}),
+     SCHEMA_MISMATCH),
+])
+def test_bad_file_at_start_falls_back(tmp_path: Path, make: object, reason: str) -> None:
+    sim = Sim(n_backends=3)
+    path = tmp_path / "m.onnx"
+    make(path)  # type: ignore[operator]
+    p = policy(sim, path)
+    assert p.model is None
+    p.pick(sim.cluster.ready(), REQ)
+    assert p.last_reason == reason
+
+
+async def test_reload_good_then_corrupt_keeps_old(tmp_path: Path) -> None:
+    sim = Sim(n_backends=3)
+    path = inflight_model(tmp_path / "m.onnx", version="v1")
+    p = policy(sim, path)
+    assert p.model is not None and p.model.version == "v1"
+    assert await p.check_reload() is False  # unchanged file
+    tmp = tmp_path / "new.onnx"
+    inflight_model(tmp, version="v2")
+    os.replace(tmp, path)
+    assert await p.check_reload() is True and p.model.version == "v2"
+    failed_before = RELOADS.labels("t", "failed")._value.get()
+    path.write_bytes(path.read_bytes()[:100])  # corrupt (a non-atomic writer)
+    assert await p.check_reload() is False
+    assert p.model.version == "v2"
+    assert RELOADS.labels("t", "failed")._value.get() == failed_before + 1
+    p.pick(sim.cluster.ready(), REQ)
+    assert p.last_reason is None
+    # A model of another schema is refused too, the old one keeps serving.
+    linear_model(tmp, np.zeros(N_FEATURES), meta={"foretell.schema_version": "999"})
+    os.replace(tmp, path)
+    assert await p.check_reload() is False and p.model.version == "v2"
+
+
+def test_inference_error_falls_back_for_cooldown(tmp_path: Path) -> None:
+    sim = Sim(n_backends=3)
+    p = policy(sim, fails_beyond_two_rows(tmp_path / "m.onnx"), cooldown_s=5.0)
+    assert p.model is not None  # passed its trial run
+    ready = sim.cluster.ready()
+    assert p.pick(ready, REQ) is not None and p.last_reason == INFERENCE_ERROR
+    assert p.pick(ready, REQ) is not None and p.last_reason == INFERENCE_ERROR
+    sim.clock.t += 6.0
+    p.pick(ready[:2], REQ)  # two rows work: the model is tried again and serves
+    assert p.last_reason is None
+
+
+def test_over_budget_falls_back(tmp_path: Path) -> None:
+    sim = Sim(n_backends=4)
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"), budget_us=0.001, pick_time_every=1,
+               cooldown_s=10.0)
+    ready = sim.cluster.ready()
+    reasons: Counter[str | None] = Counter()
+    for _ in range(100):
+        p.pick(ready, REQ)
+        reasons[p.last_reason] += 1
+    assert reasons[OVER_BUDGET] > 0
+    sim.clock.t += 11.0
+    p.pick(ready, REQ)
+    assert p.last_reason is None
+
+
+def test_exploration_propensities_sum_to_one(tmp_path: Path) -> None:
+    sim = Sim(n_backends=4)
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"), seed=4, epsilon=0.2)
+    ready = sim.cluster.ready()
+    with sim.cluster.track(ready[0]), sim.cluster.track(ready[1]), sim.cluster.track(ready[3]):
+        seen: dict[str, float] = {}
+        counts: Counter[str] = Counter()
+        n = 20000
+        for _ in range(n):
+            b = p.pick(ready, REQ)
+            assert b is not None and p.last_propensity is not None
+            seen[b.id] = p.last_propensity
+            counts[b.id] += 1
+    assert set(seen) == {"b0", "b1", "b2", "b3"}
+    assert sum(seen.values()) == pytest.approx(1.0)
+    assert seen["b2"] == pytest.approx(0.8 + 0.2 / 4)
+    for bid, prop in seen.items():  # the logged probability is the real frequency
+        assert counts[bid] / n == pytest.approx(prop, abs=0.015)
+
+
+def test_explore_wrapper_propensities_sum_to_one() -> None:
+    sim = Sim(n_backends=5)
+    ctx = PolicyContext(clock=sim.clock, rng=random.Random(1), route_classes=ROUTES)
+    p = create("explore", {"base": "round_robin", "epsilon": 0.25}, ctx)
+    ready = sim.cluster.ready()
+    base = create("round_robin", {}, PolicyContext(clock=sim.clock, rng=random.Random(1)))
+    for _ in range(200):
+        expect = base.pick(ready, REQ)  # the same base, run alongside
+        got = p.pick(ready, REQ)
+        prop = getattr(p, "last_propensity", None)
+        assert prop is not None
+        # Every backend's probability given the base's choice; they sum to one.
+        probs = {s.id: 0.25 / 5 + 0.75 * (s is expect) for s in ready}
+        assert sum(probs.values()) == pytest.approx(1.0)
+        assert got is not None and prop == pytest.approx(probs[got.id])
+
+
+def test_shadow_routes_with_fallback_and_records_error(tmp_path: Path) -> None:
+    from policies.onnx_latency import PREDICTION_ERROR
+
+    sim = Sim(n_backends=3)
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"), shadow=True)
+    hist = PREDICTION_ERROR.labels("t", "shadow")
+    before = sum(b.get() for b in hist._buckets)
+    sim.run(p, 400)
+    assert p.last_reason == SHADOW
+    assert sum(b.get() for b in hist._buckets) > before
+    assert p.describe()["serving"] is False
+
+
+def test_residual_correction_tracks_observed_over_predicted(tmp_path: Path) -> None:
+    sim = Sim(n_backends=2)
+    p = policy(sim, linear_model(tmp_path / "m.onnx", np.zeros(N_FEATURES), bias=5.0),
+               residual_alpha=0.2)
+    ready = sim.cluster.ready()
+    for _ in range(60):
+        b = p.pick(ready, REQ)
+        assert b is not None
+        p.observe(b, REQ, Outcome(200, 0.010 if b.id == "b0" else 0.005, None, 0, "fast"))
+    corr = p.describe()["correction"]
+    assert isinstance(corr, dict)
+    # Both predicted 5 ms. b0 (first pick, tie) answered in 10 ms: its factor moved 0.2 of
+    # the way from 1 to 2; b1 answers as predicted, so from then on b1 is preferred.
+    assert corr["b0"] == pytest.approx(1.2)
+    assert corr["b1"] == pytest.approx(1.0)
+    assert p.pick(ready, REQ) is ready[1]
+
+
+def test_unknown_onnx_proto_is_load_error(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(helper.make_graph([], "empty", [], [])), path)
+    sim = Sim(n_backends=2)
+    p = policy(sim, path)
+    assert p.model is None
+    p.pick(sim.cluster.ready(), REQ)
+    assert p.last_reason in (LOAD_ERROR, SCHEMA_MISMATCH)
