@@ -38,8 +38,21 @@ def _run(args: argparse.Namespace) -> int:
             print(f"bench run: {exc}", file=sys.stderr)
             return 2
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    import json
+
+    try:
+        policy_options = json.loads(args.policy_options) if args.policy_options else {}
+        if not isinstance(policy_options, dict):
+            raise ValueError("must be a JSON object of kind -> options")
+    except ValueError as exc:
+        print(f"bench run: --policy-options: {exc}", file=sys.stderr)
+        return 2
+    extra: dict[str, object] = {}
+    if args.telemetry:
+        extra["telemetry"] = {"enabled": True, "path": str(Path(args.telemetry).resolve()),
+                              "sample_rate": args.telemetry_sample_rate}
     plans = runner.plan(chosen, policies, quick=args.quick, repeats=repeats, seed=args.seed,
-                        health=args.health)
+                        health=args.health, policy_options=policy_options, extra_config=extra)
     out = Path(args.out)
     est_s = sum(p.duration_s + 5.0 for p in plans)
     print(f"bench run: {len(plans)} runs ({len(chosen)} scenarios x {len(policies)} policies, "
@@ -117,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--health", choices=("default", "shadow"), default="default",
                      help="shadow: passive detectors only detect, so policies are compared alone")
     run.add_argument("--out", default="bench-out", help="output directory")
+    run.add_argument("--policy-options", default=None,
+                     help='JSON: kind -> options, e.g. \'{"onnx_latency": {"model_path": '
+                          '"models/latency.onnx"}, "explore": {"epsilon": 0.1}}\'')
+    run.add_argument("--telemetry", default=None, metavar="DIR",
+                     help="proxies record decision telemetry here (for foretell train)")
+    run.add_argument("--telemetry-sample-rate", type=float, default=1.0)
     run.add_argument("--results-md", default=None,
                      help="also write this markdown page (e.g. bench/RESULTS.md) with plots")
     run.set_defaults(func=_run)

@@ -60,6 +60,8 @@ class RunPlan:
     # "default": the health settings a user gets; "shadow": passive detectors
     # detect but do not eject, so the table compares routing alone.
     health: str = "default"
+    # Merged into the proxy config's top level (e.g. {"telemetry": {...}}).
+    extra_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -67,7 +69,9 @@ class RunPlan:
 
 
 def plan(scenarios: Sequence[Scenario], policies: Sequence[str], *, quick: bool,
-         repeats: int, seed: int = 1, health: str = "default") -> list[RunPlan]:
+         repeats: int, seed: int = 1, health: str = "default",
+         policy_options: dict[str, dict[str, Any]] | None = None,
+         extra_config: dict[str, Any] | None = None) -> list[RunPlan]:
     """Every run, in execution order: the policy order rotates with each repeat."""
     out = []
     for sc in scenarios:
@@ -77,7 +81,9 @@ def plan(scenarios: Sequence[Scenario], policies: Sequence[str], *, quick: bool,
             for r in range(repeats):
                 k = r % len(policies)
                 for pol in [*policies[k:], *policies[:k]]:
-                    out.append(RunPlan(sc, u, pol, r, duration, seed=seed + r, health=health))
+                    out.append(RunPlan(sc, u, pol, r, duration, seed=seed + r, health=health,
+                                       policy_options=dict((policy_options or {}).get(pol, {})),
+                                       extra_config=dict(extra_config or {})))
     return out
 
 
@@ -103,6 +109,7 @@ def proxy_config(plan: RunPlan, backend_urls: Sequence[tuple[str, str]], port: i
         # One route class per path of the mix, so request-aware policies can tell them apart.
         cfg["routes"] = [{"name": p.strip("/").split("/")[0] or "root", "path_prefix": p}
                          for p in paths if p != "/"] + [{"name": "other", "path_prefix": "/"}]
+    cfg.update(plan.extra_config)
     return cfg
 
 
