@@ -101,6 +101,7 @@ EWMA_COST = _IX["ewma_cost_ms"]
 ROUTE_COST = _IX["route_cost_ms"]
 ROUTE_MISSING = _IX["route_missing"]
 ERROR_RATE = _IX["error_rate"]
+assert REQ_WRITE == 0 and REQ_BODY == 1 and ROUTE0 == 2  # the request block comes first
 # Pairs of adjacent columns so one numpy call updates both costs.
 assert ROUTE_EWMA == EWMA + 1 and ROUTE_COST == EWMA_COST + 1
 
@@ -310,14 +311,16 @@ class FeatureMatrix:
         row[ROUTE_MISSING] = self._route_missing[i, self._slot]
 
     def _write_request(self, req: RequestInfo) -> None:
+        x = self._x
         n = self._n
-        x = self.matrix[:n]
         write, body = request_values(req)
-        x[:, REQ_WRITE] = write
-        x[:, REQ_BODY] = body
         slot = self.slots.slot(req.route_class)
-        x[:, ROUTE0:ROUTE0 + ROUTE_SLOTS] = 0.0
-        x[:, ROUTE0 + slot] = 1.0
+        # The request block (req_write, req_body_log, route one-hot) in one broadcast.
+        block = np.zeros(ROUTE0 + ROUTE_SLOTS, dtype=DTYPE)
+        block[REQ_WRITE] = write
+        block[REQ_BODY] = body
+        block[ROUTE0 + slot] = 1.0
+        x[:, :ROUTE0 + ROUTE_SLOTS] = block
         x[:, ROUTE_EWMA] = self._route_ms[:n, slot]
         x[:, ROUTE_MISSING] = self._route_missing[:n, slot]
         self._slot = slot

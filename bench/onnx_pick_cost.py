@@ -1,0 +1,105 @@
+"""Microbenchmark: onnx_latency pick cost with N backends, beside p2c_peak_ewma.
+
+    python -m bench.onnx_pick_cost [--backends 16] [--picks 20000] [--model FILE]
+
+Without `--model`, small models of each kind the trainer can pick (ridge,
+MLP 2x32, histogram gradient boosting) are fitted on random rows and
+exported through the trainer's own export path (train.latency.to_onnx), so
+the numbers are for the same graphs the proxy would load. Each pick is timed
+separately (perf_counter_ns, timer overhead removed) against a real
+`proxy.state.Cluster` with varied state (bench.pick_cost.build_cluster);
+requests alternate between route classes, and `observe()` (which refreshes
+the observed backend's feature row) is timed too, since it also runs per
+request. Target: onnx_latency p50 <= 20 us with 16 backends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from bench.pick_cost import build_cluster, time_picks
+from policies import registry
+from policies.base import PolicyContext, RequestInfo
+from policies.features import N_FEATURES, schema_metadata
+from proxy.state import Outcome
+
+ROUTES = ("search", "render", "api")
+
+
+def synthetic_model(kind: str, path: Path) -> Path:
+    from train.latency import make_candidate, to_onnx
+
+    rng = np.random.default_rng(0)
+    x = rng.random((3000, N_FEATURES), dtype=np.float32) * 10
+    y = x @ rng.random(N_FEATURES) + rng.normal(0, 1, 3000)
+    model = make_candidate(kind, seed=0).fit(x, y)
+    path.write_bytes(to_onnx(model, {**schema_metadata(ROUTES), "foretell.target": "latency_ms",
+                                     "foretell.model_kind": kind}))
+    return path
+
+
+def _stats(times_us: list[float]) -> tuple[float, float, float]:
+    s = sorted(times_us)
+    return (s[len(s) // 2], s[min(len(s) - 1, int(0.99 * len(s)))], statistics.fmean(s))
+
+
+def observe_cost(policy: object, ready: tuple[object, ...], n: int) -> list[float]:
+    observe = policy.observe  # type: ignore[attr-defined]
+    req = RequestInfo(route_class="search")
+    out = Outcome(200, 0.005, None, 0, "search")
+    times = []
+    for i in range(n):
+        b = ready[i % len(ready)]
+        t0 = time.perf_counter_ns()
+        observe(b, req, out)
+        times.append((time.perf_counter_ns() - t0) / 1e3)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.onnx_pick_cost")
+    ap.add_argument("--backends", type=int, default=16)
+    ap.add_argument("--picks", type=int, default=20000)
+    ap.add_argument("--model", type=Path, default=None, help="a trained model (default: "
+                    "synthetic ridge, mlp and hgb models)")
+    args = ap.parse_args(argv)
+    rows: list[tuple[str, float, float, float, float | None]] = []
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        cluster = build_cluster(args.backends, stack)
+        ready = cluster.ready()
+        requests = [RequestInfo(route_class=ROUTES[i % 3], body_size=(i * 37) % 500)
+                    for i in range(64)]
+        models = ([("model", args.model)] if args.model else
+                  [(k, synthetic_model(k, Path(tmp) / f"{k}.onnx")) for k in ("ridge", "mlp", "hgb")])
+        ctx = PolicyContext(rng=random.Random(1), route_classes=ROUTES)
+        base = registry.create("p2c_peak_ewma", {}, ctx)
+        rows.append(("p2c_peak_ewma", *_stats(time_picks(base, ready, requests, args.picks)),
+                     None))
+        for label, path in models:
+            policy = registry.create("onnx_latency", {"model_path": str(path),
+                                                      "budget_us": 1e9}, ctx)
+            if getattr(policy, "model", None) is None:
+                print(f"{label}: model did not load: {path}", file=sys.stderr)
+                return 1
+            t = time_picks(policy, ready, requests, args.picks)
+            obs = _stats(observe_cost(policy, ready, 5000))
+            rows.append((f"onnx_latency ({label})", *_stats(t), obs[0]))
+    print(f"pick cost, {args.backends} backends, {args.picks} picks (µs)")
+    print("| policy | p50 | p99 | mean | observe() p50 |\n|---|---|---|---|---|")
+    for name, p50, p99, mean, obs_p50 in rows:
+        cell = f"{obs_p50:.1f}" if obs_p50 is not None else "-"
+        print(f"| {name} | {p50:.1f} | {p99:.1f} | {mean:.1f} | {cell} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
