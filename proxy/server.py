@@ -34,6 +34,8 @@ BUFFER_LIMIT_BYTES = 64 * 1024
 STREAM_CHUNK_BYTES = 64 * 1024
 GATEWAY_ERRORS = frozenset({502, 503, 504})
 _NONE: frozenset[int] = frozenset()
+# "Use the session's timeouts" (aiohttp's sentinel for the timeout argument).
+_SESSION_TIMEOUT: Any = aiohttp.helpers.sentinel
 LOAD_HEADER = "endpoint-load-metrics"
 
 _REASON_OF_KIND = {
@@ -224,15 +226,18 @@ class Proxy:
             kind: str | None = None
             up: aiohttp.ClientResponse | None = None
             try:
-                async with asyncio.timeout(timeout_s):
-                    up = await cr.session.request(
-                        request.method, url, headers=up_headers,
-                        data=body.chunks() if body is not None else None,
-                        allow_redirects=False, compress=None)
+                # The session's sock_read timeout (per_try_s) bounds the wait for
+                # response headers; a tighter one applies when the total deadline is near.
+                up = await cr.session.request(
+                    request.method, url, headers=up_headers,
+                    data=body.chunks() if body is not None else None,
+                    allow_redirects=False, compress=None,
+                    timeout=_SESSION_TIMEOUT if timeout_s >= config.timeouts.per_try_s else
+                    aiohttp.ClientTimeout(total=timeout_s, sock_connect=config.timeouts.connect_s))
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                kind = ERROR_CONNECT
             except TimeoutError:
                 kind = ERROR_TIMEOUT
-            except aiohttp.ClientConnectorError:
-                kind = ERROR_CONNECT
             except (aiohttp.ClientError, OSError):
                 kind = ERROR_RESET
             latency_s = self._loop_time() - started

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from proxy.server import Proxy
 
 # The WebSocket handshake headers are made anew by each side.
-_HANDSHAKE = ("sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-              "sec-websocket-protocol", "sec-websocket-accept", "host")
+_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+                        "sec-websocket-protocol", "sec-websocket-accept", "host"})
 
 
 async def proxy_websocket(proxy: Proxy, cr: ClusterRuntime, request: BaseRequest,
