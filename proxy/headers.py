@@ -16,7 +16,10 @@ HOP_BY_HOP = frozenset({
 })
 VIA = "1.1 foretell"
 REQUEST_ID = "X-Request-Id"
-_EXPECT = frozenset({"expect"})
+# Rewritten by the proxy (Expect is answered by the proxy itself).
+_UPSTREAM_REWRITTEN = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                                 "via", "x-request-id"})
+_VIA = frozenset({"via"})
 _ids = random.Random()
 
 
@@ -28,40 +31,48 @@ def _skip_set(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> frozenset
     return HOP_BY_HOP | drop | named
 
 
+def _kept(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> list[tuple[str, str]]:
+    skip = _skip_set(headers, drop)
+    return [(name, value) for name, value in headers.items()
+            if (lower := name.lower()) not in skip and not lower.startswith("proxy-")]
+
+
 def strip_hop_by_hop(headers: CIMultiDictProxy[str], drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
     """A copy of `headers` without hop-by-hop ones, what Connection names, and `drop` (lower case)."""
-    skip = _skip_set(headers, drop)
-    return CIMultiDict([
-        (name, value) for name, value in headers.items()
-        if (lower := name.lower()) not in skip and not lower.startswith("proxy-")
-    ])
+    return CIMultiDict(_kept(headers, drop))
+
+
+def _joined(headers: CIMultiDictProxy[str], name: str) -> str | None:
+    values = headers.getall(name, None)
+    return ", ".join(values) if values else None
 
 
 def upstream_request_headers(headers: CIMultiDictProxy[str], *, client_ip: str, scheme: str,
-                             host: str) -> tuple[CIMultiDict[str], str]:
-    """Headers to send upstream, and the request id (kept from the client or new)."""
-    # Expect is answered by the proxy itself, so the upstream never sees it.
-    out = strip_hop_by_hop(headers, drop=_EXPECT)
-    prior = out.get("X-Forwarded-For")
-    out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
-    out.setdefault("X-Forwarded-Proto", scheme)
-    if host:
-        out.setdefault("X-Forwarded-Host", host)
-    via = out.get("Via")
-    out["Via"] = f"{via}, {VIA}" if via else VIA
-    request_id = out.get(REQUEST_ID)
+                             host: str) -> tuple[list[tuple[str, str]], str]:
+    """Headers to send upstream (as pairs, which the client copies once), and the request id."""
+    out = _kept(headers, _UPSTREAM_REWRITTEN)
+    prior = _joined(headers, "X-Forwarded-For")
+    out.append(("X-Forwarded-For", f"{prior}, {client_ip}" if prior else client_ip))
+    out.append(("X-Forwarded-Proto", headers.get("X-Forwarded-Proto", scheme)))
+    forwarded_host = headers.get("X-Forwarded-Host", host)
+    if forwarded_host:
+        out.append(("X-Forwarded-Host", forwarded_host))
+    via = _joined(headers, "Via")
+    out.append(("Via", f"{via}, {VIA}" if via else VIA))
+    request_id = headers.get(REQUEST_ID)
     if not request_id:
         # Unique, not secret: a fast PRNG is enough and avoids a syscall per request.
         request_id = f"{_ids.getrandbits(128):032x}"
-        out[REQUEST_ID] = request_id
+    out.append((REQUEST_ID, request_id))
     return out, request_id
 
 
 def client_response_headers(headers: CIMultiDictProxy[str], *, backend_id: str,
                             request_id: str) -> CIMultiDict[str]:
-    out = strip_hop_by_hop(headers)
-    via = out.get("Via")
-    out["Via"] = f"{via}, {VIA}" if via else VIA
-    out["x-foretell-backend"] = backend_id
-    out.setdefault(REQUEST_ID, request_id)
-    return out
+    out = _kept(headers, _VIA)
+    via = _joined(headers, "Via")
+    out.append(("Via", f"{via}, {VIA}" if via else VIA))
+    out.append(("x-foretell-backend", backend_id))
+    if REQUEST_ID not in headers:
+        out.append((REQUEST_ID, request_id))
+    return CIMultiDict(out)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict, istr
 
 from health.checker import HealthChecker
 from policies import registry
@@ -49,7 +50,7 @@ def new_session(tls: UpstreamTls, timeouts: Timeouts) -> aiohttp.ClientSession:
         connector=connector,
         # A proxy forwards bytes as they are: no decompression, no added headers.
         auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        request_class=ForwardingRequest,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s,
                                       sock_read=timeouts.per_try_s),
         cookie_jar=aiohttp.DummyCookieJar(),
@@ -175,3 +176,20 @@ async def close(runtime: Runtime) -> None:
     for cr in runtime.clusters.values():
         parts.extend([cr.checker, ("policy", cr), cr.session])
     await retire(parts)
+
+
+class ForwardingRequest(aiohttp.ClientRequest):
+    """A client request that sends the headers it is given and nothing more.
+
+    aiohttp adds Accept, Accept-Encoding and User-Agent when they are missing;
+    a proxy must not (an added Accept-Encoding would invite a compressed
+    answer the client never asked for), and skipping them per request costs
+    a header copy.
+    """
+
+    DEFAULT_HEADERS: dict[istr, str] = {}
+    # Nor a Content-Type for a body whose client sent none.
+    _skip_auto_headers = CIMultiDict({"Content-Type": None})
+
+    def update_auto_headers(self, skip_auto_headers: Any) -> None:
+        return None

@@ -45,6 +45,11 @@ async def test_hop_by_hop_stripped_and_forwarding_headers_added(backends: Backen
     assert lowered["x-forwarded-proto"] == "http"
     assert lowered["x-request-id"] == "req-42"
     assert lowered["via"] == "1.1 foretell"
+    # nothing the client did not send: no Accept, Accept-Encoding, User-Agent or Content-Type
+    async with client.post(proxy.url + "/echo", data=aiter_bytes(10), skip_auto_headers=(
+            "Accept", "Accept-Encoding", "User-Agent", "Content-Type")) as resp:
+        sent = {k.lower() for k in (await resp.json())["headers"]}
+    assert not sent & {"accept", "accept-encoding", "user-agent", "content-type"}, sent
     async with client.get(proxy.url + "/echo") as resp:
         generated = {k.lower(): v for k, v in (await resp.json())["headers"].items()}["x-request-id"]
         assert len(generated) == 32 and resp.headers["X-Request-Id"] == generated
