@@ -1,0 +1,69 @@
+"""The `foretell` command as a newcomer uses it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+
+FORETELL = [sys.executable, "-m", "proxy.cli"]
+
+
+def _run(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FORETELL, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout_s)
+
+
+def test_check_config_accepts_the_shipped_config() -> None:
+    done = _run("check-config", "config.yaml")
+    assert done.returncode == 0, done.stderr
+    assert "kind: p2c_peak_ewma" in done.stdout
+    assert "retry_on:" in done.stdout  # the effective config, defaults included
+
+
+@pytest.mark.parametrize(("text", "field", "problem"), [
+    ("backends: ['http://127.0.0.1:1']\nlisten: {port: 99999}\n", "listen.port", "less than or equal"),
+    ("backends: ['ftp://x']\n", "clusters.default.backends.0.url", "http:// or https://"),
+    ("backends: ['http://127.0.0.1:1']\ntimeouts: {connect_s: -1}\n", "timeouts.connect_s", "greater than"),
+    ("backends: ['http://127.0.0.1:1']\nlistn: {}\n", "listn", "Extra inputs are not permitted"),
+    ("backends: ['http://127.0.0.1:1']\npolicy: {kind: nope}\n", "clusters.default.policy", "no such policy"),
+    ("backends: ['http://127.0.0.1:1']\npolicy: {kind: consistent_hash, colour: red}\n",
+     "clusters.default.policy", "colour"),
+    ("routes: [{cluster: missing}]\nbackends: ['http://127.0.0.1:1']\n",
+     "routes.0.cluster", "unknown cluster"),
+    ("listen: [\n", "", "not valid YAML"),
+])
+def test_check_config_names_the_bad_field(tmp_path: Path, text: str, field: str, problem: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    done = _run("check-config", str(path))
+    assert done.returncode == 2
+    assert str(path) in done.stderr
+    assert field in done.stderr and problem in done.stderr, done.stderr
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    done = _run("serve", "--config", str(tmp_path / "nope.yaml"))
+    assert done.returncode == 2
+    assert "nope.yaml: cannot read" in done.stderr
+
+
+def test_demo_routes_traffic_and_stops_by_itself(tmp_path: Path) -> None:
+    config = (ROOT / "config.yaml").read_text()
+    # Same fleet shape as the shipped config, on ports this test owns.
+    from tests.support import free_port
+
+    for old in ("8080", "9901", "9101", "9102", "9103", "9104"):
+        config = config.replace(old, str(free_port()))
+    path = tmp_path / "demo.yaml"
+    path.write_text(config)
+    done = _run("demo", "--config", str(path), "--duration-s", "7", timeout_s=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Foretell is routing on" in done.stdout
+    assert "demo traffic:" in done.stdout and " 0 failed" in done.stdout
+    for backend in ("sim-0", "sim-1", "sim-2", "sim-3"):
+        assert backend in done.stdout
+    assert "demo stopped" in done.stdout
