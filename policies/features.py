@@ -23,6 +23,8 @@ backend side (one row per ready backend)
   route_cost_ms            route_ewma_ms * (inflight + 1)  (derived)
   route_missing            1 when the backend has no latency for this class yet
   p50_ms, p90_ms           recent window percentiles; missing -> ewma_ms
+  recent_ms                mean of the last RECENT_N latencies (the queue the
+                           backend has now, which the slower EWMAs smooth out)
   window_n_log             log1p(outcomes in the window); 0 = no history
   error_rate, timeout_rate share of failures / timeouts in the window
   since_error_s            seconds since the last failure, capped (never -> cap)
@@ -54,10 +56,11 @@ import numpy as np
 
 from policies.base import BackendView, Clock, RequestInfo
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROUTE_SLOTS = 8  # the last slot collects every other route class
 OTHER_SLOT = ROUTE_SLOTS - 1
 SINCE_ERROR_CAP_S = 300.0
+RECENT_N = 4
 INFLIGHT_CAP = 1024.0
 FAILURES_CAP = 100.0
 LATENCY_CAP_MS = 600_000.0
@@ -77,6 +80,7 @@ BACKEND_FEATURES: tuple[str, ...] = (
     "route_missing",
     "p50_ms",
     "p90_ms",
+    "recent_ms",
     "window_n_log",
     "error_rate",
     "timeout_rate",
@@ -144,19 +148,22 @@ class RouteSlots:
         return self._slot.get(route_class, OTHER_SLOT)
 
 
-def _window_stats(view: BackendView) -> tuple[float, float, int, float]:
-    """(p50_s, p90_s, count, timeout_rate) with one sort; NaN percentiles when empty."""
+def _window_stats(view: BackendView) -> tuple[float, float, float, int, float]:
+    """(p50_s, p90_s, recent_s, count, timeout_rate) with one sort; NaN when empty."""
     window = getattr(view, "window", None)
     if window is None:
-        return (view.latency_percentile_s(50), view.latency_percentile_s(90),
-                view.requests, 0.0)
-    lat = sorted(window.latencies_s())
-    n = len(lat)
+        p50 = view.latency_percentile_s(50)
+        return p50, view.latency_percentile_s(90), p50, view.requests, 0.0
+    in_order = window.latencies_s()
+    n = len(in_order)
     if not n:
-        return math.nan, math.nan, 0, 0.0
+        return math.nan, math.nan, math.nan, 0, 0.0
+    last = in_order[-RECENT_N:]
+    lat = sorted(in_order)
     # Nearest rank, the same rule as proxy.state.OutcomeWindow.percentile_s.
     return (lat[min(n - 1, max(0, math.ceil(0.5 * n) - 1))],
-            lat[min(n - 1, max(0, math.ceil(0.9 * n) - 1))], n, float(window.timeout_rate))
+            lat[min(n - 1, max(0, math.ceil(0.9 * n) - 1))],
+            sum(last) / len(last), n, float(window.timeout_rate))
 
 
 _BACKEND0 = _IX[BACKEND_FEATURES[0]]
@@ -168,7 +175,7 @@ def write_backend_row(row: np.ndarray, route_row: np.ndarray, missing_row: np.nd
     """Backend columns of one row (the route-dependent ones as if no route data),
     and the backend's per-route-slot latency table (`route_row` ms, `missing_row` 0/1)."""
     ewma_ms = min(view.ewma_s() * 1e3, LATENCY_CAP_MS)
-    p50_s, p90_s, count, timeout_rate = _window_stats(view)
+    p50_s, p90_s, recent_s, count, timeout_rate = _window_stats(view)
     inflight = min(float(view.inflight), INFLIGHT_CAP)
     last = view.last_error_at
     load = view.reported_load
@@ -183,6 +190,7 @@ def write_backend_row(row: np.ndarray, route_row: np.ndarray, missing_row: np.nd
         1.0,  # route_missing, overwritten by the caller
         ewma_ms if math.isnan(p50_s) else min(p50_s * 1e3, LATENCY_CAP_MS),
         ewma_ms if math.isnan(p90_s) else min(p90_s * 1e3, LATENCY_CAP_MS),
+        ewma_ms if math.isnan(recent_s) else min(recent_s * 1e3, LATENCY_CAP_MS),
         math.log1p(count),
         view.error_rate(),
         timeout_rate,

@@ -47,6 +47,7 @@ from policies.base import BackendView, Policy, PolicyContext, PolicyOptions, Req
 from policies.features import (
     ERROR_RATE,
     N_FEATURES,
+    ROUTE_COST,
     FeatureMatrix,
     SchemaError,
     check_schema,
@@ -54,7 +55,13 @@ from policies.features import (
 
 log = logging.getLogger("foretell.policies.onnx_latency")
 
+# What the model's output means. "latency_ms": the prediction itself.
+# "latency_ms_over_route_cost": a factor on the route_cost_ms feature
+# (route EWMA x (inflight + 1)), so predictions scale with queueing beyond
+# the training range instead of saturating.
 TARGET = "latency_ms"
+TARGET_RATIO = "latency_ms_over_route_cost"
+TARGETS = (TARGET, TARGET_RATIO)
 
 PREDICTION_ERROR = Histogram(
     "foretell_model_prediction_error_seconds",
@@ -132,6 +139,7 @@ class LoadedModel:
     version: str
     kind: str
     file_key: tuple[int, int, int] = (0, 0, 0)
+    ratio: bool = False  # output is a factor on the route_cost_ms column
     _binding: Any = field(default=None, repr=False)
     _bound: tuple[int, int] = (0, 0)
     _out: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), np.float32), repr=False)
@@ -160,8 +168,14 @@ class LoadedModel:
         self._binding = binding
 
     def predict_copy(self, x: np.ndarray) -> np.ndarray:
+        """The raw model output per row (a new array)."""
         out = self.session.run([self.output_name], {self.input_name: x})[0]
         return np.asarray(out, dtype=np.float32).reshape(-1)
+
+    def predict_ms(self, x: np.ndarray) -> np.ndarray:
+        """Predicted latency in ms per row, whatever the target (a new array)."""
+        out = self.predict_copy(x)
+        return out * x[:, ROUTE_COST] if self.ratio else out
 
 
 def file_key(path: Path) -> tuple[int, int, int]:
@@ -191,8 +205,9 @@ def load_model(path: str | Path) -> LoadedModel:
             raise SchemaError("no foretell.schema_version in the model metadata")
         check_schema(meta["foretell.schema_version"],
                      json.loads(meta.get("foretell.feature_names", "[]")))
-        if meta.get("foretell.target", TARGET) != TARGET:
-            raise SchemaError(f"target {meta.get('foretell.target')!r}, expected {TARGET!r}")
+        target = meta.get("foretell.target", TARGET)
+        if target not in TARGETS:
+            raise SchemaError(f"target {target!r}, expected one of {TARGETS}")
         route_classes = list(json.loads(meta.get("foretell.route_classes", "[]")))
     except (SchemaError, ValueError, TypeError) as exc:
         raise ModelError(SCHEMA_MISMATCH, f"{path}: {exc}") from None
@@ -204,7 +219,8 @@ def load_model(path: str | Path) -> LoadedModel:
         path=path, session=session, input_name=inputs[0].name, output_name=outputs[0].name,
         metadata=meta, route_classes=route_classes,
         version=meta.get("foretell.model_version", "unknown")[:64],
-        kind=meta.get("foretell.model_kind", "unknown")[:32], file_key=key)
+        kind=meta.get("foretell.model_kind", "unknown")[:32], file_key=key,
+        ratio=target == TARGET_RATIO)
     # A trial run: shape and finiteness, so a broken model never reaches a request.
     try:
         trial = model.predict_copy(np.zeros((2, N_FEATURES), dtype=np.float32))
@@ -420,11 +436,13 @@ class OnnxLatency:
             self._corr_generation = fm.generation
         if k and n > k:
             idx = np.array(self._rng.sample(range(n), k))
-            pred = model.predict_copy(np.ascontiguousarray(x[idx]))
+            pred = model.predict_ms(np.ascontiguousarray(x[idx]))
             score = pred * self._corr[idx] + self.options.failure_penalty_ms * x[idx, ERROR_RATE]
             j = int(np.argmin(score))
             return int(idx[j]), pred, idx
         pred = model.predict(x)
+        if model.ratio:
+            np.multiply(pred, x[:, ROUTE_COST], out=pred)  # in place: pred is our buffer
         score = self._score_buf
         if len(score) != n:
             score = self._score_buf = np.zeros(n, dtype=np.float32)

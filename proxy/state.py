@@ -33,7 +33,7 @@ WINDOW_SIZE = 128
 # Weight of a new observation in the per-route-class latency EWMA
 # (BackendState.route_ewma_s): request-aware features need a backend's
 # latency for *this kind* of request, not only its blended EWMA.
-ROUTE_EWMA_ALPHA = 0.1
+ROUTE_EWMA_ALPHA = 0.2
 
 
 @dataclass(frozen=True, slots=True)

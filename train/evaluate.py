@@ -145,6 +145,6 @@ def onnx_predictor(model_path: str | Path) -> Any:
     model = load_model(model_path)
 
     def predict(x: np.ndarray) -> np.ndarray:
-        return model.predict_copy(x)
+        return model.predict_ms(x)
 
     return predict, model

@@ -16,6 +16,11 @@ Steps, each reported on the terminal:
    boosting; each is exported and its onnxruntime inference time measured
    on 16 rows; the lowest validation MAE among those within
    `max_inference_us` wins;
+   With `target="ratio"` (the default) the models learn latency divided by
+   the route_cost_ms feature (this backend's latency EWMA for the route
+   class x (inflight + 1)): a correction factor on a queueing estimate, so
+   predictions keep scaling with load outside the training range (trees
+   cannot extrapolate a latency). Errors are always measured in ms;
 6. refuse to write a model whose validation MAE is not below the EWMA
    predictor's (unless `force`);
 7. parity: onnxruntime and scikit-learn must agree on the validation set;
@@ -23,7 +28,7 @@ Steps, each reported on the terminal:
    never reads a half-written model.
 
 Metadata in the ONNX file (model.metadata_props): foretell.schema_version,
-foretell.feature_names, foretell.route_classes, foretell.target (latency_ms),
+foretell.feature_names, foretell.route_classes, foretell.target,
 foretell.model_kind, foretell.model_version, foretell.training_window
 (JSON: first/last decision time, rows), foretell.validation (JSON metrics).
 """
@@ -42,11 +47,22 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from policies.features import EWMA, FEATURE_NAMES, N_FEATURES, ROUTE_EWMA, schema_metadata
+from policies.features import (
+    EWMA,
+    FEATURE_NAMES,
+    N_FEATURES,
+    ROUTE_COST,
+    ROUTE_EWMA,
+    schema_metadata,
+)
 from train.dataset import Telemetry
 
 TARGET = "latency_ms"
+TARGET_RATIO = "latency_ms_over_route_cost"
+TARGET_MODES = {"ratio": TARGET_RATIO, "latency": TARGET}
 CANDIDATES = ("ridge", "mlp", "hgb")
+RATIO_FLOOR_MS = 0.05  # route_cost_ms below this is treated as this (avoid division blow-up)
+RATIO_CAP = 100.0
 
 
 class TrainError(Exception):
@@ -232,13 +248,25 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def to_ms(raw: np.ndarray, x: np.ndarray, ratio: bool) -> np.ndarray:
+    """Model output -> latency in ms (the policy does the same)."""
+    raw = np.asarray(raw, dtype=np.float64).reshape(-1)
+    return raw * x[:, ROUTE_COST].astype(np.float64) if ratio else raw
+
+
 def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, ...] = CANDIDATES,
+                  target: str = "ratio",
                   validation_fraction: float = 0.2,
                   max_rows: int | None = 300_000, max_inference_us: float = 12.0,
                   force: bool = False, seed: int = 0,
                   progress: Callable[[str], None] = print) -> TrainResult:
+    if target not in TARGET_MODES:
+        raise TrainError(f"target {target!r}: expected one of {', '.join(TARGET_MODES)}")
+    ratio = target == "ratio"
     p = prepare(data, validation_fraction=validation_fraction, max_rows=max_rows)
     n, s = len(p.y_ms), p.split
+    cost = np.maximum(p.x[:, ROUTE_COST].astype(np.float64), RATIO_FLOOR_MS)
+    y_fit = np.clip(p.y_ms / cost, 0.0, RATIO_CAP) if ratio else p.y_ms
     progress(f"{n} successful decisions: {s} train, {n - s} validation (time-ordered); "
              f"{p.failures} failed attempts left out (the policy's failure penalty covers "
              f"them); targets clipped at {p.clip_ms:.1f} ms")
@@ -248,13 +276,13 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
     x16 = p.x[s:s + 16] if n - s >= 16 else np.resize(p.x[s:], (16, N_FEATURES))
     results: list[CandidateResult] = []
     yv = p.y_ms[s:]
-    common = schema_metadata(data.route_classes)
+    common = {**schema_metadata(data.route_classes), "foretell.target": TARGET_MODES[target]}
     for kind in candidates:
         t0 = time.perf_counter()
         model = make_candidate(kind, seed)
-        model.fit(p.x[:s], p.y_ms[:s])
+        model.fit(p.x[:s], y_fit[:s])
         fit_s = time.perf_counter() - t0
-        err = mae(model.predict(p.x[s:]), yv)
+        err = mae(to_ms(model.predict(p.x[s:]), p.x[s:], ratio), yv)
         onnx_bytes = to_onnx(model, {**common, "foretell.model_kind": kind})
         cost = inference_us(ort_session(onnx_bytes), x16)
         results.append(CandidateResult(kind, err, fit_s, cost, model, onnx_bytes))
@@ -270,24 +298,25 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
     for r in slower_better:
         progress(f"note: {r.kind} is more accurate ({r.val_mae:.3f} ms) but too slow "
                  f"({r.inference_us:.1f} µs > {max_inference_us:g} µs)")
-    ratio = best.val_mae / ewma_mae if ewma_mae > 0 else float("inf")
-    progress(f"chose {best.kind}: MAE {best.val_mae:.3f} ms = {ratio:.2f}x the EWMA predictor's")
+    mae_ratio = best.val_mae / ewma_mae if ewma_mae > 0 else float("inf")
+    progress(f"chose {best.kind} (target {target}): MAE {best.val_mae:.3f} ms = "
+             f"{mae_ratio:.2f}x the EWMA predictor's")
     window = {"first_time_s": float(p.time_s[0]), "last_time_s": float(p.time_s[-1]),
               "train_rows": s, "validation_rows": n - s,
               "validation_from_time_s": float(p.time_s[s])}
     version = f"{best.kind}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    validation = {"mae_ms": best.val_mae, "ewma_mae_ms": ewma_mae, "mae_ratio_vs_ewma": ratio,
+    validation = {"mae_ms": best.val_mae, "ewma_mae_ms": ewma_mae, "mae_ratio_vs_ewma": mae_ratio,
                   "baselines_mae_ms": base, "inference_us_16_rows": best.inference_us,
                   "candidates": {r.kind: {"mae_ms": r.val_mae, "inference_us": r.inference_us}
                                  for r in results},
                   "failures_left_out": p.failures, "target_clip_ms": p.clip_ms}
     metadata = {**common, "foretell.model_kind": best.kind, "foretell.model_version": version,
-                "foretell.target": TARGET, "foretell.training_window": json.dumps(window),
+                "foretell.training_window": json.dumps(window),
                 "foretell.validation": json.dumps(validation)}
     final = to_onnx(best.model, metadata)
-    # Parity on the whole validation set: the served model is the fitted model.
-    sk = best.model.predict(p.x[s:])
-    ort_pred = ort_predict(ort_session(final), p.x[s:])
+    # Parity on the whole validation set, in ms: the served model is the fitted model.
+    sk = to_ms(best.model.predict(p.x[s:]), p.x[s:], ratio)
+    ort_pred = to_ms(ort_predict(ort_session(final), p.x[s:]), p.x[s:], ratio)
     diff = np.abs(sk - ort_pred)
     tol = 1e-3 * np.maximum(1.0, np.abs(sk)) + 0.01
     bad = int(np.sum(diff > tol))

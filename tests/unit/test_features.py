@@ -86,8 +86,9 @@ def test_missing_values_have_stand_ins_and_indicators() -> None:
     clock.t += 3.0
     row = build(cluster.ready(), RequestInfo(route_class="api"), RouteSlots(["api"]), clock())[0]
     assert row[col("load")] == pytest.approx(0.4) and row[col("load_missing")] == 0.0
-    # 5xx responses carry a service time, so they move the EWMA (0.1 weight).
-    assert row[ROUTE_MISSING] == 0.0 and row[ROUTE_EWMA] == pytest.approx(3.7)
+    # 5xx responses carry a service time, so they move the EWMA (weight 0.2).
+    assert row[ROUTE_MISSING] == 0.0 and row[ROUTE_EWMA] == pytest.approx(3.4)
+    assert row[col("recent_ms")] == pytest.approx(2.5)  # mean of the last two
     assert row[col("error_rate")] == pytest.approx(0.5)
     assert row[col("since_error_s")] == pytest.approx(3.0)
     assert row[col("window_n_log")] == pytest.approx(math.log1p(2))
