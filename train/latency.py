@@ -265,8 +265,8 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
     ratio = target == "ratio"
     p = prepare(data, validation_fraction=validation_fraction, max_rows=max_rows)
     n, s = len(p.y_ms), p.split
-    cost = np.maximum(p.x[:, ROUTE_COST].astype(np.float64), RATIO_FLOOR_MS)
-    y_fit = np.clip(p.y_ms / cost, 0.0, RATIO_CAP) if ratio else p.y_ms
+    route_cost = np.maximum(p.x[:, ROUTE_COST].astype(np.float64), RATIO_FLOOR_MS)
+    y_fit = np.clip(p.y_ms / route_cost, 0.0, RATIO_CAP) if ratio else p.y_ms
     progress(f"{n} successful decisions: {s} train, {n - s} validation (time-ordered); "
              f"{p.failures} failed attempts left out (the policy's failure penalty covers "
              f"them); targets clipped at {p.clip_ms:.1f} ms")
