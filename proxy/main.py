@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -31,12 +32,18 @@ RESTART_BACKOFF_S = 1.0
 SUPERVISOR_POLL_S = 0.2
 
 
-def setup_logging() -> None:
-    worker = os.environ.get("FORETELL_WORKER_ID", "-")
+def setup_logging(role: str) -> None:
     logging.basicConfig(
         level=os.environ.get("FORETELL_LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s %(levelname)s [w{worker}] %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s [{role}] %(name)s: %(message)s",
     )
+
+
+def raise_fd_limit() -> None:
+    """Every client and upstream connection is a file descriptor: allow as many as the system does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def run_loop(coro: Coroutine[Any, Any, int]) -> int:
@@ -52,14 +59,16 @@ def run_loop(coro: Coroutine[Any, Any, int]) -> int:
 def serve(config_path: str | Path) -> int:
     # One thread per model call: the proxy's cores serve requests, not BLAS pools.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    setup_logging()
+    raise_fd_limit()
     try:
         loaded = load(config_path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
     worker_id = os.environ.get("FORETELL_WORKER_ID")
-    if worker_id is not None or loaded.config.workers == 1:
+    single = worker_id is None and loaded.config.workers == 1
+    setup_logging(f"w{worker_id}" if worker_id is not None else "w0" if single else "supervisor")
+    if worker_id is not None or single:
         from proxy import worker
 
         return run_loop(worker.run(config_path, int(worker_id or 0)))

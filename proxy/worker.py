@@ -73,15 +73,16 @@ class Worker:
         await self._runner.setup()
         self._ssl = listen_ssl(config)
         site = web.TCPSite(self._runner, config.listen.host, config.listen.port,
-                           backlog=config.listen.backlog, reuse_port=True, ssl_context=self._ssl)
+                           backlog=config.listen.backlog, ssl_context=self._ssl,
+                           # Workers share the port; a lone worker must see "address in use".
+                           reuse_port=config.workers > 1)
         await site.start()
         self.listen_port = _bound_port(site)
         if self.worker_id == 0:
             app = admin.admin_app(self._get_proxy, self.is_ready)
             self._admin_runner = web.AppRunner(app, handle_signals=False, access_log=None)
             await self._admin_runner.setup()
-            admin_site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port,
-                                     reuse_port=True)
+            admin_site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port)
             await admin_site.start()
             self.admin_port = _bound_port(admin_site)
         self._spawn(self._refresh_gauges())
@@ -101,7 +102,14 @@ class Worker:
             telemetry = TelemetryRecorder(config.telemetry, config.route_classes(), self.worker_id)
             await telemetry.start()
             self._extras.append(telemetry)
-        return telemetry, None
+        forecaster = None
+        if config.forecast.enabled:
+            from proxy.forecast import LoadForecaster
+
+            forecaster = LoadForecaster(config.forecast, workers=config.workers)
+            await forecaster.start()
+            self._extras.append(forecaster)
+        return telemetry, forecaster
 
     def _get_proxy(self) -> Proxy:
         assert self.proxy is not None
@@ -212,7 +220,13 @@ async def run(config_path: str | Path, worker_id: int) -> int:
         await worker.start()
     except ConfigError as exc:
         log.error("%s", exc)
+        await worker.stop()
         return 2
+    except Exception as exc:
+        # Bad model or coefficient files, busy ports: say what and where, no traceback.
+        log.error("cannot start: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        await worker.stop()
+        return 1
     worker.install_signal_handlers()
     await worker.wait_stopped()
     log.info("worker %d draining", worker_id)

@@ -289,3 +289,38 @@ async def test_client_disconnect_releases_inflight(backends: Backends, start_pro
     await asyncio.sleep(0.3)
     state = proxy.worker.proxy.runtime.clusters["default"].cluster.get("a")
     assert state.inflight == 0
+
+
+async def test_access_log_is_json_and_sampled(backends: Backends, start_proxy, client, tmp_path) -> None:
+    import json
+
+    urls = {"a": await backends.start("a")}
+    full, sampled = tmp_path / "full.log", tmp_path / "sampled.log"
+    proxy = await start_proxy(proxy_config(urls, access_log={"enabled": True, "path": str(full)}))
+    quiet = await start_proxy(proxy_config(urls, access_log={"enabled": True, "path": str(sampled),
+                                                             "sample_rate": 0.1}))
+    for _ in range(200):
+        for p in (proxy, quiet):
+            async with client.get(p.url + "/echo?secret=1") as resp:
+                await resp.read()
+    lines = [json.loads(line) for line in full.read_text().splitlines()]
+    assert len(lines) == 200
+    assert {"ts", "client", "method", "path", "status", "duration_ms", "backend", "request_id"} <= set(lines[0])
+    assert lines[0]["backend"] == "a" and lines[0]["status"] == 200 and lines[0]["path"] == "/echo"
+    assert 5 <= len(sampled.read_text().splitlines()) <= 40  # 10% of 200, binomial 4 sigma
+
+
+async def test_retry_budget_limits_retries(backends: Backends, start_proxy, client) -> None:
+    urls = {"a": await backends.start("a"), "dead": "http://127.0.0.1:1"}
+    no_budget = {"attempts": 3, "budget": {"percent": 0, "min_concurrent": 0}}
+    # Passive detection would eject the dead backend after two failures; keep it in.
+    health = {"active": {"enabled": False}, "consecutive": {"enabled": False},
+              "success_rate": {"enabled": False}}
+    proxy = await start_proxy(proxy_config(urls, retries=no_budget, health=health))
+    statuses = []
+    for _ in range(10):
+        async with client.get(proxy.url + "/echo") as resp:
+            statuses.append(resp.status)
+    assert statuses.count(502) == 5  # every try on the dead backend fails: no budget to retry
+    text = await (await client.get(proxy.admin_url + "/metrics")).text()
+    assert 'foretell_retries_budget_exhausted_total{cluster="default"}' in text
