@@ -77,20 +77,44 @@ def _run(args: argparse.Namespace) -> int:
     plots = report.plot(results, out / "plots")
     print(table)
     if args.results_md:
-        md = Path(args.results_md)
-        plot_dir = md.parent / "results"
-        plot_dir.mkdir(parents=True, exist_ok=True)
-        copied = []
-        for p in plots:
-            shutil.copy(p, plot_dir / p.name)
-            copied.append(Path("results") / p.name)
-        md.write_text(report.results_markdown(meta, table, copied))
-        print(f"bench run: wrote {md}", file=sys.stderr)
+        _write_results_md(Path(args.results_md), meta, table, plots, None)
     failed = sum(1 for r in results if "failed" in r)
     if failed:
         print(f"bench run: {failed} of {len(results)} runs failed (see {out}/raw/*.log)",
               file=sys.stderr)
     return 1 if failed else 0
+
+
+def _write_results_md(md: Path, meta: dict[str, object], table: str, plots: list[Path],
+                      extra: str | None) -> None:
+    from bench import report
+
+    plot_dir = md.parent / "results"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for p in plots:
+        shutil.copy(p, plot_dir / p.name)
+        copied.append(Path("results") / p.name)
+    md.write_text(report.results_markdown(meta, table, copied, extra))
+    print(f"bench: wrote {md} and {len(copied)} plot(s) in {plot_dir}", file=sys.stderr)
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Tables, plots and (optionally) bench/RESULTS.md again from a run's results.json."""
+    import json
+
+    from bench import report
+
+    src = Path(args.source)
+    data = json.loads((src / "results.json").read_text())
+    rows = report.aggregate(data["runs"])
+    table = report.markdown_table(rows)
+    plots = report.plot(data["runs"], src / "plots")
+    print(table)
+    if args.results_md:
+        extra = Path(args.overhead_md).read_text() if args.overhead_md else None
+        _write_results_md(Path(args.results_md), data["meta"], table, plots, extra)
+    return 0
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -139,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-md", default=None,
                      help="also write this markdown page (e.g. bench/RESULTS.md) with plots")
     run.set_defaults(func=_run)
+
+    rep = sub.add_parser("report", help="tables, plots and RESULTS.md from a run's results.json")
+    rep.add_argument("source", help="the --out directory of a `bench run`")
+    rep.add_argument("--results-md", default=None, help="write this page (e.g. bench/RESULTS.md)")
+    rep.add_argument("--overhead-md", default=None,
+                     help="append this `bench overhead --out` table to the page")
+    rep.set_defaults(func=_report)
 
     ov = sub.add_parser("overhead", help="throughput and CPU per request vs nginx and haproxy (wrk)")
     ov.add_argument("--policies", default="round_robin,p2c_peak_ewma")

@@ -144,7 +144,8 @@ def plot(runs: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     return written
 
 
-def results_markdown(meta: dict[str, Any], table: str, plots: Sequence[Path]) -> str:
+def results_markdown(meta: dict[str, Any], table: str, plots: Sequence[Path],
+                     extra: str | None = None) -> str:
     """The page bench/RESULTS.md: command, machine, tables, plots. Generated, not edited."""
     m = meta.get("machine", {})
     lines = [
@@ -171,4 +172,6 @@ def results_markdown(meta: dict[str, Any], table: str, plots: Sequence[Path]) ->
         "",
     ]
     lines += [f"![{p.stem}]({p.as_posix()})" for p in plots]
+    if extra:
+        lines += ["", extra.replace("# Proxy overhead", "## Proxy overhead", 1)]
     return "\n".join(lines) + "\n"
