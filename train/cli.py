@@ -143,9 +143,9 @@ def add_latency(sub: Any) -> None:
     p.add_argument("--out", default="models/latency.onnx", help="model file (default: %(default)s)")
     p.add_argument("--candidates", default="ridge,mlp,hgb",
                    help="comma-separated: ridge, mlp, hgb (default: %(default)s)")
-    p.add_argument("--target", choices=("ratio", "latency"), default="ratio",
-                   help="ratio: learn latency / route_cost_ms (scales with queueing); "
-                        "latency: learn ms directly (default: %(default)s)")
+    p.add_argument("--target", choices=("auto", "ratio", "latency"), default="auto",
+                   help="latency: learn ms; ratio: learn latency / route_cost_ms (scales "
+                        "with queueing); auto: both, keep the better (default: %(default)s)")
     p.add_argument("--validation-fraction", type=float, default=0.2)
     p.add_argument("--max-rows", type=int, default=300_000, help="train on the most recent N")
     p.add_argument("--max-inference-us", type=float, default=12.0,

@@ -16,7 +16,8 @@ Steps, each reported on the terminal:
    boosting; each is exported and its onnxruntime inference time measured
    on 16 rows; the lowest validation MAE among those within
    `max_inference_us` wins;
-   With `target="ratio"` (the default) the models learn latency divided by
+   Each candidate is fitted for two targets (`target="auto"`): latency in
+   ms, and ("ratio") latency divided by
    the route_cost_ms feature (this backend's latency EWMA for the route
    class x (inflight + 1)): a correction factor on a queueing estimate, so
    predictions keep scaling with load outside the training range (trees
@@ -220,6 +221,7 @@ class CandidateResult:
     inference_us: float
     model: Any = field(repr=False)
     onnx: bytes = field(repr=False)
+    target: str = "latency"
 
 
 @dataclass
@@ -255,18 +257,17 @@ def to_ms(raw: np.ndarray, x: np.ndarray, ratio: bool) -> np.ndarray:
 
 
 def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, ...] = CANDIDATES,
-                  target: str = "ratio",
+                  target: str = "auto",
                   validation_fraction: float = 0.2,
                   max_rows: int | None = 300_000, max_inference_us: float = 12.0,
                   force: bool = False, seed: int = 0,
                   progress: Callable[[str], None] = print) -> TrainResult:
-    if target not in TARGET_MODES:
-        raise TrainError(f"target {target!r}: expected one of {', '.join(TARGET_MODES)}")
-    ratio = target == "ratio"
+    if target != "auto" and target not in TARGET_MODES:
+        raise TrainError(f"target {target!r}: expected auto or one of {', '.join(TARGET_MODES)}")
+    targets = list(TARGET_MODES) if target == "auto" else [target]
     p = prepare(data, validation_fraction=validation_fraction, max_rows=max_rows)
     n, s = len(p.y_ms), p.split
     route_cost = np.maximum(p.x[:, ROUTE_COST].astype(np.float64), RATIO_FLOOR_MS)
-    y_fit = np.clip(p.y_ms / route_cost, 0.0, RATIO_CAP) if ratio else p.y_ms
     progress(f"{n} successful decisions: {s} train, {n - s} validation (time-ordered); "
              f"{p.failures} failed attempts left out (the policy's failure penalty covers "
              f"them); targets clipped at {p.clip_ms:.1f} ms")
@@ -276,18 +277,22 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
     x16 = p.x[s:s + 16] if n - s >= 16 else np.resize(p.x[s:], (16, N_FEATURES))
     results: list[CandidateResult] = []
     yv = p.y_ms[s:]
-    common = {**schema_metadata(data.route_classes), "foretell.target": TARGET_MODES[target]}
-    for kind in candidates:
-        t0 = time.perf_counter()
-        model = make_candidate(kind, seed)
-        model.fit(p.x[:s], y_fit[:s])
-        fit_s = time.perf_counter() - t0
-        err = mae(to_ms(model.predict(p.x[s:]), p.x[s:], ratio), yv)
-        onnx_bytes = to_onnx(model, {**common, "foretell.model_kind": kind})
-        cost = inference_us(ort_session(onnx_bytes), x16)
-        results.append(CandidateResult(kind, err, fit_s, cost, model, onnx_bytes))
-        progress(f"candidate {kind:5s}: validation MAE {err:.3f} ms, fit {fit_s:.1f} s, "
-                 f"inference {cost:.1f} µs / 16 rows")
+    schema = schema_metadata(data.route_classes)
+    for mode in targets:
+        ratio = mode == "ratio"
+        y_fit = np.clip(p.y_ms / route_cost, 0.0, RATIO_CAP) if ratio else p.y_ms
+        for kind in candidates:
+            t0 = time.perf_counter()
+            model = make_candidate(kind, seed)
+            model.fit(p.x[:s], y_fit[:s])
+            fit_s = time.perf_counter() - t0
+            err = mae(to_ms(model.predict(p.x[s:]), p.x[s:], ratio), yv)
+            onnx_bytes = to_onnx(model, {**schema, "foretell.target": TARGET_MODES[mode],
+                                         "foretell.model_kind": kind})
+            cost = inference_us(ort_session(onnx_bytes), x16)
+            results.append(CandidateResult(kind, err, fit_s, cost, model, onnx_bytes, mode))
+            progress(f"candidate {kind:5s} target {mode:7s}: validation MAE {err:.3f} ms, "
+                     f"fit {fit_s:.1f} s, inference {cost:.1f} µs / 16 rows")
     fast = [r for r in results if r.inference_us <= max_inference_us]
     if not fast:
         raise TrainError(f"no candidate infers within {max_inference_us:g} µs for 16 rows "
@@ -298,8 +303,10 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
     for r in slower_better:
         progress(f"note: {r.kind} is more accurate ({r.val_mae:.3f} ms) but too slow "
                  f"({r.inference_us:.1f} µs > {max_inference_us:g} µs)")
+    ratio = best.target == "ratio"
+    common = {**schema, "foretell.target": TARGET_MODES[best.target]}
     mae_ratio = best.val_mae / ewma_mae if ewma_mae > 0 else float("inf")
-    progress(f"chose {best.kind} (target {target}): MAE {best.val_mae:.3f} ms = "
+    progress(f"chose {best.kind} (target {best.target}): MAE {best.val_mae:.3f} ms = "
              f"{mae_ratio:.2f}x the EWMA predictor's")
     window = {"first_time_s": float(p.time_s[0]), "last_time_s": float(p.time_s[-1]),
               "train_rows": s, "validation_rows": n - s,
@@ -307,7 +314,8 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
     version = f"{best.kind}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     validation = {"mae_ms": best.val_mae, "ewma_mae_ms": ewma_mae, "mae_ratio_vs_ewma": mae_ratio,
                   "baselines_mae_ms": base, "inference_us_16_rows": best.inference_us,
-                  "candidates": {r.kind: {"mae_ms": r.val_mae, "inference_us": r.inference_us}
+                  "candidates": {f"{r.kind}/{r.target}": {"mae_ms": r.val_mae,
+                                                          "inference_us": r.inference_us}
                                  for r in results},
                   "failures_left_out": p.failures, "target_clip_ms": p.clip_ms}
     metadata = {**common, "foretell.model_kind": best.kind, "foretell.model_version": version,

@@ -53,7 +53,7 @@ def test_round_trip_train_export_load_parity(telemetry_dir: Path, tmp_path: Path
     data = load_telemetry(telemetry_dir)
     out = tmp_path / "models" / "latency.onnx"
     lines: list[str] = []
-    result = train_latency(data, out, candidates=("ridge", "hgb"), max_inference_us=1e6,
+    result = train_latency(data, out, candidates=("ridge", "mlp"), max_inference_us=1e6,
                            progress=lines.append)
     assert out.exists() and result.written == out
     assert not list(out.parent.glob(".*.tmp"))  # the temporary file was renamed away
@@ -80,7 +80,8 @@ def test_round_trip_train_export_load_parity(telemetry_dir: Path, tmp_path: Path
 def test_learned_policy_beats_heuristic_in_simulation(telemetry_dir: Path, tmp_path: Path) -> None:
     data = load_telemetry(telemetry_dir)
     out = tmp_path / "m.onnx"
-    train_latency(data, out, candidates=("ridge",), max_inference_us=1e6, progress=lambda m: None)
+    train_latency(data, out, candidates=("ridge",), target="latency", max_inference_us=1e6,
+                  progress=lambda m: None)
     means = {}
     for kind, options in (("p2c_peak_ewma", {}), ("onnx_latency", {"model_path": str(out)})):
         sim = Sim(seed=9)  # evaluation seed differs from the training seed
@@ -103,11 +104,11 @@ async def test_refuses_model_worse_than_ewma_unless_forced(tmp_path: Path) -> No
     data = load_telemetry(tmp_path)
     out = tmp_path / "m.onnx"
     with pytest.raises(TrainError, match="not better than the EWMA"):
-        train_latency(data, out, candidates=("ridge",), max_inference_us=1e6,
+        train_latency(data, out, candidates=("ridge",), target="latency", max_inference_us=1e6,
                       progress=lambda m: None)
     assert not out.exists()
-    train_latency(data, out, candidates=("ridge",), max_inference_us=1e6, force=True,
-                  progress=lambda m: None)
+    train_latency(data, out, candidates=("ridge",), target="latency", max_inference_us=1e6,
+                  force=True, progress=lambda m: None)
     assert out.exists()
 
 
@@ -134,7 +135,8 @@ def test_cli_latency_and_evaluate(telemetry_dir: Path, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "latency.onnx"
     assert train_main(["latency", "--data", str(telemetry_dir), "--out", str(out),
-                       "--candidates", "ridge", "--max-inference-us", "1000000"]) == 0
+                       "--candidates", "ridge", "--target", "ratio",
+                       "--max-inference-us", "1000000"]) == 0
     assert out.exists()
     js = tmp_path / "est.json"
     assert train_main(["evaluate", "--model", str(out), "--data", str(telemetry_dir),
