@@ -27,6 +27,9 @@ class Verdict:
     # Detector-specific severity (a count, a rate, a ratio, an anomaly score);
     # larger is worse. Used to eject the worst first when a guard limits ejections.
     score: float = 0.0
+    # The backend does not answer at all (refused, reset, timed out): it is down,
+    # not sick, so it may return as soon as probes pass (no growing ejection time).
+    unreachable: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return {"detected": self.detected, "reason": self.reason, "score": round(self.score, 4)}

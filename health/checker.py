@@ -237,7 +237,8 @@ class HealthChecker:
                 record.verdicts[d.name] = v
                 if v.detected:
                     by_backend[v.backend_id].append(
-                        Finding(d.name, v.reason, v.score, enforced=not self._shadow[d.name]))
+                        Finding(d.name, v.reason, v.score, enforced=not self._shadow[d.name],
+                                unreachable=v.unreachable))
         active = self.config.active
         statuses = []
         for backend_id, record in self._records.items():
@@ -245,7 +246,8 @@ class HealthChecker:
             findings = by_backend[backend_id]
             if active.enabled and not tracker.up and not record.ejected:
                 findings.append(Finding(ACTIVE, f"active probe {tracker.describe()}", math.inf,
-                                        enforced=not active.shadow, hard=True))
+                                        enforced=not active.shadow, hard=True,
+                                        unreachable=True))
             statuses.append(BackendStatus(backend_id, record.ejected, record.eject_until,
                                           tracker.up if active.enabled else None,
                                           tuple(findings)))
@@ -263,7 +265,13 @@ class HealthChecker:
             if d.action is Action.EJECT:
                 mult = decayed_multiplier(record.multiplier, record.ejected_at, now,
                                           cfg.multiplier_decay_s) + 1
-                duration_s = ejection_duration_s(cfg.base_ejection_s, cfg.max_ejection_s, mult)
+                if d.unreachable and self.config.active.enabled:
+                    # A crashed backend is back when it answers probes again; keeping it
+                    # out longer only costs capacity (the probes' rise is the gate).
+                    duration_s = min(cfg.unreachable_ejection_s, cfg.base_ejection_s)
+                else:
+                    duration_s = ejection_duration_s(cfg.base_ejection_s, cfg.max_ejection_s,
+                                                     mult)
                 record.ejected = True
                 record.multiplier = mult
                 record.ejected_at = now

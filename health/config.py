@@ -23,7 +23,7 @@ class ActiveProbe(_Frozen):
     expected_statuses: list[int] = Field(default_factory=lambda: [200])
     interval_s: float = Field(default=2.0, gt=0)
     # Ejected backends are probed faster so they can come back sooner.
-    ejected_interval_s: float = Field(default=1.0, gt=0)
+    ejected_interval_s: float = Field(default=0.5, gt=0)
     timeout_s: float = Field(default=1.0, gt=0)
     jitter_s: float = Field(default=0.2, ge=0)
     rise: int = Field(default=2, ge=1)
@@ -78,7 +78,7 @@ class LatencyOutlier(_Frozen):
     min_requests: int = Field(default=8, ge=1)
     min_hosts: int = Field(default=3, ge=1)
     # Detected when quantile >= ratio * fleet median and exceeds it by min_excess_s.
-    ratio: float = Field(default=3.0, gt=1)
+    ratio: float = Field(default=4.0, gt=1)
     min_excess_s: float = Field(default=0.010, ge=0)
 
 
@@ -114,6 +114,9 @@ class Ejection(_Frozen):
     # Ejection time is base * n for the n-th recent ejection, at most max.
     base_ejection_s: float = Field(default=5.0, gt=0)
     max_ejection_s: float = Field(default=60.0, gt=0)
+    # Ejection time when the backend did not answer at all (transport errors, failed
+    # probes) and active probes are on: it returns once `rise` probes pass.
+    unreachable_ejection_s: float = Field(default=1.0, gt=0)
     # n drops by one per this much time without an ejection.
     multiplier_decay_s: float = Field(default=30.0, gt=0)
     # Re-admission waits a random extra 0..jitter so ejected backends do not return together.

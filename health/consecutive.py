@@ -68,7 +68,8 @@ class ConsecutiveFailures:
                 verdicts.append(Verdict(backend_id, self.name, True,
                                         f"{s.transport} transport errors in a row ({kinds}; "
                                         f"threshold {cfg.consecutive_transport})",
-                                        float(s.transport) / cfg.consecutive_transport))
+                                        float(s.transport) / cfg.consecutive_transport,
+                                        unreachable=True))
             elif s.http_5xx >= cfg.consecutive_5xx:
                 verdicts.append(Verdict(backend_id, self.name, True,
                                         f"{s.http_5xx} 5xx responses in a row "

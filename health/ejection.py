@@ -34,6 +34,7 @@ class Finding:
     score: float = 0.0
     enforced: bool = True  # False: shadow mode, log and count only
     hard: bool = False  # not capped by max_ejection_percent (the active probe)
+    unreachable: bool = False  # down rather than sick: short ejection, probes decide
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +60,7 @@ class Decision:
     action: Action
     reason: str
     detector: str = ""
-    # For EJECT: whether a guard held it back is expressed as SUSPECT instead.
+    unreachable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +129,7 @@ def decide(statuses: Sequence[BackendStatus], now: float, max_ejection_percent: 
         if f.hard or may_eject(total, ejected, max_ejection_percent):
             ejected += 1
             decisions.append(Decision(st.backend_id, Action.EJECT, f"{f.detector}: {f.reason}",
-                                      f.detector))
+                                      f.detector, f.unreachable))
         else:
             decisions.append(Decision(
                 st.backend_id, Action.SUSPECT,

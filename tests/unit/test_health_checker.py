@@ -49,7 +49,7 @@ def test_5xx_backend_ejected_with_reason_and_removed_from_ready() -> None:
 def test_readmission_after_time_and_rise_probes_then_longer_second_ejection() -> None:
     clock = Clock()
     cluster, hc = make(4, clock)
-    send(cluster, "b0", CONNECT, 2)
+    send(cluster, "b0", HTTP_503, 5)
     hc.evaluate()
     assert cluster.get("b0").health is Health.EJECTED
     until = clock() + 5.0 + 0.5
@@ -67,15 +67,31 @@ def test_readmission_after_time_and_rise_probes_then_longer_second_ejection() ->
     # Slow start keys off admitted_at, which set_health moved to the re-admission time.
     assert state.admitted_at == clock()
     assert hc.describe("b0")["verdicts"] == {}
-    # Old evidence was forgotten: one more connect error is not two in a row.
-    send(cluster, "b0", CONNECT)
+    # Old evidence was forgotten: four more 5xx are not five in a row.
+    send(cluster, "b0", HTTP_503, 4)
     hc.evaluate()
     assert cluster.get("b0").health is Health.HEALTHY
-    send(cluster, "b0", CONNECT)
+    send(cluster, "b0", HTTP_503)
     hc.evaluate()
     assert cluster.get("b0").health is Health.EJECTED
     assert hc.describe("b0")["ejection_multiplier"] == 2
     assert "ejected for 10.0 s (#2)" in hc.describe("b0")["history"][-1]  # type: ignore[index]
+
+
+def test_unreachable_backend_returns_as_soon_as_probes_pass() -> None:
+    """Connect errors mean down, not sick: a short ejection, then the probes decide."""
+    clock = Clock()
+    cluster, hc = make(4, clock)
+    send(cluster, "b0", CONNECT, 2)
+    hc.evaluate()
+    assert "ejected for 1.0 s (#1)" in hc.describe("b0")["history"][-1]  # type: ignore[index]
+    clock.advance(1.6)
+    hc.evaluate()
+    assert cluster.get("b0").health is Health.EJECTED
+    hc.on_probe("b0", ProbeResult(True, 0.001, 200))
+    hc.on_probe("b0", ProbeResult(True, 0.001, 200))
+    hc.evaluate()
+    assert cluster.get("b0").health is Health.HEALTHY
 
 
 def test_max_ejection_percent_holds_back_and_counts_detected() -> None:
