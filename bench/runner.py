@@ -272,10 +272,12 @@ def run_one(plan: RunPlan, workdir: Path) -> dict[str, Any]:
         origin = time.monotonic() + LOAD_LEAD_S
         fleet.set_origin(origin)
         rate = sc.rate_rps(plan.utilisation) / sc.proxies
+        squeeze = plan.duration_s / sc.duration_s
+        profile = tuple((t * squeeze, m) for t, m in sc.rate_profile)
         specs, outs = [], []
         for k, p in enumerate(proxies):
             spec = LoadSpec(url=p.url, rate_rps=rate, duration_s=plan.duration_s,
-                            routes=sc.routes, rate_profile=sc.rate_profile,
+                            routes=sc.routes, rate_profile=profile,
                             deadline_s=sc.deadline_s, seed=plan.seed * 31 + k,
                             start_at_s=origin, origin_s=origin)
             out = workdir / f"{tag}-load{k}.npz"

@@ -38,10 +38,11 @@ class Scenario:
     utilisations: tuple[float, ...] = (0.5, 0.7, 0.9)
     quick_utilisations: tuple[float, ...] = (0.7,)
     duration_s: float = 30.0
-    quick_duration_s: float = 15.0
+    quick_duration_s: float = 12.0
     warmup_s: float = 3.0
     deadline_s: float = 2.0
-    # Piecewise-linear rate multiplier over time ((t_s, multiplier), ...).
+    # Piecewise-linear rate multiplier over time ((t_s, multiplier), ...), with times
+    # for a run of `duration_s`; a shorter (quick) run is squeezed to the same shape.
     rate_profile: tuple[tuple[float, float], ...] = ()
     mean_slowdown: float = 1.0
     proxies: int = 1
@@ -100,14 +101,14 @@ def _stall() -> Scenario:
     fleet = _fleet()
     _with(fleet, 0, events=(Event("stall", 6.0, 10.0),))
     return Scenario("stall", "S3", "backend b0 stalls (answers nothing) from 6 s to 10 s",
-                    tuple(fleet), duration_s=30.0, quick_duration_s=16.0)
+                    tuple(fleet), duration_s=30.0, quick_duration_s=14.0)
 
 
 def _ramp() -> Scenario:
     return Scenario("ramp", "S4", "load ramps linearly from 0.5x to 1.3x capacity",
                     tuple(_fleet()), utilisations=(1.0,), quick_utilisations=(1.0,),
                     rate_profile=((0.0, 0.5), (30.0, 1.3)), duration_s=30.0,
-                    quick_duration_s=20.0, warmup_s=2.0)
+                    quick_duration_s=16.0, warmup_s=2.0)
 
 
 def _gray() -> Scenario:
