@@ -11,7 +11,8 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -38,16 +39,22 @@ class BackendView(Protocol):
     def latency_percentile_s(self, q: float) -> float: ...
 
 
-@dataclass(frozen=True, slots=True)
-class RequestInfo:
-    """What a policy may know about the request being routed."""
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+class RequestInfo(NamedTuple):
+    """What a policy may know about the request being routed.
+
+    A NamedTuple: built once per request, and a tuple is the cheapest
+    immutable record Python has.
+    """
 
     method: str = "GET"
     path: str = "/"
     route_class: str = "default"
     body_size: int = 0  # Content-Length when known, else 0
     client_ip: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = _NO_HEADERS
 
 
 class PolicyOptions(BaseModel):

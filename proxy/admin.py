@@ -61,7 +61,8 @@ def proxy_worker_id() -> int:
 
 
 def refresh_gauges(proxy: Proxy) -> None:
-    """Per-backend gauges are set at scrape/tick time, not per request."""
+    """Publish hot-path counts; per-backend gauges are set here, not per request."""
+    metrics.HOT.flush()
     for name, cr in proxy.runtime.clusters.items():
         metrics.CLUSTER_PANIC.labels(name).set(1 if cr.cluster.panic else 0)
         for state in cr.cluster.states.values():

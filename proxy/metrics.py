@@ -7,6 +7,7 @@ the increment itself, and the label values here come from bounded sets
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -48,13 +49,62 @@ def cached_labels(metric: Any) -> Callable[..., Any]:
     return lru_cache(maxsize=4096)(metric.labels)
 
 
-requests = cached_labels(REQUESTS)
-upstream_requests = cached_labels(UPSTREAM_REQUESTS)
-upstream_latency = cached_labels(UPSTREAM_LATENCY)
 retries = cached_labels(RETRIES)
 errors = cached_labels(ERRORS)
-picks = cached_labels(PICKS)
+_LATENCY_BOUNDS_S = (*LATENCY_BUCKETS_S, float("inf"))
+
+
+class HotCounts:
+    """Per-request counts kept in plain dicts and published by `flush()`.
+
+    A prometheus_client increment takes a lock and a label lookup; at tens of
+    thousands of requests per second that is a visible share of the proxy's
+    CPU. The worker flushes every second and before answering a scrape, so
+    /metrics is at most a second behind (Envoy flushes stats every 5 s).
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str], int] = {}
+        self.upstream: dict[tuple[str, str, str], int] = {}
+        self.picks: dict[tuple[str, str], int] = {}
+        # (cluster, backend) -> [count per bucket..., sum of seconds]
+        self.latency: dict[tuple[str, str], list[float]] = {}
+
+    def observe_latency(self, cluster: str, backend: str, latency_s: float) -> None:
+        key = (cluster, backend)
+        counts = self.latency.get(key)
+        if counts is None:
+            counts = self.latency[key] = [0.0] * (len(_LATENCY_BOUNDS_S) + 1)
+        counts[bisect_left(_LATENCY_BOUNDS_S, latency_s)] += 1
+        counts[-1] += latency_s
+
+    def flush(self) -> None:
+        requests, self.requests = self.requests, {}
+        upstream, self.upstream = self.upstream, {}
+        picks, self.picks = self.picks, {}
+        latency, self.latency = self.latency, {}
+        for key, n in requests.items():
+            REQUESTS.labels(*key).inc(n)
+        for key3, n in upstream.items():
+            UPSTREAM_REQUESTS.labels(*key3).inc(n)
+        for key, n in picks.items():
+            PICKS.labels(*key).inc(n)
+        for key, counts in latency.items():
+            child = UPSTREAM_LATENCY.labels(*key)
+            # prometheus_client has no bulk observe; its Histogram keeps one
+            # value per bucket (`_buckets`, non-cumulative) and `_sum`.
+            for i, in_bucket in enumerate(counts[:-1]):
+                if in_bucket:
+                    child._buckets[i].inc(in_bucket)
+            child._sum.inc(counts[-1])
+
+
+HOT = HotCounts()
+
+
+_CODE_CLASSES = {c: f"{c}xx" for c in range(1, 6)}
 
 
 def code_class(status: int) -> str:
-    return f"{status // 100}xx" if status else "error"
+    """'2xx', '5xx', ... or 'error' when there was no HTTP response."""
+    return _CODE_CLASSES.get(status // 100, "error") if status else "error"

@@ -72,6 +72,10 @@ class ClusterRuntime:
     def policy_name(self) -> str:
         return type(self.policy).name
 
+    @property
+    def pick_key(self) -> tuple[str, str]:
+        return (self.name, type(self.policy).name)
+
     def start_policy_background(self) -> None:
         run = getattr(self.policy, "run_background", None)
         if run is not None:

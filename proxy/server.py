@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
+from itertools import chain
 from typing import Any
 
 import aiohttp
@@ -103,8 +104,9 @@ class Proxy:
             return resp
         finally:
             self.active_requests -= 1
-            status = resp.status if resp is not None else 0
-            metrics.requests(cluster_name, metrics.code_class(status)).inc()
+            key = (cluster_name, metrics.code_class(resp.status if resp is not None else 0))
+            counts = metrics.HOT.requests
+            counts[key] = counts.get(key, 0) + 1
             if self.access_log is not None:
                 self.access_log.record(request, resp, cluster_name, self._loop_time() - started)
 
@@ -158,7 +160,8 @@ class Proxy:
                 state = cr.cluster.states.get(chosen.id)
                 if state is None:  # a policy returned something that is not ours
                     raise RuntimeError(f"policy {cr.policy_name} returned unknown backend {chosen.id!r}")
-                metrics.picks(cr.name, cr.policy_name).inc()
+                picks = metrics.HOT.picks
+                picks[cr.pick_key] = picks.get(cr.pick_key, 0) + 1
                 propensity = getattr(cr.policy, "last_propensity", None)
                 token = None
                 if self.telemetry is not None:
@@ -257,10 +260,11 @@ class Proxy:
 
     def _observe(self, cr: ClusterRuntime, state: BackendState, info: RequestInfo, outcome: Outcome,
                  token: Any) -> None:
-        labels = (cr.name, state.id)
-        metrics.upstream_requests(*labels, metrics.code_class(outcome.status)).inc()
+        hot = metrics.HOT
+        key = (cr.name, state.id, metrics.code_class(outcome.status))
+        hot.upstream[key] = hot.upstream.get(key, 0) + 1
         if outcome.error_kind is None:
-            metrics.upstream_latency(*labels).observe(outcome.latency_s)
+            hot.observe_latency(cr.name, state.id, outcome.latency_s)
         observe = getattr(cr.policy, "observe", None)
         if observe is not None:
             observe(state, info, outcome)
@@ -318,5 +322,7 @@ def _retry_statuses(config: Config) -> frozenset[int]:
 
 
 def _header_bytes(request: BaseRequest) -> int:
-    # name + ": " + value + CRLF for every header line
-    return sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+    # name + ": " + value + CRLF for every header line (summed in C, not a genexpr)
+    raw = request.raw_headers
+    return sum(map(len, chain.from_iterable(raw))) + 4 * len(raw)
+

@@ -15,9 +15,9 @@ import enum
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 Clock = Callable[[], float]
 
@@ -53,9 +53,8 @@ class Health(enum.Enum):
     EJECTED = "ejected"
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one upstream attempt ended with."""
+class Outcome(NamedTuple):
+    """What one upstream attempt ended with (a NamedTuple: one per request, cheap)."""
 
     status: int  # HTTP status from the backend; 0 when there was no response
     latency_s: float
@@ -112,26 +111,29 @@ class PeakEwma:
 class OutcomeWindow:
     """The last `size` outcomes of one backend: latencies and failure flags."""
 
-    __slots__ = ("_failed", "_latency_s", "_timeouts", "failures", "timeouts")
+    __slots__ = ("_failed", "_latency_s", "_size", "_timeouts", "failures", "timeouts")
 
     def __init__(self, size: int = WINDOW_SIZE) -> None:
+        self._size = size
         self._latency_s: deque[float] = deque(maxlen=size)
         self._failed: deque[bool] = deque(maxlen=size)
         self._timeouts: deque[bool] = deque(maxlen=size)
         self.failures = 0  # failures currently inside the window
         self.timeouts = 0
 
-    def add(self, outcome: Outcome) -> None:
-        if len(self._failed) == self._failed.maxlen:
+    def add(self, outcome: Outcome) -> bool:
+        """Add one outcome; returns whether it failed."""
+        failed = outcome.error_kind is not None or outcome.status >= 500
+        timed_out = outcome.error_kind == ERROR_TIMEOUT
+        if len(self._failed) == self._size:
             self.failures -= self._failed[0]
             self.timeouts -= self._timeouts[0]
-        failed = outcome.failed
-        timed_out = outcome.error_kind == ERROR_TIMEOUT
         self._latency_s.append(outcome.latency_s)
         self._failed.append(failed)
         self._timeouts.append(timed_out)
         self.failures += failed
         self.timeouts += timed_out
+        return failed
 
     def __len__(self) -> int:
         return len(self._failed)
@@ -227,15 +229,26 @@ class BackendState:
 
 
 class Tracker:
-    """Handle for one in-flight attempt; `finish` records its outcome once."""
+    """One in-flight attempt: a context manager that holds an inflight slot.
 
-    __slots__ = ("_cluster", "_done", "started_at", "state")
+    `finish(outcome)` records the outcome once; leaving the block without it
+    (cancellation) records nothing but still releases the slot. A plain class
+    rather than @contextmanager: this runs on every request.
+    """
 
-    def __init__(self, cluster: Cluster, state: BackendState, started_at: float) -> None:
+    __slots__ = ("_cluster", "_done", "state")
+
+    def __init__(self, cluster: Cluster, state: BackendState) -> None:
         self._cluster = cluster
         self.state = state
-        self.started_at = started_at
         self._done = False
+
+    def __enter__(self) -> Tracker:
+        self.state.inflight += 1
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.state.inflight -= 1
 
     def finish(self, outcome: Outcome) -> None:
         if self._done:
@@ -292,24 +305,14 @@ class Cluster:
         return self.states[backend_id]
 
     # -- the request-side writer ----------------------------------------------
-    @contextmanager
-    def track(self, state: BackendState) -> Iterator[Tracker]:
-        """Count an attempt as in flight until the block exits.
-
-        Call `tracker.finish(outcome)` inside the block; leaving without it
-        (cancellation) records nothing but still releases the inflight slot.
-        """
-        state.inflight += 1
-        tracker = Tracker(self, state, self.clock())
-        try:
-            yield tracker
-        finally:
-            state.inflight -= 1
+    def track(self, state: BackendState) -> Tracker:
+        """`with cluster.track(state) as t:` counts an attempt in flight until the block exits."""
+        return Tracker(self, state)
 
     def _record(self, state: BackendState, outcome: Outcome) -> None:
         state.requests += 1
-        state.window.add(outcome)
-        if outcome.failed:
+        failed = state.window.add(outcome)
+        if failed:
             state.errors += 1
             state.consecutive_failures += 1
             state.last_error_at = self.clock()
@@ -318,10 +321,12 @@ class Cluster:
         if outcome.error_kind is None:
             # Transport failures carry no service time; they are penalised by
             # the failure rate instead so a failing backend never looks fast.
-            state.ewma.observe(outcome.latency_s)
-            old = state.route_ewma_s.get(outcome.route_class)
-            state.route_ewma_s[outcome.route_class] = outcome.latency_s if old is None else (
-                old + ROUTE_EWMA_ALPHA * (outcome.latency_s - old))
+            latency_s = outcome.latency_s
+            state.ewma.observe(latency_s)
+            route_ewma = state.route_ewma_s
+            old = route_ewma.get(outcome.route_class)
+            route_ewma[outcome.route_class] = latency_s if old is None else (
+                old + ROUTE_EWMA_ALPHA * (latency_s - old))
         for listener in self._outcome_listeners:
             listener(state, outcome)
 

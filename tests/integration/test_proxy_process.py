@@ -165,6 +165,7 @@ async def test_two_workers_share_the_port_and_metrics(backends: Backends, run_pr
         async with aiohttp.ClientSession(connector=connector) as one, one.get(proc.url + "/echo") as resp:
             assert resp.status == 200
     pids = {c.pid for c in parent.children()}
+    await asyncio.sleep(1.5)  # every worker publishes its counts once a second
     async with aiohttp.ClientSession() as client:
         text = await (await client.get(proc.admin_url + "/metrics")).text()
         snapshot = await fetch_json(client, proc.admin_url + "/backends")
