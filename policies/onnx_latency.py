@@ -46,6 +46,7 @@ from policies import registry
 from policies.base import BackendView, Policy, PolicyContext, PolicyOptions, RequestInfo
 from policies.features import (
     ERROR_RATE,
+    FEATURE_NAMES,
     N_FEATURES,
     ROUTE_COST,
     FeatureMatrix,
@@ -90,6 +91,8 @@ MODEL_ACTIVE = Gauge(
     multiprocess_mode="min",
 )
 
+WINDOW_N = FEATURE_NAMES.index("window_n_log")
+
 # Picks after a (re)load not counted against the time budget (first runs are slow).
 WARMUP_PICKS = 64
 
@@ -100,7 +103,9 @@ SCHEMA_MISMATCH = "schema_mismatch"
 INFERENCE_ERROR = "inference_error"
 OVER_BUDGET = "over_budget"
 SHADOW = "shadow"
-REASONS = (MISSING_FILE, LOAD_ERROR, SCHEMA_MISMATCH, INFERENCE_ERROR, OVER_BUDGET, SHADOW)
+WARMING_UP = "warming_up"
+REASONS = (MISSING_FILE, LOAD_ERROR, SCHEMA_MISMATCH, INFERENCE_ERROR, OVER_BUDGET, SHADOW,
+           WARMING_UP)
 
 
 class ModelError(Exception):
@@ -255,6 +260,10 @@ class OnnxLatency:
         refresh_s: float = Field(0.25, gt=0)
         # Observe the pick-time histogram every Nth pick (it costs ~1 µs).
         pick_time_every: int = Field(16, ge=1)
+        # The fallback routes until the ready backends have this many outcomes each on
+        # average (once, at start): with no history every backend looks the same to the
+        # model, and an argmin over equal scores herds onto one backend.
+        min_history: int = Field(8, ge=0)
 
     def __init__(self, options: Options, ctx: PolicyContext) -> None:
         self.options = options
@@ -283,6 +292,7 @@ class OnnxLatency:
         self._err_hist = PREDICTION_ERROR.labels(self.cluster, "shadow" if options.shadow else "serving")
         self._load_error_reason = MISSING_FILE
         self._watched_key: tuple[int, int, int] | None = None
+        self._warming = options.min_history > 0
         try:
             self._install(load_model(options.model_path))
         except ModelError as exc:
@@ -377,6 +387,11 @@ class OnnxLatency:
         started = time.perf_counter_ns()
         try:
             best, pred, idx = self._score(model, ready, req)
+            if self._warming:
+                counts = np.expm1(self._features.matrix[:len(ready), WINDOW_N])
+                if float(counts.mean()) < self.options.min_history:
+                    return self._fall_back(ready, req, WARMING_UP)
+                self._warming = False
         except Exception as exc:  # the model must never fail a request
             log.exception("cluster %s: inference failed (%s); falling back for %.0f s",
                           self.cluster, exc, self.options.cooldown_s)

@@ -73,7 +73,7 @@ def fails_beyond_two_rows(path: Path) -> Path:
 def policy(sim: Sim, path: Path, seed: int = 0, **options: object) -> OnnxLatency:
     ctx = PolicyContext(clock=sim.clock, rng=random.Random(seed), cluster="t",
                         route_classes=ROUTES)
-    p = create("onnx_latency", {"model_path": str(path), **options}, ctx)
+    p = create("onnx_latency", {"model_path": str(path), "min_history": 0, **options}, ctx)
     assert isinstance(p, OnnxLatency)
     return p
 
@@ -248,3 +248,17 @@ def test_unknown_onnx_proto_is_load_error(tmp_path: Path) -> None:
     assert p.model is None
     p.pick(sim.cluster.ready(), REQ)
     assert p.last_reason in (LOAD_ERROR, SCHEMA_MISMATCH)
+
+
+def test_fallback_routes_until_every_backend_has_history(tmp_path: Path) -> None:
+    from policies.onnx_latency import WARMING_UP
+
+    sim = Sim(n_backends=3)
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"), min_history=5)
+    ready = sim.cluster.ready()
+    p.pick(ready, REQ)
+    assert p.last_reason == WARMING_UP
+    sim.run(create("round_robin", {}, PolicyContext(clock=sim.clock)), 30)
+    sim.clock.t += 1.0  # past refresh_s: the policy's matrix re-reads every backend
+    p.pick(ready, REQ)
+    assert p.last_reason is None
