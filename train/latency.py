@@ -22,6 +22,10 @@ Steps, each reported on the terminal:
    class x (inflight + 1)): a correction factor on a queueing estimate, so
    predictions keep scaling with load outside the training range (trees
    cannot extrapolate a latency). Errors are always measured in ms;
+   A candidate whose prediction *drops* when inflight grows (on more than 2% of
+   validation rows, for +1/+4/+16 in flight) is rejected: it would herd
+   traffic onto busy backends; gradient boosting is fitted with a monotone
+   constraint on inflight and the two queueing costs;
 6. refuse to write a model whose validation MAE is not below the EWMA
    predictor's (unless `force`);
 7. parity: onnxruntime and scikit-learn must agree on the validation set;
@@ -51,7 +55,9 @@ import numpy as np
 
 from policies.features import (
     EWMA,
+    EWMA_COST,
     FEATURE_NAMES,
+    INFLIGHT,
     N_FEATURES,
     ROUTE_COST,
     ROUTE_EWMA,
@@ -166,9 +172,45 @@ def make_candidate(kind: str, seed: int) -> Any:
             hidden_layer_sizes=(32, 32), early_stopping=True, max_iter=80,
             learning_rate_init=3e-3, random_state=seed))
     if kind == "hgb":
+        # More requests in flight never make a backend faster: constrain it.
+        monotone = [0] * N_FEATURES
+        for col in (INFLIGHT, EWMA_COST, ROUTE_COST):
+            monotone[col] = 1
         return HistGradientBoostingRegressor(max_iter=60, max_depth=4, learning_rate=0.15,
-                                             random_state=seed)
+                                             monotonic_cst=monotone, random_state=seed)
     raise TrainError(f"unknown candidate {kind!r} (known: {', '.join(CANDIDATES)})")
+
+
+def with_inflight(x: np.ndarray, extra: float) -> np.ndarray:
+    """`x` as if each backend had `extra` more requests in flight (derived costs too)."""
+    out = x.copy()
+    out[:, INFLIGHT] += extra
+    out[:, EWMA_COST:EWMA_COST + 2] = out[:, EWMA:EWMA + 2] * (out[:, INFLIGHT:INFLIGHT + 1] + 1)
+    return out
+
+
+def herding_rate(predict_ms: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> float:
+    """Share of rows whose predicted latency *drops* when more requests are in flight.
+
+    A model that predicts a busier backend to be faster sends it more work and herds
+    (an MLP extrapolating past the inflight it was trained on did exactly that).
+    """
+    base = predict_ms(x)
+    bad = np.zeros(len(x), dtype=bool)
+    for extra in (1.0, 4.0, 16.0):
+        more = predict_ms(with_inflight(x, extra))
+        bad |= more < base * 0.99 - 0.1
+    return float(bad.mean()) if len(x) else 0.0
+
+
+MAX_HERDING_RATE = 0.02
+
+
+def _ms_predictor(model: Any, ratio: bool) -> Callable[[np.ndarray], np.ndarray]:
+    def predict(x: np.ndarray) -> np.ndarray:
+        return to_ms(model.predict(x), x, ratio)
+
+    return predict
 
 
 def to_onnx(model: Any, metadata: dict[str, str]) -> bytes:
@@ -223,6 +265,7 @@ class CandidateResult:
     model: Any = field(repr=False)
     onnx: bytes = field(repr=False)
     target: str = "latency"
+    herding: float = 0.0
 
 
 @dataclass
@@ -296,16 +339,22 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
             onnx_bytes = to_onnx(model, {**schema, "foretell.target": TARGET_MODES[mode],
                                          "foretell.model_kind": kind})
             cost = inference_us(ort_session(onnx_bytes), x16)
-            results.append(CandidateResult(kind, err, fit_s, cost, model, onnx_bytes, mode))
+            herd = herding_rate(_ms_predictor(model, ratio), p.x[s:])
+            results.append(CandidateResult(kind, err, fit_s, cost, model, onnx_bytes, mode, herd))
             progress(f"candidate {kind:5s} target {mode:7s}: validation MAE {err:.3f} ms, "
-                     f"fit {fit_s:.1f} s, inference {cost:.1f} µs / 16 rows")
-    fast = [r for r in results if r.inference_us <= max_inference_us]
+                     f"fit {fit_s:.1f} s, inference {cost:.1f} µs / 16 rows, "
+                     f"faster-when-busier {herd:.1%}")
+    sane = [r for r in results if r.herding <= MAX_HERDING_RATE]
+    if not sane:
+        raise TrainError("every candidate predicts busier backends to be faster on more than "
+                         f"{MAX_HERDING_RATE:.0%} of validation rows; it would herd traffic")
+    fast = [r for r in sane if r.inference_us <= max_inference_us]
     if not fast:
         raise TrainError(f"no candidate infers within {max_inference_us:g} µs for 16 rows "
                          f"({', '.join(f'{r.kind} {r.inference_us:.1f}' for r in results)}); "
                          "raise --max-inference-us")
     best = min(fast, key=lambda r: r.val_mae)
-    slower_better = [r for r in results if r not in fast and r.val_mae < best.val_mae]
+    slower_better = [r for r in sane if r not in fast and r.val_mae < best.val_mae]
     for r in slower_better:
         progress(f"note: {r.kind} is more accurate ({r.val_mae:.3f} ms) but too slow "
                  f"({r.inference_us:.1f} µs > {max_inference_us:g} µs)")
@@ -321,7 +370,8 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
     validation = {"mae_ms": best.val_mae, "ewma_mae_ms": ewma_mae, "mae_ratio_vs_ewma": mae_ratio,
                   "baselines_mae_ms": base, "inference_us_16_rows": best.inference_us,
                   "candidates": {f"{r.kind}/{r.target}": {"mae_ms": r.val_mae,
-                                                          "inference_us": r.inference_us}
+                                                          "inference_us": r.inference_us,
+                                                          "faster_when_busier": r.herding}
                                  for r in results},
                   "failures_left_out": p.failures, "target_clip_ms": p.clip_ms}
     metadata = {**common, "foretell.model_kind": best.kind, "foretell.model_version": version,
