@@ -148,3 +148,17 @@ def test_cli_latency_and_evaluate(telemetry_dir: Path, tmp_path: Path,
     assert est["dr_ms"] < est["logged_mean_ms"]
     assert train_main(["evaluate", "--model", str(tmp_path / "missing.onnx"),
                        "--data", str(telemetry_dir)]) == 2
+
+
+def test_herding_check_flags_models_faster_when_busier() -> None:
+    from policies.features import EWMA, INFLIGHT, N_FEATURES
+    from train.latency import herding_rate, with_inflight
+
+    rng = np.random.default_rng(0)
+    x = rng.random((200, N_FEATURES)).astype(np.float32) * 10
+    busier = with_inflight(x, 4.0)
+    assert np.allclose(busier[:, INFLIGHT], x[:, INFLIGHT] + 4)
+    assert np.allclose(busier[:, FEATURE_NAMES.index("ewma_cost_ms")],
+                       x[:, EWMA] * (x[:, INFLIGHT] + 5), rtol=1e-5)
+    assert herding_rate(lambda z: z[:, INFLIGHT] * 3.0 + 1.0, x) == 0.0
+    assert herding_rate(lambda z: 100.0 - z[:, INFLIGHT], x) == 1.0
