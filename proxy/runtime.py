@@ -25,6 +25,7 @@ from policies import registry
 from policies.base import Policy, PolicyContext
 from proxy.config import ClusterSpec, Config, Timeouts, UpstreamTls
 from proxy.loader import Loaded
+from proxy.retry import RetryPlan
 from proxy.router import Router
 from proxy.state import Backend, Cluster
 
@@ -67,14 +68,17 @@ class ClusterRuntime:
     session: aiohttp.ClientSession
     checker: HealthChecker
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Looked up once here rather than per request:
+    pick_key: tuple[str, str] = ("", "")  # metric labels of a pick
+    observe: Callable[..., None] | None = None  # the policy's optional outcome hook
+
+    def __post_init__(self) -> None:
+        self.pick_key = (self.name, self.policy_name)
+        self.observe = getattr(self.policy, "observe", None)
 
     @property
     def policy_name(self) -> str:
         return type(self.policy).name
-
-    @property
-    def pick_key(self) -> tuple[str, str]:
-        return (self.name, type(self.policy).name)
 
     def start_policy_background(self) -> None:
         run = getattr(self.policy, "run_background", None)
@@ -98,6 +102,10 @@ class Runtime:
     loaded: Loaded
     router: Router
     clusters: dict[str, ClusterRuntime]
+    retry_plan: RetryPlan = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.retry_plan = RetryPlan(self.loaded.config)
 
     @property
     def config(self) -> Config:
@@ -197,3 +205,15 @@ class ForwardingRequest(aiohttp.ClientRequest):
 
     def update_auto_headers(self, skip_auto_headers: Any) -> None:
         return None
+
+    def update_headers(self, headers: Any) -> None:
+        if type(headers) is not CIMultiDict:
+            super().update_headers(headers)
+            return
+        # The session built this multidict for this request alone: take it
+        # as it is instead of copying it header by header once more.
+        if "Host" not in headers:
+            host = self.url.host_port_subcomponent
+            assert host is not None
+            headers["Host"] = host
+        self.headers = headers

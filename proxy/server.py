@@ -24,16 +24,15 @@ from proxy.access_log import AccessLog
 from proxy.config import Config
 from proxy.headers import client_response_headers, upstream_request_headers
 from proxy.load_report import parse_utilization
+from proxy.retry import IDEMPOTENT, RetryPlan
 from proxy.runtime import ClusterRuntime, Runtime
 from proxy.state import ERROR_CONNECT, ERROR_RESET, ERROR_TIMEOUT, BackendState, Outcome
 
 log = logging.getLogger("foretell.proxy")
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Responses up to this size are read whole and sent in one write.
 BUFFER_LIMIT_BYTES = 64 * 1024
 STREAM_CHUNK_BYTES = 64 * 1024
-GATEWAY_ERRORS = frozenset({502, 503, 504})
 _NONE: frozenset[int] = frozenset()
 # "Use the session's timeouts" (aiohttp's sentinel for the timeout argument).
 _SESSION_TIMEOUT: Any = aiohttp.helpers.sentinel
@@ -44,7 +43,6 @@ _REASON_OF_KIND = {
     ERROR_RESET: errors.RESET,
     ERROR_TIMEOUT: errors.TIMEOUT,
 }
-_RETRY_ON_OF_KIND = {ERROR_CONNECT: "connect-failure", ERROR_RESET: "reset", ERROR_TIMEOUT: "timeout"}
 
 
 class BodyTooLarge(Exception):
@@ -100,7 +98,30 @@ class Proxy:
         try:
             if self.forecaster is not None:
                 self.forecaster.on_request()
-            resp, cluster_name = await self._handle(runtime, request)
+            limits = runtime.config.limits
+            if _header_bytes(request) > limits.max_header_bytes:
+                resp = self._error("-", errors.HEADERS_TOO_LARGE, close=True)
+                return resp
+            headers = request.headers
+            match = runtime.router.match(request.host, request.path, request.method, headers)
+            if match is None:
+                resp = self._error("-", errors.NO_ROUTE)
+                return resp
+            cr = runtime.clusters[match.cluster]
+            cluster_name = cr.name
+            length = request.content_length
+            if limits.max_body_bytes is not None and length is not None and length > limits.max_body_bytes:
+                resp = self._error(cluster_name, errors.BODY_TOO_LARGE,
+                                   f"{length} > {limits.max_body_bytes} bytes", close=True)
+                return resp
+            client_ip = request.remote or ""
+            info = RequestInfo(request.method, request.path, match.route_class, length or 0,
+                               client_ip, headers)
+            if "Upgrade" in headers or "Expect" in headers:
+                resp = await self._special(cr, request, info)
+                if resp is not None:
+                    return resp
+            resp = await self._forward(runtime, cr, request, info, client_ip)
             return resp
         finally:
             self.active_requests -= 1
@@ -110,48 +131,37 @@ class Proxy:
             if self.access_log is not None:
                 self.access_log.record(request, resp, cluster_name, self._loop_time() - started)
 
-    async def _handle(self, runtime: Runtime, request: BaseRequest) -> tuple[web.StreamResponse, str]:
-        config = runtime.config
-        limits = config.limits
-        if _header_bytes(request) > limits.max_header_bytes:
-            return self._error("-", errors.HEADERS_TOO_LARGE, close=True), "-"
-        match = runtime.router.match(request.host, request.path, request.method, request.headers)
-        if match is None:
-            return self._error("-", errors.NO_ROUTE), "-"
-        cr = runtime.clusters[match.cluster]
-        length = request.content_length
-        if limits.max_body_bytes is not None and length is not None and length > limits.max_body_bytes:
-            return self._error(cr.name, errors.BODY_TOO_LARGE, f"{length} > {limits.max_body_bytes} bytes",
-                               close=True), cr.name
-        info = RequestInfo(method=request.method, path=request.path, route_class=match.route_class,
-                           body_size=length or 0, client_ip=request.remote or "",
-                           headers=request.headers)
-        upgrade = request.headers.get("Upgrade")
-        if upgrade is not None and "upgrade" in request.headers.get("Connection", "").lower():
+    async def _special(self, cr: ClusterRuntime, request: BaseRequest,
+                       info: RequestInfo) -> web.StreamResponse | None:
+        """Upgrade and Expect: a response when the request is fully handled here, else None."""
+        headers = request.headers
+        upgrade = headers.get("Upgrade")
+        if upgrade is not None and "upgrade" in headers.get("Connection", "").lower():
             if upgrade.lower() != "websocket":
-                return self._error(cr.name, errors.UPGRADE_UNSUPPORTED, upgrade), cr.name
+                return self._error(cr.name, errors.UPGRADE_UNSUPPORTED, upgrade)
             from proxy.websocket import proxy_websocket
 
-            return await proxy_websocket(self, cr, request, info), cr.name
-        if request.headers.get("Expect", "").lower() == "100-continue":
+            return await proxy_websocket(self, cr, request, info)
+        if headers.get("Expect", "").lower() == "100-continue":
             # The limits passed, so tell the client to send its body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return await self._forward_with_retries(config, cr, request, info), cr.name
+        return None
 
     # -- forwarding ---------------------------------------------------------------
-    async def _forward_with_retries(self, config: Config, cr: ClusterRuntime, request: BaseRequest,
-                                    info: RequestInfo) -> web.StreamResponse:
+    async def _forward(self, runtime: Runtime, cr: ClusterRuntime, request: BaseRequest,
+                       info: RequestInfo, client_ip: str) -> web.StreamResponse:
+        """Pick, try, and retry on a different backend while it is safe and allowed."""
+        config = runtime.config
+        plan = runtime.retry_plan
         up_headers, request_id = upstream_request_headers(
-            request.headers, client_ip=request.remote or "", scheme=request.scheme, host=request.host)
+            request.headers, client_ip=client_ip, scheme=request.scheme, host=request.host)
         body = RequestBody(request.content, config.limits.max_body_bytes) if request.body_exists else None
-        retries = config.retries
         deadline = self._loop_time() + config.timeouts.total_s
         tried: set[str] = set()
         last_reason: str | None = None
         retrying = False
-        retry_statuses = _retry_statuses(config)
         try:
-            for attempt in range(1, retries.attempts + 1):
+            for attempt in range(1, plan.attempts + 1):
                 ready = cr.cluster.ready()
                 candidates = ready if not tried else tuple(s for s in ready if s.id not in tried)
                 chosen = cr.policy.pick(candidates, info) if candidates else None
@@ -162,29 +172,31 @@ class Proxy:
                     raise RuntimeError(f"policy {cr.policy_name} returned unknown backend {chosen.id!r}")
                 picks = metrics.HOT.picks
                 picks[cr.pick_key] = picks.get(cr.pick_key, 0) + 1
-                propensity = getattr(cr.policy, "last_propensity", None)
                 token = None
                 if self.telemetry is not None:
+                    propensity = getattr(cr.policy, "last_propensity", None)
                     token = self.telemetry.on_pick(cr.name, candidates, info, state, propensity)
                 remaining_s = deadline - self._loop_time()
                 if remaining_s <= 0:
                     last_reason = errors.TIMEOUT
                     break
-                can_retry = (attempt < retries.attempts and len(candidates) > 1
-                             and (retrying or self._retry_budget_allows(config)))
+                # Retry-worthy statuses are only held back when a retry could follow.
+                statuses = plan.statuses if (attempt < plan.attempts and len(candidates) > 1 and (
+                    retrying or self._retry_budget_allows(plan))) else _NONE
                 result = await self._attempt(config, cr, request, info, state, up_headers, request_id,
-                                             body, remaining_s, token, retry_statuses if can_retry else _NONE)
-                if isinstance(result, web.StreamResponse):
+                                             body, remaining_s, token, statuses)
+                if not isinstance(result, tuple):
                     return result
                 kind, status = result
                 tried.add(state.id)
                 if body is not None and body.too_large:
                     return self._error(cr.name, errors.BODY_TOO_LARGE, close=True)
                 last_reason = _REASON_OF_KIND.get(kind or "", errors.RESET)
-                if attempt == retries.attempts or not self._may_retry(config, request, body, kind, status):
+                body_started = body is not None and body.started
+                if attempt == plan.attempts or not plan.may_retry(request.method, body_started, kind, status):
                     break
                 if not retrying:
-                    if not self._retry_budget_allows(config):
+                    if not self._retry_budget_allows(plan):
                         metrics.RETRIES_DENIED.labels(cr.name).inc()
                         break
                     retrying = True
@@ -198,32 +210,15 @@ class Proxy:
                                "panic" if cr.cluster.panic else "no ready backend")
         return self._error(cr.name, last_reason)
 
-    def _may_retry(self, config: Config, request: BaseRequest, body: RequestBody | None,
-                   kind: str | None, status: int) -> bool:
-        retry_on = config.retries.retry_on
-        if kind is not None:
-            if _RETRY_ON_OF_KIND[kind] not in retry_on:
-                return False
-        elif not ("5xx" in retry_on or ("gateway-error" in retry_on and status in GATEWAY_ERRORS)):
-            return False
-        if body is not None and body.started:
-            return False
-        # A connect failure sent nothing, so any method is safe to replay.
-        return kind == ERROR_CONNECT or request.method in IDEMPOTENT
-
-    def _retry_budget_allows(self, config: Config) -> bool:
-        budget = config.retries.budget
-        allowed = max(budget.min_concurrent, budget.percent / 100.0 * self.active_requests)
-        return self.active_retries < allowed
+    def _retry_budget_allows(self, plan: RetryPlan) -> bool:
+        return self.active_retries < max(plan.budget_min, plan.budget_share * self.active_requests)
 
     async def _attempt(self, config: Config, cr: ClusterRuntime, request: BaseRequest, info: RequestInfo,
                        state: BackendState, up_headers: Any, request_id: str, body: RequestBody | None,
                        remaining_s: float, token: Any,
                        retry_statuses: frozenset[int]) -> web.StreamResponse | tuple[str | None, int]:
         """One try. A response to send, or (error kind, status) of a failed try to maybe retry."""
-        backend = state.backend
-        url = backend.url + request.raw_path
-        timeout_s = min(config.timeouts.per_try_s, remaining_s)
+        per_try_s = config.timeouts.per_try_s
         with cr.cluster.track(state) as tracker:
             started = self._loop_time()
             kind: str | None = None
@@ -232,11 +227,11 @@ class Proxy:
                 # The session's sock_read timeout (per_try_s) bounds the wait for
                 # response headers; a tighter one applies when the total deadline is near.
                 up = await cr.session.request(
-                    request.method, url, headers=up_headers,
+                    request.method, state.backend.url + request.raw_path, headers=up_headers,
                     data=body.chunks() if body is not None else None,
                     allow_redirects=False, compress=None,
-                    timeout=_SESSION_TIMEOUT if timeout_s >= config.timeouts.per_try_s else
-                    aiohttp.ClientTimeout(total=timeout_s, sock_connect=config.timeouts.connect_s))
+                    timeout=_SESSION_TIMEOUT if remaining_s >= per_try_s else
+                    aiohttp.ClientTimeout(total=remaining_s, sock_connect=config.timeouts.connect_s))
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
                 kind = ERROR_CONNECT
             except TimeoutError:
@@ -247,7 +242,15 @@ class Proxy:
             status = up.status if up is not None else 0
             outcome = Outcome(status, latency_s, kind, 0, info.route_class)
             tracker.finish(outcome)
-            self._observe(cr, state, info, outcome, token)
+            hot = metrics.HOT
+            key = (cr.name, state.id, metrics.code_class(status))
+            hot.upstream[key] = hot.upstream.get(key, 0) + 1
+            if kind is None:
+                hot.observe_latency(cr.name, state.id, latency_s)
+            if cr.observe is not None:
+                cr.observe(state, info, outcome)
+            if token is not None:
+                self.telemetry.on_outcome(token, outcome)
             if up is None:
                 return kind, 0
             load_report = up.headers.get(LOAD_HEADER)
@@ -257,19 +260,6 @@ class Proxy:
                 up.release()
                 return None, status
             return await self._send_response(request, up, state.id, request_id, cr.name)
-
-    def _observe(self, cr: ClusterRuntime, state: BackendState, info: RequestInfo, outcome: Outcome,
-                 token: Any) -> None:
-        hot = metrics.HOT
-        key = (cr.name, state.id, metrics.code_class(outcome.status))
-        hot.upstream[key] = hot.upstream.get(key, 0) + 1
-        if outcome.error_kind is None:
-            hot.observe_latency(cr.name, state.id, outcome.latency_s)
-        observe = getattr(cr.policy, "observe", None)
-        if observe is not None:
-            observe(state, info, outcome)
-        if token is not None and self.telemetry is not None:
-            self.telemetry.on_outcome(token, outcome)
 
     async def _send_response(self, request: BaseRequest, up: aiohttp.ClientResponse, backend_id: str,
                              request_id: str, cluster: str) -> web.StreamResponse:
@@ -310,15 +300,6 @@ class Proxy:
     def _error(self, cluster: str, reason: str, detail: str = "", *, close: bool = False) -> web.Response:
         metrics.errors(cluster, reason).inc()
         return errors.error_response(reason, detail, close=close)
-
-
-def _retry_statuses(config: Config) -> frozenset[int]:
-    retry_on = config.retries.retry_on
-    if "5xx" in retry_on:
-        return frozenset(range(500, 600))
-    if "gateway-error" in retry_on:
-        return GATEWAY_ERRORS
-    return frozenset()
 
 
 def _header_bytes(request: BaseRequest) -> int:
