@@ -134,6 +134,12 @@ def _overhead(args: argparse.Namespace) -> int:
         return 1
 
 
+def _instructions(args: argparse.Namespace) -> int:
+    from bench.instructions import main as instructions_main
+
+    return instructions_main(["--policies", args.policies, "--requests", str(args.requests)])
+
+
 def _memory(args: argparse.Namespace) -> int:
     from bench.memory import main as memory_main
 
@@ -179,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--no-install", action="store_true",
                     help="do not apt-get missing tools (fail instead)")
     ov.set_defaults(func=_overhead)
+
+    ins = sub.add_parser("instructions", help="instructions per request under callgrind (noise-free)")
+    ins.add_argument("--policies", default="round_robin,p2c_peak_ewma")
+    ins.add_argument("--requests", type=int, default=2000)
+    ins.set_defaults(func=_instructions)
 
     mem = sub.add_parser("memory", help="proxy RSS at idle and with many keep-alive connections")
     mem.add_argument("--connections", type=int, default=1000)

@@ -1,18 +1,20 @@
 #!/bin/sh
-# Install the tools `foretell bench overhead` compares against: nginx, haproxy, wrk.
-# Only what is missing; `apt-get update` only when something is. Services are
+# Install the tools the benches need: by default nginx, haproxy, wrk (`foretell
+# bench overhead`); or the ones named as arguments (e.g. valgrind for `foretell
+# bench instructions`). Debian package names equal the tool names. Only what is missing; `apt-get update` only when something is. Services are
 # not started by the packages (policy-rc.d), because the bench starts its own
 # instances on loopback ports with its own config files.
 set -eu
 
+tools="${*:-nginx haproxy wrk}"
 missing=""
-for tool in nginx haproxy wrk; do
+for tool in $tools; do
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
         missing="$missing $tool"
     fi
 done
 if [ -z "$missing" ]; then
-    echo "install_tools: nginx, haproxy and wrk are present"
+    echo "install_tools: $tools: present"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
