@@ -112,7 +112,7 @@ class HealthChecker:
 
     # -- hot path -------------------------------------------------------------
     def _on_outcome(self, state: BackendState, outcome: Outcome) -> None:
-        if self._stopped:  # replaced on reload; the cluster has no unsubscribe
+        if self._stopped:  # stopping: outcomes already in flight are ignored
             return
         backend_id = state.backend.id
         for d in self.detectors:
@@ -166,6 +166,7 @@ class HealthChecker:
 
     async def stop(self) -> None:
         self._stopped = True
+        self.cluster.remove_outcome_listener(self._on_outcome)
         tasks = list(self._tasks.values())
         self._tasks.clear()
         for t in tasks:

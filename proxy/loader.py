@@ -30,6 +30,16 @@ def validate(config: Config, source: str | Path) -> Loaded:
             options[name] = validate_options(cluster.policy.kind, cluster.policy.options)
         except PolicyError as exc:
             raise ConfigError(f"{source}: invalid config\n  clusters.{name}.policy: {exc}") from None
+        model_path = cluster.health.anomaly.model_path
+        if model_path is not None:
+            # Load it now so a bad file is a config error, named, before any traffic.
+            from health.anomaly import AnomalyModel, AnomalyModelError
+
+            try:
+                AnomalyModel(model_path)
+            except AnomalyModelError as exc:
+                raise ConfigError(f"{source}: invalid config\n  clusters.{name}.health.anomaly.model_path: "
+                                  f"{exc}") from None
     return Loaded(config=config, source=Path(source), policy_options=options)
 
 

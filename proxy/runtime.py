@@ -123,10 +123,21 @@ async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[],
     Returns the runtime and a list of retired parts (sessions, checkers,
     policies) that the caller closes once in-flight requests are done.
     """
-    config = loaded.config
     clusters: dict[str, ClusterRuntime] = {}
     retired: list[Any] = []
+    started: list[Any] = []  # new parts to close again if the build fails half way
     old = previous.clusters if previous else {}
+    try:
+        return await _build(loaded, old, clusters, retired, started, clock, seed)
+    except BaseException:
+        await retire(started)
+        raise
+
+
+async def _build(loaded: Loaded, old: dict[str, ClusterRuntime], clusters: dict[str, ClusterRuntime],
+                 retired: list[Any], started: list[Any], clock: Callable[[], float],
+                 seed: int | None) -> tuple[Runtime, list[Any]]:
+    config = loaded.config
     for name, spec in config.clusters.items():
         prev = old.get(name)
         if prev is not None and prev.spec.ewma_decay_s == spec.ewma_decay_s:
@@ -140,6 +151,7 @@ async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[],
             session = prev.session
         else:
             session = new_session(spec.tls, config.timeouts)
+            started.append(session)
             if prev is not None:
                 retired.append(prev.session)
         if prev is not None and prev.cluster is cluster and prev.spec.policy == spec.policy:
@@ -155,6 +167,7 @@ async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[],
             checker = prev.checker
         else:
             checker = HealthChecker(cluster, spec.health, clock=clock, ssl=upstream_ssl(spec.tls))
+            started.append(checker)
             await checker.start()
             if prev is not None:
                 retired.append(prev.checker)
@@ -163,6 +176,7 @@ async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[],
             cr.tasks = prev.tasks
         else:
             cr.start_policy_background()
+            started.append(("policy", cr))
         clusters[name] = cr
     for name, prev in old.items():
         if name not in clusters:

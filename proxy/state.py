@@ -334,6 +334,11 @@ class Cluster:
         """Call `listener(state, outcome)` after every recorded outcome (hot path: O(1))."""
         self._outcome_listeners.append(listener)
 
+    def remove_outcome_listener(self, listener: OutcomeListener) -> None:
+        """Stop calling `listener`; a no-op when it was not subscribed."""
+        if listener in self._outcome_listeners:
+            self._outcome_listeners.remove(listener)
+
     def set_reported_load(self, backend_id: str, utilization: float | None) -> None:
         state = self.states.get(backend_id)
         if state is not None:

@@ -324,3 +324,28 @@ async def test_retry_budget_limits_retries(backends: Backends, start_proxy, clie
     assert statuses.count(502) == 5  # every try on the dead backend fails: no budget to retry
     text = await (await client.get(proxy.admin_url + "/metrics")).text()
     assert 'foretell_retries_budget_exhausted_total{cluster="default"}' in text
+
+
+async def test_reload_with_missing_anomaly_model_keeps_serving(
+        backends: Backends, start_proxy, client, tmp_path) -> None:
+    from tests.support import write_config
+
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls))
+    cluster = proxy.worker.proxy.runtime.clusters["default"].cluster
+    listeners_before = len(cluster._outcome_listeners)
+    # Valid structure, but the second cluster's anomaly model does not exist: rejected, named.
+    bad = proxy_config({})
+    del bad["backends"], bad["policy"], bad["health"]
+    bad["listen"] = {"host": "127.0.0.1", "port": 0}
+    bad["clusters"] = {
+        "default": {"backends": [{"id": "a", "url": urls["a"]}], "policy": "least_request"},
+        "other": {"backends": [{"id": "a", "url": urls["a"]}],
+                  "health": {"anomaly": {"model_path": str(tmp_path / "missing.onnx")}}}}
+    bad["routes"] = [{"cluster": "default"}]
+    write_config(proxy.worker.config_path, bad)
+    assert not await proxy.worker.reload()
+    assert proxy.worker.proxy.runtime.clusters["default"].policy_name == "round_robin"
+    assert len(cluster._outcome_listeners) == listeners_before
+    async with client.get(proxy.url + "/echo") as resp:
+        assert resp.status == 200
