@@ -262,3 +262,18 @@ def test_fallback_routes_until_every_backend_has_history(tmp_path: Path) -> None
     sim.clock.t += 1.0  # past refresh_s: the policy's matrix re-reads every backend
     p.pick(ready, REQ)
     assert p.last_reason is None
+
+
+def test_ratio_target_scales_route_cost(tmp_path: Path) -> None:
+    from policies.features import ROUTE_COST
+
+    sim = Sim(n_backends=3)
+    path = linear_model(tmp_path / "m.onnx", np.zeros(N_FEATURES), bias=2.0,
+                        meta={"foretell.target": "latency_ms_over_route_cost"})
+    p = policy(sim, path)
+    assert p.model is not None and p.model.ratio
+    ready = sim.cluster.ready()
+    with sim.cluster.track(ready[0]), sim.cluster.track(ready[0]), sim.cluster.track(ready[2]):
+        x = p._features.prepare(ready, REQ).copy()
+        np.testing.assert_allclose(p.model.predict_ms(x), 2.0 * x[:, ROUTE_COST], rtol=1e-6)
+        assert p.pick(ready, REQ) is ready[1]  # the least queued, all else equal

@@ -104,10 +104,10 @@ async def test_refuses_model_worse_than_ewma_unless_forced(tmp_path: Path) -> No
     data = load_telemetry(tmp_path)
     out = tmp_path / "m.onnx"
     with pytest.raises(TrainError, match="not better than the EWMA"):
-        train_latency(data, out, candidates=("ridge",), target="latency", max_inference_us=1e6,
+        train_latency(data, out, candidates=("hgb",), target="latency", max_inference_us=1e6,
                       progress=lambda m: None)
     assert not out.exists()
-    train_latency(data, out, candidates=("ridge",), target="latency", max_inference_us=1e6,
+    train_latency(data, out, candidates=("hgb",), target="latency", max_inference_us=1e6,
                   force=True, progress=lambda m: None)
     assert out.exists()
 
@@ -135,7 +135,7 @@ def test_cli_latency_and_evaluate(telemetry_dir: Path, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "latency.onnx"
     assert train_main(["latency", "--data", str(telemetry_dir), "--out", str(out),
-                       "--candidates", "ridge", "--target", "ratio",
+                       "--candidates", "ridge", "--target", "latency",
                        "--max-inference-us", "1000000"]) == 0
     assert out.exists()
     js = tmp_path / "est.json"
