@@ -33,6 +33,7 @@ class BackendView(Protocol):
     last_error_at: float | None
     reported_load: float | None
     admitted_at: float
+    waiting_since: float | None  # start of the oldest attempt still waiting for its response
 
     def ewma_s(self) -> float: ...
     def error_rate(self) -> float: ...

@@ -3,19 +3,37 @@
 Per request, sample `d` distinct backends. A candidate is hot when its load
 (requests in flight, or the utilisation the backend reports) is above the
 `q_rif` quantile of recently seen loads across the fleet, else cold. Pick the
-cold candidate with the lowest latency estimate; when every candidate is hot,
-pick the one with the lowest load. Prequal's point: latency decides among
-backends with headroom, load decides only when nobody has any, so traffic
-follows speed without piling onto the fastest backend.
+cold candidate with the lowest expected latency (at its current load, see
+below); when every candidate is hot, pick the one with the lowest load.
+Prequal's point: latency decides among backends with headroom, load decides
+only when nobody has any, so traffic follows speed without piling onto the
+fastest backend.
 
 Differences from the paper: the candidates' state is read synchronously from
 the proxy's own view instead of from asynchronous probes, and the "recent
 distribution" is a ring buffer of the loads of the last candidates sampled
 (Prequal's probe pool), whose quantile is refreshed every `_REFRESH_PICKS`
 picks (a sort of `history` values, ~1 us for 64) rather than on every pick.
-The latency estimate is the decayed peak EWMA, divided by weight and adjusted
-by the failure penalty and slow start (see policies/p2c.py), so a backend
-that fails fast does not look fast.
+
+The latency must be the latency a request placed *now* would see. A
+Prequal replica answers a probe with the median latency of its recent
+queries at its current RIF, so a replica that takes on work reports a
+higher latency at once. The proxy's analogue is the peak-EWMA cost of
+policies/p2c_peak_ewma.py: round-trip estimate x (inflight + 1), where the
+round-trip estimate is the decayed peak EWMA or the age of the oldest request
+still waiting, whichever is longer. A load-blind latency (the EWMA alone)
+herds: the hot threshold is a quantile of recent loads, so once a few
+backends carry a queue the threshold rises to their level, every candidate
+is cold, and the one with the lowest EWMA, which only moves when its
+queued responses come back, takes every request it is sampled for. In a
+homogeneous fleet at 70% load that held queues of ~18 and a p99 3x least
+request's (tests/unit/test_policy_hcl.py). The latency is divided by
+weight and multiplied by the failure penalty and slow-start factor (see
+policies/p2c.py), so a backend that fails fast does not look fast; the same
+factor inflates the load compared with the hot threshold, as least_request
+prices it, `(load + 1) x factor - 1`, because a backend that fails in no time
+has no load and would otherwise stay cold, and cold beats any latency (a
+sinkhole). The history keeps the raw loads: it describes the fleet.
 """
 
 from __future__ import annotations
@@ -102,21 +120,32 @@ class HotColdLexicographic:
             j = k + int(rng.random() * (n - k))
             idx[k], idx[j] = idx[j], idx[k]
             b = ready[idx[k]]
+            inflight = b.inflight
             if reported:
                 r = b.reported_load
                 load = r if r is not None else 0.0
             else:
-                load = b.inflight
+                load = inflight
             if len(history) < size:
                 history.append(load)
             else:
                 history[self._next] = load
                 self._next = (self._next + 1) % size
+            factor = adjust.factor(b, now)
+            if factor != 1.0:
+                # Priced like least_request's (load + 1) x factor: a backend that
+                # fails fast has no load and would otherwise stay cold (a sinkhole).
+                load = (load + 1.0) * factor - 1.0
             if load > threshold:
                 if load < best_hot_load:
                     best_hot, best_hot_load = b, load
             else:
-                latency = b.ewma_s() / b.weight * adjust.factor(b, now)
+                # Expected latency at the current load (see the module docstring).
+                rtt_s = b.ewma_s()
+                since = b.waiting_since
+                if since is not None and now - since > rtt_s:
+                    rtt_s = now - since
+                latency = rtt_s * (inflight + 1) / b.weight * factor
                 if latency < best_cold_latency:
                     best_cold, best_cold_latency = b, latency
         self._picks += 1

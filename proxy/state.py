@@ -178,6 +178,8 @@ class BackendState:
         "reported_load",
         "requests",
         "route_ewma_s",
+        "waiting",
+        "waiting_since",
         "window",
     )
 
@@ -201,6 +203,13 @@ class BackendState:
         self.ejections = 0
         # When the backend (re)joined the ready set; drives slow start.
         self.admitted_at = clock()
+        # Attempts in start order, from the oldest still waiting for its
+        # response; attempts that got theirs are dropped from the left (see Tracker).
+        self.waiting: deque[Tracker] = deque()
+        # Start (cluster clock) of the oldest attempt still waiting for its
+        # response, None when none is. A backend that stopped answering sends
+        # no outcome, so its EWMA cannot rise; this age is what shows it.
+        self.waiting_since: float | None = None
 
     @property
     def id(self) -> str:
@@ -234,27 +243,65 @@ class Tracker:
     `finish(outcome)` records the outcome once; leaving the block without it
     (cancellation) records nothing but still releases the slot. A plain class
     rather than @contextmanager: this runs on every request.
+
+    From entering until `finish` or exit, whichever comes first, the attempt
+    is *waiting* (for its response; a streamed body or a WebSocket after its
+    upgrade is not waiting). Waiting attempts sit in `state.waiting` in start
+    order; one that stops waiting is only flagged, and flagged ones are
+    popped when they reach the left end, so each attempt costs O(1)
+    amortised and the left end is always the oldest waiting attempt.
     """
 
-    __slots__ = ("_cluster", "_done", "state")
+    __slots__ = ("_cluster", "_done", "_waiting", "started_at", "state")
 
     def __init__(self, cluster: Cluster, state: BackendState) -> None:
         self._cluster = cluster
         self.state = state
         self._done = False
+        self._waiting = False
+        self.started_at = 0.0
 
     def __enter__(self) -> Tracker:
-        self.state.inflight += 1
+        state = self.state
+        state.inflight += 1
+        self.started_at = now = self._cluster.clock()
+        self._waiting = True
+        waiting = state.waiting
+        if not waiting:
+            state.waiting_since = now
+        waiting.append(self)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.state.inflight -= 1
+        state = self.state
+        state.inflight -= 1
+        if self._waiting:
+            self._waiting = False
+            _drop_answered(state)
 
     def finish(self, outcome: Outcome) -> None:
         if self._done:
             return
         self._done = True
-        self._cluster._record(self.state, outcome)
+        state = self.state
+        if self._waiting:
+            self._waiting = False
+            _drop_answered(state)
+        self._cluster._record(state, outcome)
+
+
+def _drop_answered(state: BackendState) -> None:
+    """Pop attempts that stopped waiting off the left end; the new left end is the oldest."""
+    waiting = state.waiting
+    if waiting[0]._waiting:
+        return
+    waiting.popleft()
+    while waiting:
+        if waiting[0]._waiting:
+            state.waiting_since = waiting[0].started_at
+            return
+        waiting.popleft()
+    state.waiting_since = None
 
 
 OutcomeListener = Callable[[BackendState, Outcome], None]
