@@ -127,6 +127,7 @@ def _overhead(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     try:
         return run_overhead(policies, duration_s=args.duration_s, connections=args.connections,
+                            repeats=args.repeats,
                             out=Path(args.out) if args.out else None,
                             install=not args.no_install)
     except OverheadError as exc:
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--policies", default="round_robin,p2c_peak_ewma")
     ov.add_argument("--duration-s", type=float, default=10.0)
     ov.add_argument("--connections", type=int, default=32)
+    ov.add_argument("--repeats", type=int, default=3,
+                    help="interleaved rounds; the table shows medians (default: %(default)s)")
     ov.add_argument("--out", default=None, help="write the table (markdown) here too")
     ov.add_argument("--no-install", action="store_true",
                     help="do not apt-get missing tools (fail instead)")

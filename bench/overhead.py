@@ -22,6 +22,7 @@ import contextlib
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -218,26 +219,39 @@ def measure(name: str, proc: _Proc | None, url: str, duration_s: float,
     return Result(name, rps, p50, p99, cpu, total, errors)
 
 
-def table(results: Sequence[Result], connections: int, duration_s: float) -> str:
+def table(results: Sequence[Result], connections: int, duration_s: float, repeats: int = 1) -> str:
     nginx = next((r for r in results if r.name == "nginx"), None)
+    minimal = next((r for r in results if r.name.startswith("minimal")), None)
     lines = [f"wrk -t1 -c{connections} -d{duration_s:g}s; proxy pinned to CPU {PROXY_CPU}, "
-             f"wrk and backends (nginx, static 200) on CPU {CLIENT_CPU}",
+             f"wrk and backends (nginx, static 200) on CPU {CLIENT_CPU}; "
+             f"median of {repeats} interleaved round(s)",
              "",
              "| proxy | requests/s | p50 ms | p99 ms | proxy CPU µs/req | errors "
-             "| req/s ÷ nginx | CPU/req ÷ nginx |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| req/s ÷ nginx | CPU/req ÷ nginx | CPU/req ÷ minimal |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         cpu = "—" if r.cpu_us_per_req is None else f"{r.cpu_us_per_req:.1f}"
         rr = f"{r.rps / nginx.rps:.3f}" if nginx else "—"
         cr = (f"{r.cpu_us_per_req / nginx.cpu_us_per_req:.1f}"
               if nginx and nginx.cpu_us_per_req and r.cpu_us_per_req else "—")
+        cm = (f"{r.cpu_us_per_req / minimal.cpu_us_per_req:.2f}"
+              if minimal and minimal.cpu_us_per_req and r.cpu_us_per_req else "—")
         lines.append(f"| {r.name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {cpu} "
-                     f"| {r.errors} | {rr} | {cr} |")
+                     f"| {r.errors} | {rr} | {cr} | {cm} |")
     return "\n".join(lines)
 
 
+def median_result(runs: Sequence[Result]) -> Result:
+    """Field-wise median of repeated runs of one proxy."""
+    cpus = [r.cpu_us_per_req for r in runs if r.cpu_us_per_req is not None]
+    return Result(runs[0].name, statistics.median(r.rps for r in runs),
+                  statistics.median(r.p50_ms for r in runs), statistics.median(r.p99_ms for r in runs),
+                  statistics.median(cpus) if cpus else None,
+                  sum(r.requests for r in runs), sum(r.errors for r in runs))
+
+
 def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connections: int = 32,
-                 out: Path | None = None, install: bool = True) -> int:
+                 out: Path | None = None, install: bool = True, repeats: int = 1) -> int:
     if (os.cpu_count() or 1) < 2:
         raise OverheadError("needs 2 CPUs: the proxy on one, wrk and backends on the other")
     ensure_tools(install)
@@ -246,7 +260,7 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
     work = Path(tempfile.mkdtemp(prefix="foretell-overhead-"))
     ports = free_ports(N_BACKENDS + 2)
     be_ports, proxy_port, admin_port = ports[:N_BACKENDS], ports[-2], ports[-1]
-    results: list[Result] = []
+    runs: dict[str, list[Result]] = {}
     procs: list[_Proc] = []
 
     def start(name: str, cmd: Sequence[str], cpu: int | None, port: int) -> _Proc:
@@ -259,8 +273,8 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
         print(f"overhead: {name} ...", file=sys.stderr, flush=True)
         p = start(name, cmd, PROXY_CPU, proxy_port)
         try:
-            results.append(measure(name, p, f"http://127.0.0.1:{proxy_port}/", duration_s,
-                                   connections))
+            runs.setdefault(name, []).append(
+                measure(name, p, f"http://127.0.0.1:{proxy_port}/", duration_s, connections))
         finally:
             p.stop()
             procs.remove(p)
@@ -273,30 +287,37 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
         start("backends", [nginx_bin, "-p", str(be_dir), "-c", str(be_dir / "nginx.conf"),
                            "-e", str(be_dir / "error.log")], CLIENT_CPU, be_ports[-1])
         print("overhead: direct to one backend ...", file=sys.stderr, flush=True)
-        results.append(measure("direct (no proxy)", None, f"http://127.0.0.1:{be_ports[0]}/",
-                               duration_s, connections))
+        runs["direct (no proxy)"] = [measure("direct (no proxy)", None, f"http://127.0.0.1:{be_ports[0]}/",
+                                             duration_s, connections)]
         px_dir = work / "nginx"
         px_dir.mkdir()
         (px_dir / "nginx.conf").write_text(proxy_nginx_conf(px_dir, proxy_port, be_ports))
-        one("nginx", [nginx_bin, "-p", str(px_dir), "-c", str(px_dir / "nginx.conf"),
-                      "-e", str(px_dir / "error.log")])
         (work / "haproxy.cfg").write_text(haproxy_conf(proxy_port, be_ports))
-        one("haproxy", [haproxy_bin, "-db", "-f", str(work / "haproxy.cfg")])
-        one("minimal (aiohttp+uvloop)",
-            [sys.executable, "-m", "bench.minimal_proxy", "--port", str(proxy_port),
-             *[f"http://127.0.0.1:{p}" for p in be_ports]])
+        proxies: list[tuple[str, list[str]]] = [
+            ("nginx", [nginx_bin, "-p", str(px_dir), "-c", str(px_dir / "nginx.conf"),
+                       "-e", str(px_dir / "error.log")]),
+            ("haproxy", [haproxy_bin, "-db", "-f", str(work / "haproxy.cfg")]),
+            ("minimal (aiohttp+uvloop)",
+             [sys.executable, "-m", "bench.minimal_proxy", "--port", str(proxy_port),
+              *[f"http://127.0.0.1:{p}" for p in be_ports]]),
+        ]
         for pol in policies:
             cfg = work / f"foretell-{pol}.yaml"
             cfg.write_text(foretell_conf(proxy_port, admin_port, be_ports, pol))
-            one(f"foretell {pol}", [sys.executable, "-m", "proxy", "--config", str(cfg)])
+            proxies.append((f"foretell {pol}", [sys.executable, "-m", "proxy", "--config", str(cfg)]))
+        # Rounds interleave the proxies so slow drifts of a shared machine hit all alike.
+        for _ in range(repeats):
+            for name, cmd in proxies:
+                one(name, cmd)
     finally:
         for p in reversed(procs):
             p.stop()
-    text = table(results, connections, duration_s)
+    results = [median_result(r) for r in runs.values()]
+    text = table(results, connections, duration_s, repeats)
     print(text)
     if out is not None:
         out.write_text(f"# Proxy overhead\n\n`foretell bench overhead --policies "
                        f"{','.join(policies)} --duration-s {duration_s:g} "
-                       f"--connections {connections}`\n\n{text}\n")
+                       f"--connections {connections} --repeats {repeats}`\n\n{text}\n")
     shutil.rmtree(work, ignore_errors=True)
     return 0
