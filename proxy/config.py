@@ -184,7 +184,7 @@ class RetryBudget(Frozen):
     """Concurrent retries allowed: `percent` of active requests, never below `min_concurrent`."""
 
     percent: float = Field(20.0, ge=0, le=100)
-    min_concurrent: int = Field(3, ge=0)
+    min_concurrent: int = Field(10, ge=0)
 
 
 class Retries(Frozen):
