@@ -105,6 +105,9 @@ EWMA_COST = _IX["ewma_cost_ms"]
 ROUTE_COST = _IX["route_cost_ms"]
 ROUTE_MISSING = _IX["route_missing"]
 ERROR_RATE = _IX["error_rate"]
+RECENT = _IX["recent_ms"]
+CONSECUTIVE = _IX["consecutive_failures"]
+SINCE_ERROR = _IX["since_error_s"]
 assert REQ_WRITE == 0 and REQ_BODY == 1 and ROUTE0 == 2  # the request block comes first
 # Pairs of adjacent columns so one numpy call updates both costs.
 assert ROUTE_EWMA == EWMA + 1 and ROUTE_COST == EWMA_COST + 1
@@ -293,6 +296,37 @@ class FeatureMatrix:
         self._ewma2 = x[:, EWMA:EWMA + 2]
         self._cost2 = x[:, EWMA_COST:EWMA_COST + 2]
         self._tmp = np.zeros((n, 1), dtype=DTYPE)
+
+    def observed(self, view: BackendView, route_class: str) -> None:
+        """Cheap update after one outcome of `view`: the columns one outcome moves most
+        (EWMA, last latencies, failures, the route's EWMA). Percentiles, rates and load
+        follow at the next full refresh (within `refresh_s`)."""
+        i = self._row_of.get(view.id)
+        if i is None or self._ready is None or i >= self._n or self._ready[i] is not view:
+            return
+        row = self.matrix[i]
+        ewma_ms = min(view.ewma_s() * 1e3, LATENCY_CAP_MS)
+        row[EWMA] = ewma_ms
+        window = getattr(view, "window", None)
+        if window is not None:
+            last = window.latencies_s()[-RECENT_N:]
+            if last:
+                row[RECENT] = min(sum(last) / len(last) * 1e3, LATENCY_CAP_MS)
+        row[ERROR_RATE] = view.error_rate()
+        row[CONSECUTIVE] = min(float(view.consecutive_failures), FAILURES_CAP)
+        if view.last_error_at is not None:
+            row[SINCE_ERROR] = min(max(0.0, self._clock() - view.last_error_at),
+                                   SINCE_ERROR_CAP_S)
+        per_class: Mapping[str, float] | None = getattr(view, "route_ewma_s", None)
+        value_s = per_class.get(route_class) if per_class else None
+        if value_s is not None:
+            slot = self.slots.slot(route_class)
+            if slot != OTHER_SLOT:  # "other" mixes classes: left to the full refresh
+                self._route_ms[i, slot] = min(value_s * 1e3, LATENCY_CAP_MS)
+                self._route_missing[i, slot] = 0.0
+                if slot == self._slot:
+                    row[ROUTE_EWMA] = self._route_ms[i, slot]
+                    row[ROUTE_MISSING] = 0.0
 
     def _rebuild(self, ready: Sequence[BackendView]) -> None:
         n = len(ready)

@@ -148,3 +148,20 @@ def test_new_ready_list_rebuilds_rows() -> None:
     subset = cluster.ready()[1:]
     assert fm.prepare(subset, req).shape == (2, N_FEATURES)
     assert fm.generation is not gen and fm.row("b1") == 0
+
+
+def test_observed_updates_the_fast_columns() -> None:
+    clock = Clock()
+    cluster = make_cluster(clock, 2)
+    fm = FeatureMatrix(["api"], clock, refresh_s=1000.0)
+    ready = cluster.ready()
+    req = RequestInfo(route_class="api")
+    fm.prepare(ready, req)
+    for latency_s in (0.004, 0.008, 0.012):
+        record(cluster, "b1", latency_s)
+        fm.observed(cluster.get("b1"), "api")
+    x = fm.prepare(ready, req)
+    fresh = build(ready, req, fm.slots, clock())
+    for name in ("ewma_ms", "recent_ms", "route_ewma_ms", "route_missing", "error_rate",
+                 "consecutive_failures", "route_cost_ms"):
+        assert x[1, col(name)] == pytest.approx(fresh[1, col(name)], rel=1e-5), name
