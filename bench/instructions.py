@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.fleet import Fleet, ServiceTime, SimBackend, free_ports
+from bench.process import wait_http_ok
 
 WARMUP_REQUESTS = 300
 CONCURRENCY = 4
@@ -68,22 +68,6 @@ async def _drive(url: str, n: int) -> None:
         await asyncio.gather(*(worker(n // CONCURRENCY) for _ in range(CONCURRENCY)))
 
 
-async def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise InstructionsError(f"proxy exited early; see {log}")
-            try:
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(1.0)
-    raise InstructionsError(f"{url} not ready in {READY_TIMEOUT_S:.0f} s under valgrind")
-
-
 def count(name: str, cmd: Sequence[str], port: int, requests: int, workdir: Path) -> Count:
     out_prefix = workdir / f"callgrind.{name.replace(' ', '_')}"
     log = workdir / f"{name.replace(' ', '_')}.log"
@@ -92,7 +76,10 @@ def count(name: str, cmd: Sequence[str], port: int, requests: int, workdir: Path
                                  *cmd], stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/x"
     try:
-        asyncio.run(_wait_ready(url, proc, log))
+        try:
+            asyncio.run(wait_http_ok(url, READY_TIMEOUT_S, poll_s=1.0, alive=lambda: proc.poll() is None))
+        except RuntimeError as exc:
+            raise InstructionsError(f"{exc} (under valgrind; see {log})") from None
         asyncio.run(_drive(url, WARMUP_REQUESTS))
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
         asyncio.run(_drive(url, requests))

@@ -25,6 +25,7 @@ import aiohttp
 import psutil
 
 from bench.fleet import Fleet, ServiceTime, SimBackend, free_ports
+from bench.process import wait_http_ok
 
 TARGET_MB_AT_1000 = 150.0
 REQUEST_INTERVAL_S = 1.0
@@ -55,20 +56,6 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-async def _wait_ready(url: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} not ready within {timeout_s:.0f} s")
 
 
 async def _hold(url: str, connections: int, hold_s: float, proxy: psutil.Process) -> MemoryResult:
@@ -119,7 +106,8 @@ def run_memory(connections: int, hold_s: float) -> MemoryResult:
             url = f"http://127.0.0.1:{ports[2]}"
 
             async def main() -> MemoryResult:
-                await _wait_ready(f"http://127.0.0.1:{ports[3]}/ready")
+                await wait_http_ok(f"http://127.0.0.1:{ports[3]}/ready", 20.0,
+                                   alive=lambda: proc.poll() is None)
                 proxy = psutil.Process(proc.pid)
                 async with aiohttp.ClientSession() as session:
                     for _ in range(200):  # warm-up: imports, pools, caches

@@ -18,7 +18,6 @@ measured run divided by the requests wrk completed.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -31,10 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import yaml
 
 from bench.fleet import free_ports, port_accepts
+from bench.process import tree_cpu_s
 
 N_BACKENDS = 4
 PROXY_CPU = 1
@@ -176,17 +175,7 @@ class _Proc:
         raise OverheadError(f"{self.cmd}: port {port} not open within {timeout_s:.0f} s")
 
     def cpu_s(self) -> float:
-        try:
-            root = psutil.Process(self.proc.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return float("nan")
-        total = 0.0
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                t = p.cpu_times()
-                total += t.user + t.system
-        return total
+        return tree_cpu_s(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -33,6 +33,7 @@ import yaml
 from bench import loadgen
 from bench.fleet import Fleet, free_ports
 from bench.loadgen import ERR_DEADLINE, LoadSpec, Records
+from bench.process import tree_cpu_s
 from bench.scenarios import Scenario
 
 PROXY_READY_TIMEOUT_S = 30.0
@@ -164,17 +165,7 @@ class ProxyProcess:
     def cpu_s(self) -> float:
         """User+system CPU seconds of the proxy and its worker processes so far."""
         assert self.proc is not None
-        try:
-            root = psutil.Process(self.proc.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return float("nan")
-        total = 0.0
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                t = p.cpu_times()
-                total += t.user + t.system
-        return total
+        return tree_cpu_s(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

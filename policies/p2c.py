@@ -34,11 +34,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from pydantic import Field
 
-from policies.base import BackendView, PolicyOptions
+from policies.base import BackendView, PolicyContext, PolicyOptions, RequestInfo
 
 B = TypeVar("B", bound=BackendView)
 
@@ -136,3 +136,34 @@ class CostAdjuster:
     def weight_scale(self, backend: BackendView, now: float) -> float:
         """Multiplier for a weight: the inverse of `factor`."""
         return 1.0 / self.factor(backend, now)
+
+
+class P2CPolicy:
+    """Power of two choices on a cost: subclasses name themselves and define `_cost`.
+
+    Least request and peak-EWMA differ only in the cost (tower's p2c::Balance
+    over any `Load`); this holds the rest: options, clock, RNG, the cost
+    adjuster (failure penalty, slow start) and `pick`.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[CostOptions]] = CostOptions
+
+    def __init__(self, options: CostOptions, ctx: PolicyContext) -> None:
+        self.options = options
+        self._clock = ctx.clock
+        self._rng = ctx.rng
+        self._adjust = CostAdjuster(options, ctx.clock())
+        self._now = 0.0  # the clock read once per pick, for every cost of that pick
+        # Bound once so pick() allocates no closure per request.
+        self._cost_fn = self._cost
+
+    def _cost(self, b: BackendView) -> float:
+        raise NotImplementedError(f"{type(self).__name__} must define _cost")
+
+    def pick(self, ready: Sequence[BackendView], req: RequestInfo) -> BackendView | None:
+        self._now = self._clock()
+        return pick_p2c(ready, self._cost_fn, self._rng)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"

@@ -15,11 +15,10 @@ policies/p2c.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar
 
-from policies.base import BackendView, PolicyContext, RequestInfo
-from policies.p2c import CostAdjuster, CostOptions, pick_p2c
+from policies.base import BackendView
+from policies.p2c import CostOptions, P2CPolicy
 
 
 def peak_ewma_cost(ewma_s: float, inflight: int, waiting_s: float = 0.0) -> float:
@@ -27,19 +26,11 @@ def peak_ewma_cost(ewma_s: float, inflight: int, waiting_s: float = 0.0) -> floa
     return (waiting_s if waiting_s > ewma_s else ewma_s) * (inflight + 1)
 
 
-class P2CPeakEwma:
+class P2CPeakEwma(P2CPolicy):
     name: ClassVar[str] = "p2c_peak_ewma"
 
     class Options(CostOptions):
         pass
-
-    def __init__(self, options: Options, ctx: PolicyContext) -> None:
-        self.options = options
-        self._clock = ctx.clock
-        self._rng = ctx.rng
-        self._adjust = CostAdjuster(options, ctx.clock())
-        self._now = 0.0
-        self._cost_fn = self._cost
 
     def _cost(self, b: BackendView) -> float:
         # peak_ewma_cost inlined: this runs twice per request.
@@ -49,10 +40,3 @@ class P2CPeakEwma:
         if since is not None and now - since > rtt_s:
             rtt_s = now - since
         return rtt_s * (b.inflight + 1) / b.weight * self._adjust.factor(b, now)
-
-    def pick(self, ready: Sequence[BackendView], req: RequestInfo) -> BackendView | None:
-        self._now = self._clock()
-        return pick_p2c(ready, self._cost_fn, self._rng)
-
-    def __repr__(self) -> str:
-        return f"P2CPeakEwma({self.options!r})"
