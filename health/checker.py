@@ -84,7 +84,8 @@ class HealthChecker:
         if config.success_rate.enabled:
             self._add(SuccessRate(config.success_rate, clock), config.success_rate.shadow)
         if config.latency.enabled:
-            self._add(LatencyOutlier(config.latency, clock), config.latency.shadow)
+            self._add(LatencyOutlier(config.latency, clock, self.waiting_age_s),
+                      config.latency.shadow)
         self.anomaly: AnomalyDetector | None = None
         an = config.anomaly
         if an.model_path is not None or an.record_path is not None:
@@ -219,6 +220,13 @@ class HealthChecker:
                      "up" if tracker.up else "down", tracker.describe())
             if self._wake is not None:
                 self._wake.set()
+
+    def waiting_age_s(self, backend_id: str) -> float | None:
+        """Age of the backend's oldest attempt still waiting for its response (cluster clock)."""
+        state = self.cluster.states.get(backend_id)
+        if state is None or state.waiting_since is None:
+            return None
+        return self.cluster.clock() - state.waiting_since
 
     def probe_rtt_s(self, backend_id: str) -> float | None:
         tracker = self._trackers.get(backend_id)

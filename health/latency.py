@@ -5,6 +5,20 @@ HAProxy's warning (latency-based disabling taking out a whole pool): the
 comparison is relative to the fleet's median, needs a minimum volume and
 several judged backends, and the checker's max_ejection_percent caps it.
 
+Two rules share one limit, max(ratio x fleet median quantile, + min_excess_s):
+- window: the backend's quantile over its recent samples reaches the limit;
+- recent: at least `recent_slow` of its last `recent_requests` attempts (by
+  start time) reached it. Good routing starves a slow backend once its first
+  slow answers come back, so its window stays full of fast samples from
+  before the slowdown and fills with new ones only at the policy's
+  exploration rate; the last few attempts show the change at once.
+
+Requests still waiting count as censored observations: the oldest waiting
+attempt (BackendState.waiting_since, via `waiting_age_s`) will take at least
+its current age, so once that age passes the limit it counts as a slow
+observation before it completes (a younger one is left out: it could still
+go either way). Only completed samples set the fleet reference.
+
 `observe` appends (time, latency) to a bounded deque; `evaluate` sorts.
 """
 
@@ -13,10 +27,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 
 from health.base import Verdict
 from health.config import LatencyOutlier as LatencyConfig
 from proxy.state import Clock, Outcome
+
+# backend id -> age in seconds of its oldest attempt still waiting for a response, or None.
+WaitingAge = Callable[[str], float | None]
 
 
 def nearest_rank(ordered: list[float], q: float) -> float:
@@ -28,9 +46,11 @@ def nearest_rank(ordered: list[float], q: float) -> float:
 class LatencyOutlier:
     name = "latency"
 
-    def __init__(self, config: LatencyConfig, clock: Clock) -> None:
+    def __init__(self, config: LatencyConfig, clock: Clock,
+                 waiting_age_s: WaitingAge | None = None) -> None:
         self.config = config
         self._clock = clock
+        self._waiting_age_s = waiting_age_s
         self._samples: dict[str, deque[tuple[float, float]]] = {}
 
     def observe(self, backend_id: str, outcome: Outcome) -> None:
@@ -42,19 +62,24 @@ class LatencyOutlier:
             samples = self._samples[backend_id] = deque(maxlen=self.config.max_samples)
         samples.append((self._clock(), outcome.latency_s))
 
+    def _recent(self, now: float) -> dict[str, list[tuple[float, float]]]:
+        """Per backend: (finished at, latency) of samples inside the window, oldest first."""
+        horizon = now - self.config.window_s
+        return {b: [s for s in samples if s[0] >= horizon] for b, samples in self._samples.items()}
+
     def quantiles(self, now: float) -> dict[str, tuple[int, float]]:
         """Per backend: (samples in window, latency quantile in seconds; NaN if none)."""
-        horizon = now - self.config.window_s
         out = {}
-        for backend_id, samples in self._samples.items():
-            recent = sorted(lat for t, lat in samples if t >= horizon)
-            out[backend_id] = (len(recent),
-                               nearest_rank(recent, self.config.quantile) if recent else math.nan)
+        for backend_id, recent in self._recent(now).items():
+            lat = sorted(lat for _, lat in recent)
+            out[backend_id] = (len(lat), nearest_rank(lat, self.config.quantile) if lat else math.nan)
         return out
 
     def evaluate(self, now: float) -> list[Verdict]:
         cfg = self.config
-        q = self.quantiles(now)
+        recent = self._recent(now)
+        q = {b: (len(s), nearest_rank(sorted(lat for _, lat in s), cfg.quantile) if s else math.nan)
+             for b, s in recent.items()}
         judged = [v for n, v in q.values() if n >= cfg.min_requests]
         verdicts = []
         if len(judged) < cfg.min_hosts:
@@ -66,20 +91,52 @@ class LatencyOutlier:
         fleet_s = statistics.median(judged)
         limit_s = max(fleet_s * cfg.ratio, fleet_s + cfg.min_excess_s)
         label = f"p{cfg.quantile:g}"
-        for backend_id, (n, value_s) in q.items():
-            if n < cfg.min_requests:
-                verdicts.append(Verdict(backend_id, self.name, False,
-                                        f"{n} samples in {cfg.window_s:g} s "
-                                        f"(< {cfg.min_requests}, not judged)", 0.0))
-                continue
-            detected = value_s >= limit_s
-            ratio = value_s / fleet_s if fleet_s > 0 else math.inf
-            reason = (f"{label} {value_s * 1e3:.1f} ms over {n} samples = {ratio:.1f}x fleet "
-                      f"median {fleet_s * 1e3:.1f} ms ({'>=' if detected else '<'} limit "
-                      f"{limit_s * 1e3:.1f} ms)")
-            verdicts.append(Verdict(backend_id, self.name, detected, reason,
-                                    ratio if math.isfinite(ratio) else 1e9))
+        for backend_id, samples in recent.items():
+            # (started at, latency or its lower bound, censored)
+            obs = [(t - lat, lat, False) for t, lat in samples]
+            age_s = self._waiting_age_s(backend_id) if self._waiting_age_s is not None else None
+            # A younger waiting attempt says nothing yet about the limit either way.
+            if age_s is not None and age_s >= limit_s:
+                obs.append((now - age_s, age_s, True))
+            verdicts.append(self._judge(backend_id, obs, fleet_s, limit_s, label))
         return verdicts
+
+    def _judge(self, backend_id: str, obs: list[tuple[float, float, bool]], fleet_s: float,
+               limit_s: float, label: str) -> Verdict:
+        cfg = self.config
+        n = len(obs)
+        window: Verdict | None = None
+        if n >= cfg.min_requests:
+            # A censored value is a lower bound, so the quantile is one too.
+            value_s = nearest_rank(sorted(v for _, v, _ in obs), cfg.quantile)
+            detected = value_s >= limit_s
+            ratio = _ratio(value_s, fleet_s)
+            waiting = " (1 still waiting)" if any(c for *_, c in obs) else ""
+            window = Verdict(backend_id, self.name, detected,
+                             f"{label} {value_s * 1e3:.1f} ms over {n} samples{waiting} = "
+                             f"{ratio:.1f}x fleet median {fleet_s * 1e3:.1f} ms "
+                             f"({'>=' if detected else '<'} limit {limit_s * 1e3:.1f} ms)", ratio)
+            if detected:
+                return window
+        last = sorted(obs)[-cfg.recent_requests:] if cfg.recent_requests else []
+        slow = [(v, c) for _, v, c in last if v >= limit_s]
+        if cfg.recent_requests and len(last) == cfg.recent_requests \
+                and len(slow) >= cfg.recent_slow:
+            shown = ", ".join(f"{v * 1e3:.0f}{'+ still waiting' if c else ''}" for v, c in slow)
+            return Verdict(backend_id, self.name, True,
+                           f"{len(slow)} of the last {len(last)} requests >= limit "
+                           f"{limit_s * 1e3:.1f} ms ({shown} ms; fleet median {label} "
+                           f"{fleet_s * 1e3:.1f} ms)", _ratio(min(v for v, _ in slow), fleet_s))
+        if window is not None:
+            return window
+        return Verdict(backend_id, self.name, False,
+                       f"{n} samples in {cfg.window_s:g} s (< {cfg.min_requests}, not judged); "
+                       f"{len(slow)} of the last {len(last)} >= limit {limit_s * 1e3:.1f} ms", 0.0)
 
     def forget(self, backend_id: str) -> None:
         self._samples.pop(backend_id, None)
+
+
+def _ratio(value_s: float, fleet_s: float) -> float:
+    """value / fleet, finite (a score must sort)."""
+    return value_s / fleet_s if fleet_s > 0 else 1e9

@@ -205,3 +205,34 @@ def test_readmitted_backend_ramps_up_under_a_slow_start_policy() -> None:
     clock.advance(10.0)
     late = share_of_b0()
     assert early < 0.1 and 0.15 < late < 0.35
+
+
+def test_request_waiting_on_a_starved_slow_backend_ejects_it_when_past_the_limit() -> None:
+    """Real Cluster.track: after two 100 ms answers routing sends b0 one more request,
+    which stays waiting; b0 is ejected at the first evaluation after that request's age
+    reaches the limit (4 x fleet median p90 = 40 ms), not when it finally answers."""
+    clock = Clock()
+    cluster, hc = make(8, clock)
+    for _ in range(32):
+        clock.advance(0.02)
+        for i in range(8):
+            send(cluster, f"b{i}", OK)
+    for _ in range(2):
+        clock.advance(0.1)
+        send(cluster, "b0", ok(0.100))
+    hc.evaluate()
+    assert cluster.get("b0").health is Health.HEALTHY
+    with cluster.track(cluster.get("b0")) as t:
+        started = clock()
+        for step_s in (0.0, 0.039):
+            clock.t = started + step_s
+            hc.evaluate()
+            assert cluster.get("b0").health is Health.HEALTHY, step_s
+        clock.t = started + 0.041
+        hc.evaluate()
+        assert cluster.get("b0").health is Health.EJECTED
+        assert cluster.get("b0").health_reason.startswith(
+            "ejected by latency: 3 of the last 4 requests >= limit 40.0 ms "
+            "(100, 100, 41+ still waiting ms;")
+        t.finish(ok(0.5))
+    assert [s.id for s in cluster.states.values() if s.health is not Health.HEALTHY] == ["b0"]
