@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -17,8 +19,9 @@ from train.cli import main as train_main
 ROUTES = [{"name": "sleep", "path_prefix": "/sleep"}, {"name": "echo", "path_prefix": "/echo"}]
 
 
-async def test_telemetry_train_and_serve(backends: Backends, start_proxy, client: aiohttp.ClientSession,
-                                         tmp_path: Path) -> None:
+async def test_telemetry_train_and_serve(
+        backends: Backends, start_proxy: Callable[[dict[str, Any]], Awaitable[Any]],
+        client: aiohttp.ClientSession, tmp_path: Path) -> None:
     urls = {n: await backends.start(n) for n in ("a", "b", "c")}
     tel = tmp_path / "telemetry"
     proxy = await start_proxy(proxy_config(
