@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import shutil
 import subprocess
@@ -100,7 +101,8 @@ def count(name: str, cmd: Sequence[str], port: int, requests: int, workdir: Path
             proc.wait()
 
 
-def run(policies: Sequence[str], requests: int) -> list[Count]:
+def run(policies: Sequence[str], requests: int,
+        policy_options: dict[str, dict[str, object]] | None = None) -> list[Count]:
     ensure_valgrind()
     ports = free_ports(4)
     backends = [SimBackend(id=f"fast-{i}", port=ports[i], slots=1024,
@@ -118,7 +120,7 @@ def run(policies: Sequence[str], requests: int) -> list[Count]:
             cfg.write_text(
                 f"listen: {{host: 127.0.0.1, port: {proxy_port}}}\n"
                 f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
-                f"policy: {policy}\n"
+                f"policy: {json.dumps({'kind': policy, **(policy_options or {}).get(policy, {})})}\n"
                 "backends:\n" + "".join(f"  - {{id: {b.id}, url: \"{b.url}\"}}\n" for b in backends))
             print(f"instructions: foretell {policy} ...", file=sys.stderr, flush=True)
             counts.append(count(f"foretell {policy}", [sys.executable, "-m", "proxy", "--config", str(cfg)],
@@ -143,10 +145,19 @@ def main(argv: list[str]) -> int:
                                      description="instructions per request under callgrind, side by side")
     parser.add_argument("--policies", default="round_robin,p2c_peak_ewma")
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--policy-options", default="{}", metavar="JSON",
+                        help='options per policy kind, e.g. \'{"onnx_latency": {"model_path": '
+                             '"/abs/latency.onnx"}}\' (relative paths resolve in the proxy\'s cwd)')
     args = parser.parse_args(argv)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     try:
-        counts = run(policies, args.requests)
+        options = json.loads(args.policy_options)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--policy-options: {exc}")
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        parser.error("--policy-options: a JSON object of objects, keyed by policy kind")
+    try:
+        counts = run(policies, args.requests, options)
     except InstructionsError as exc:
         print(f"bench instructions: {exc}", file=sys.stderr)
         return 1
