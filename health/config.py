@@ -80,18 +80,11 @@ class LatencyOutlier(_Frozen):
     # Detected when quantile >= ratio * fleet median and exceeds it by min_excess_s.
     ratio: float = Field(default=4.0, gt=1)
     min_excess_s: float = Field(default=0.010, ge=0)
-    # Also detected when recent_slow of the backend's last recent_requests attempts
-    # (by start time, a still-waiting one counted once it is past the limit) reached
-    # that limit: routing starves a slow backend, so its window turns over slowly.
-    # 0 turns this rule off.
-    recent_requests: int = Field(default=4, ge=0)
-    recent_slow: int = Field(default=3, ge=1)
-
-    @model_validator(mode="after")
-    def _recent(self) -> LatencyOutlier:
-        if self.recent_requests and self.recent_slow > self.recent_requests:
-            raise ValueError("recent_slow must not exceed recent_requests")
-        return self
+    # Also detected when the geometric mean latency of the backend's last
+    # recent_requests attempts (by start time; a still-waiting one counts once past
+    # the limit) reaches ratio x the fleet median p50: routing starves a slow
+    # backend, so its window turns over slowly. 0 turns this rule off.
+    recent_requests: int = Field(default=5, ge=0)
 
 
 class Anomaly(_Frozen):

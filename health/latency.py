@@ -5,19 +5,24 @@ HAProxy's warning (latency-based disabling taking out a whole pool): the
 comparison is relative to the fleet's median, needs a minimum volume and
 several judged backends, and the checker's max_ejection_percent caps it.
 
-Two rules share one limit, max(ratio x fleet median quantile, + min_excess_s):
-- window: the backend's quantile over its recent samples reaches the limit;
-- recent: at least `recent_slow` of its last `recent_requests` attempts (by
-  start time) reached it. Good routing starves a slow backend once its first
-  slow answers come back, so its window stays full of fast samples from
-  before the slowdown and fills with new ones only at the policy's
-  exploration rate; the last few attempts show the change at once.
+Two rules, both against the fleet (the median over judged backends):
+- window: the backend's quantile (p90) over its recent samples reaches
+  limit = max(ratio x fleet median p90, + min_excess_s);
+- recent: the geometric mean of its last `recent_requests` attempts (by start
+  time) reaches max(ratio x fleet median p50, + min_excess_s). Good routing
+  starves a slow backend once its first slow answers come back, so its
+  window stays full of fast samples from before the slowdown and fills with
+  new ones only at the policy's exploration rate; the last few attempts show
+  the change at once. The mean of log latencies is the efficient estimate of
+  a lognormal's median, so it is judged against the fleet's median, and each
+  attempt counts as at most 2 x ratio slower, so one or two requests caught
+  in a brief stall cannot decide alone.
 
 Requests still waiting count as censored observations: the oldest waiting
 attempt (BackendState.waiting_since, via `waiting_age_s`) will take at least
-its current age, so once that age passes the limit it counts as a slow
-observation before it completes (a younger one is left out: it could still
-go either way). Only completed samples set the fleet reference.
+its current age, so once that age passes the window limit it counts as a
+slow observation before it completes (a younger one is left out: it could
+still go either way). Only completed samples set the fleet reference.
 
 `observe` appends (time, latency) to a bounded deque; `evaluate` sorts.
 """
@@ -35,6 +40,9 @@ from proxy.state import Clock, Outcome
 
 # backend id -> age in seconds of its oldest attempt still waiting for a response, or None.
 WaitingAge = Callable[[str], float | None]
+
+# In the recent rule one attempt counts as at most this x ratio slower than the fleet.
+_CAP_FACTOR = 2.0
 
 
 def nearest_rank(ordered: list[float], q: float) -> float:
@@ -90,6 +98,9 @@ class LatencyOutlier:
             return verdicts
         fleet_s = statistics.median(judged)
         limit_s = max(fleet_s * cfg.ratio, fleet_s + cfg.min_excess_s)
+        fleet_p50_s = statistics.median(
+            nearest_rank(sorted(lat for _, lat in s), 50.0) for s in recent.values()
+            if len(s) >= cfg.min_requests)
         label = f"p{cfg.quantile:g}"
         for backend_id, samples in recent.items():
             # (started at, latency or its lower bound, censored)
@@ -98,11 +109,11 @@ class LatencyOutlier:
             # A younger waiting attempt says nothing yet about the limit either way.
             if age_s is not None and age_s >= limit_s:
                 obs.append((now - age_s, age_s, True))
-            verdicts.append(self._judge(backend_id, obs, fleet_s, limit_s, label))
+            verdicts.append(self._judge(backend_id, obs, fleet_s, limit_s, fleet_p50_s, label))
         return verdicts
 
     def _judge(self, backend_id: str, obs: list[tuple[float, float, bool]], fleet_s: float,
-               limit_s: float, label: str) -> Verdict:
+               limit_s: float, fleet_p50_s: float, label: str) -> Verdict:
         cfg = self.config
         n = len(obs)
         window: Verdict | None = None
@@ -118,20 +129,27 @@ class LatencyOutlier:
                              f"({'>=' if detected else '<'} limit {limit_s * 1e3:.1f} ms)", ratio)
             if detected:
                 return window
-        last = sorted(obs)[-cfg.recent_requests:] if cfg.recent_requests else []
-        slow = [(v, c) for _, v, c in last if v >= limit_s]
-        if cfg.recent_requests and len(last) == cfg.recent_requests \
-                and len(slow) >= cfg.recent_slow:
-            shown = ", ".join(f"{v * 1e3:.0f}{'+ still waiting' if c else ''}" for v, c in slow)
-            return Verdict(backend_id, self.name, True,
-                           f"{len(slow)} of the last {len(last)} requests >= limit "
-                           f"{limit_s * 1e3:.1f} ms ({shown} ms; fleet median {label} "
-                           f"{fleet_s * 1e3:.1f} ms)", _ratio(min(v for v, _ in slow), fleet_s))
+        m = cfg.recent_requests
+        last = sorted(obs)[-m:] if m else []
+        recent = ""
+        if m and len(last) == m and fleet_p50_s > 0:
+            recent_limit_s = max(fleet_p50_s * cfg.ratio, fleet_p50_s + cfg.min_excess_s)
+            cap = math.log(_CAP_FACTOR * cfg.ratio)
+            log_ratio = sum(min(cap, math.log(max(v, 1e-9) / fleet_p50_s)) for _, v, _ in last) / m
+            recent_ratio = math.exp(log_ratio)
+            detected = fleet_p50_s * recent_ratio >= recent_limit_s
+            waiting = " incl. 1 still waiting" if any(c for *_, c in last) else ""
+            recent = (f"last {m} requests{waiting}: geometric mean {recent_ratio:.1f}x fleet "
+                      f"median p50 {fleet_p50_s * 1e3:.1f} ms ({'>=' if detected else '<'} "
+                      f"{recent_limit_s / fleet_p50_s:.1f}x)")
+            if detected:
+                shown = ", ".join(f"{v * 1e3:.0f}{'+' if c else ''}" for _, v, c in last)
+                return Verdict(backend_id, self.name, True, f"{recent}: {shown} ms", recent_ratio)
         if window is not None:
             return window
         return Verdict(backend_id, self.name, False,
-                       f"{n} samples in {cfg.window_s:g} s (< {cfg.min_requests}, not judged); "
-                       f"{len(slow)} of the last {len(last)} >= limit {limit_s * 1e3:.1f} ms", 0.0)
+                       f"{n} samples in {cfg.window_s:g} s (< {cfg.min_requests}, not judged)"
+                       + (f"; {recent}" if recent else ""), 0.0)
 
     def forget(self, backend_id: str) -> None:
         self._samples.pop(backend_id, None)

@@ -208,31 +208,33 @@ def test_readmitted_backend_ramps_up_under_a_slow_start_policy() -> None:
 
 
 def test_request_waiting_on_a_starved_slow_backend_ejects_it_when_past_the_limit() -> None:
-    """Real Cluster.track: after two 100 ms answers routing sends b0 one more request,
-    which stays waiting; b0 is ejected at the first evaluation after that request's age
-    reaches the limit (4 x fleet median p90 = 40 ms), not when it finally answers."""
+    """Real Cluster.track: the fleet answers in 5/10/10/10/20 ms (p50 10, p90 20: window
+    limit 80 ms); b0 answers three times in 60 ms, then routing sends it one more request,
+    which stays waiting. b0 is ejected at the first evaluation after that request's age
+    reaches 80 ms (the last five's geometric mean is then 4.4x the fleet p50), not when it
+    finally answers."""
     clock = Clock()
     cluster, hc = make(8, clock)
-    for _ in range(32):
+    for r in range(32):
         clock.advance(0.02)
         for i in range(8):
-            send(cluster, f"b{i}", OK)
-    for _ in range(2):
+            send(cluster, f"b{i}", ok((5.0, 10.0, 10.0, 10.0, 20.0)[r % 5] / 1e3))
+    for _ in range(3):
         clock.advance(0.1)
-        send(cluster, "b0", ok(0.100))
+        send(cluster, "b0", ok(0.060))
     hc.evaluate()
     assert cluster.get("b0").health is Health.HEALTHY
     with cluster.track(cluster.get("b0")) as t:
         started = clock()
-        for step_s in (0.0, 0.039):
+        for step_s in (0.0, 0.079):
             clock.t = started + step_s
             hc.evaluate()
             assert cluster.get("b0").health is Health.HEALTHY, step_s
-        clock.t = started + 0.041
+        clock.t = started + 0.081
         hc.evaluate()
         assert cluster.get("b0").health is Health.EJECTED
         assert cluster.get("b0").health_reason.startswith(
-            "ejected by latency: 3 of the last 4 requests >= limit 40.0 ms "
-            "(100, 100, 41+ still waiting ms;")
+            "ejected by latency: last 5 requests incl. 1 still waiting: geometric mean 4.4x "
+            "fleet median p50 10.0 ms (>= 4.0x): 10, 60, 60, 60, 81+ ms")
         t.finish(ok(0.5))
     assert [s.id for s in cluster.states.values() if s.health is not Health.HEALTHY] == ["b0"]
