@@ -14,9 +14,9 @@ Two rules, both against the fleet (the median over judged backends):
   window stays full of fast samples from before the slowdown and fills with
   new ones only at the policy's exploration rate; the last few attempts show
   the change at once. The mean of log latencies is the efficient estimate of
-  a lognormal's median, so it is judged against the fleet's median, and each
-  attempt counts as at most 2 x ratio slower, so one or two requests caught
-  in a brief stall cannot decide alone.
+  a lognormal's median, so it is judged against the fleet's median. Each
+  attempt counts as at most 2 x ratio slower, so three requests caught in a
+  brief stall next to two ordinary ones do not decide alone (3 ln 8 < 5 ln 4).
 
 Requests still waiting count as censored observations: the oldest waiting
 attempt (BackendState.waiting_since, via `waiting_age_s`) will take at least
