@@ -176,6 +176,8 @@ class Timeouts(Frozen):
     # Time a client has to send complete request headers (slowloris guard).
     client_header_s: float = Field(10.0, gt=0)
     client_idle_s: float = Field(75.0, gt=0)
+    # A request body that sends nothing for this long is abandoned (400).
+    client_body_idle_s: float = Field(30.0, gt=0)
     # On SIGTERM, how long in-flight requests may finish before the exit.
     drain_s: float = Field(15.0, ge=0)
 

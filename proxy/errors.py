@@ -12,10 +12,11 @@ NO_ROUTE = "no_route"
 NO_BACKEND = "no_healthy_backend"
 CONNECT_FAILURE = "upstream_connect_failure"
 RESET = "upstream_reset"
+# A retry-worthy 5xx was held back for a retry that could not happen after all.
+UPSTREAM_ERROR_STATUS = "upstream_error_status"
 TIMEOUT = "upstream_timeout"
 BODY_TOO_LARGE = "request_body_too_large"
 HEADERS_TOO_LARGE = "request_headers_too_large"
-UPGRADE_UNSUPPORTED = "upgrade_not_supported"
 DRAINING = "draining"
 
 STATUS = {
@@ -23,9 +24,9 @@ STATUS = {
     NO_ROUTE: 404,
     BODY_TOO_LARGE: 413,
     HEADERS_TOO_LARGE: 431,
-    UPGRADE_UNSUPPORTED: 501,
     CONNECT_FAILURE: 502,
     RESET: 502,
+    UPSTREAM_ERROR_STATUS: 502,
     NO_BACKEND: 503,
     DRAINING: 503,
     TIMEOUT: 504,

@@ -53,10 +53,11 @@ def upstream_request_headers(headers: CIMultiDictProxy[str], *, client_ip: str, 
     out = _kept(headers, _UPSTREAM_REWRITTEN)
     prior = _joined(headers, "X-Forwarded-For")
     out.append(("X-Forwarded-For", f"{prior}, {client_ip}" if prior else client_ip))
-    out.append(("X-Forwarded-Proto", headers.get("X-Forwarded-Proto", scheme)))
-    forwarded_host = headers.get("X-Forwarded-Host", host)
-    if forwarded_host:
-        out.append(("X-Forwarded-Host", forwarded_host))
+    # Proto and Host describe the client's connection to this proxy: set, never
+    # taken from the client, which could claim https over plain http.
+    out.append(("X-Forwarded-Proto", scheme))
+    if host:
+        out.append(("X-Forwarded-Host", host))
     via = _joined(headers, "Via")
     out.append(("Via", f"{via}, {VIA}" if via else VIA))
     request_id = headers.get(REQUEST_ID)

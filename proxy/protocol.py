@@ -42,6 +42,10 @@ class ProxyRequestHandler(RequestHandler):
 
     def handle_error(self, request: BaseRequest, status: int = 500,
                      exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, ConnectionResetError) and request.writer.output_size > 0:
+            # The proxy cut a response it could not finish (already logged):
+            # no 500 to send and no traceback to print, just close.
+            raise ConnectionError("response cut off") from exc
         if _headers_too_large(exc):
             reason = errors.HEADERS_TOO_LARGE
         elif status == 400:

@@ -43,6 +43,8 @@ def upstream_ssl(tls: UpstreamTls) -> ssl.SSLContext | bool:
 
 
 def new_session(tls: UpstreamTls, timeouts: Timeouts) -> aiohttp.ClientSession:
+    # Requests pass the runtime's own ClientTimeout, so a reload's timeouts apply
+    # to a reused session too; the session default only covers other uses.
     connector = aiohttp.TCPConnector(
         limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S,
         ssl=upstream_ssl(tls), ttl_dns_cache=60,
@@ -103,13 +105,29 @@ class Runtime:
     router: Router
     clusters: dict[str, ClusterRuntime]
     retry_plan: RetryPlan = field(init=False)
+    # Per request: connect and idle-read limits (the header wait is bounded by per_try_s apart).
+    client_timeout: aiohttp.ClientTimeout = field(init=False)
+    # Requests that started on this runtime and are not finished: a retired
+    # runtime's sessions are closed only once this reaches zero.
+    active: int = 0
 
     def __post_init__(self) -> None:
-        self.retry_plan = RetryPlan(self.loaded.config)
+        config = self.loaded.config
+        self.retry_plan = RetryPlan(config)
+        self.client_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.timeouts.connect_s, sock_read=config.timeouts.per_try_s)
 
     @property
     def config(self) -> Config:
         return self.loaded.config
+
+
+@dataclass
+class Retired:
+    """What a reload replaced: stopped at once, or closed once old requests finish."""
+
+    now: list[Any] = field(default_factory=list)  # health checkers, policies
+    sessions: list[aiohttp.ClientSession] = field(default_factory=list)
 
 
 def backends_of(spec: ClusterSpec) -> list[Backend]:
@@ -117,70 +135,70 @@ def backends_of(spec: ClusterSpec) -> list[Backend]:
 
 
 async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[], float] = time.monotonic,
-                seed: int | None = None) -> tuple[Runtime, list[Any]]:
+                seed: int | None = None) -> tuple[Runtime, Retired]:
     """A new runtime, reusing what is unchanged from `previous`.
 
-    Returns the runtime and a list of retired parts (sessions, checkers,
-    policies) that the caller closes once in-flight requests are done.
+    First everything that can fail is prepared without touching what serves
+    now (sessions, policies); then the change is committed (membership,
+    health checkers). A failure in the first part leaves the old runtime
+    exactly as it was and closes what was started.
     """
-    clusters: dict[str, ClusterRuntime] = {}
-    retired: list[Any] = []
-    started: list[Any] = []  # new parts to close again if the build fails half way
+    config = loaded.config
     old = previous.clusters if previous else {}
+    started: list[Any] = []
+    prepared: dict[str, tuple[ClusterRuntime | None, bool, aiohttp.ClientSession, Policy]] = {}
     try:
-        return await _build(loaded, old, clusters, retired, started, clock, seed)
+        for name, spec in config.clusters.items():
+            prev = old.get(name)
+            keep_cluster = prev is not None and prev.spec.ewma_decay_s == spec.ewma_decay_s
+            if prev is not None and prev.spec.tls == spec.tls:
+                session = prev.session
+            else:
+                session = new_session(spec.tls, config.timeouts)
+                started.append(session)
+            if prev is not None and keep_cluster and prev.spec.policy == spec.policy:
+                policy = prev.policy
+            else:
+                ctx = PolicyContext(clock=clock, rng=random.Random(seed), cluster=name,
+                                    route_classes=tuple(config.route_classes()))
+                policy = registry.create(spec.policy.kind, loaded.policy_options[name], ctx)
+            prepared[name] = (prev, keep_cluster, session, policy)
     except BaseException:
         await retire(started)
         raise
-
-
-async def _build(loaded: Loaded, old: dict[str, ClusterRuntime], clusters: dict[str, ClusterRuntime],
-                 retired: list[Any], started: list[Any], clock: Callable[[], float],
-                 seed: int | None) -> tuple[Runtime, list[Any]]:
-    config = loaded.config
+    clusters: dict[str, ClusterRuntime] = {}
+    retired = Retired()
     for name, spec in config.clusters.items():
-        prev = old.get(name)
-        if prev is not None and prev.spec.ewma_decay_s == spec.ewma_decay_s:
+        prev, keep_cluster, session, policy = prepared[name]
+        if prev is not None and keep_cluster:
             cluster = prev.cluster
             cluster.panic_routing = spec.panic_routing
             cluster.set_backends(backends_of(spec))
         else:
             cluster = Cluster(name, backends_of(spec), clock=clock, decay_s=spec.ewma_decay_s)
-        cluster.panic_routing = spec.panic_routing
-        if prev is not None and prev.spec.tls == spec.tls and prev.spec.ewma_decay_s == spec.ewma_decay_s:
-            session = prev.session
-        else:
-            session = new_session(spec.tls, config.timeouts)
-            started.append(session)
-            if prev is not None:
-                retired.append(prev.session)
-        if prev is not None and prev.cluster is cluster and prev.spec.policy == spec.policy:
-            policy = prev.policy
-        else:
-            ctx = PolicyContext(clock=clock, rng=random.Random(seed), cluster=name,
-                                route_classes=tuple(config.route_classes()))
-            policy = registry.create(spec.policy.kind, loaded.policy_options[name], ctx)
-            if prev is not None:
-                retired.append(("policy", prev))
+            cluster.panic_routing = spec.panic_routing
         if prev is not None and prev.cluster is cluster and prev.spec.health == spec.health \
                 and prev.spec.backends == spec.backends and prev.spec.tls == spec.tls:
             checker = prev.checker
         else:
             checker = HealthChecker(cluster, spec.health, clock=clock, ssl=upstream_ssl(spec.tls))
-            started.append(checker)
             await checker.start()
             if prev is not None:
-                retired.append(prev.checker)
+                retired.now.append(prev.checker)
         cr = ClusterRuntime(name, spec, cluster, policy, session, checker)
         if prev is not None and policy is prev.policy:
             cr.tasks = prev.tasks
         else:
             cr.start_policy_background()
-            started.append(("policy", cr))
+            if prev is not None:
+                retired.now.append(("policy", prev))
+        if prev is not None and session is not prev.session:
+            retired.sessions.append(prev.session)
         clusters[name] = cr
     for name, prev in old.items():
         if name not in clusters:
-            retired.extend([prev.session, prev.checker, ("policy", prev)])
+            retired.now.extend([prev.checker, ("policy", prev)])
+            retired.sessions.append(prev.session)
     return Runtime(loaded, Router(config.routes), clusters), retired
 
 

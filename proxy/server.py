@@ -15,13 +15,12 @@ from itertools import chain
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.web_request import BaseRequest
 
 from policies.base import RequestInfo
 from proxy import errors, metrics
 from proxy.access_log import AccessLog
-from proxy.config import Config
 from proxy.headers import client_response_headers, upstream_request_headers
 from proxy.load_report import parse_utilization
 from proxy.retry import IDEMPOTENT, RetryPlan
@@ -34,8 +33,7 @@ log = logging.getLogger("foretell.proxy")
 BUFFER_LIMIT_BYTES = 64 * 1024
 STREAM_CHUNK_BYTES = 64 * 1024
 _NONE: frozenset[int] = frozenset()
-# "Use the session's timeouts" (aiohttp's sentinel for the timeout argument).
-_SESSION_TIMEOUT: Any = aiohttp.helpers.sentinel
+
 LOAD_HEADER = "endpoint-load-metrics"
 
 _REASON_OF_KIND = {
@@ -49,23 +47,44 @@ class BodyTooLarge(Exception):
     pass
 
 
+class ClientBodyError(Exception):
+    """The client's body broke (malformed chunking, stalled, connection lost)."""
+
+
 class RequestBody:
-    """The client's request body, streamed once, with a size limit.
+    """The client's request body, streamed once, with a size limit and an idle timeout.
 
     `started` tells whether any byte may have gone upstream: until then the
     request can be replayed on another backend whatever its method.
+    `too_large` and `client_error` say a failed try was the client's doing,
+    not the backend's, so it must not count against the backend.
     """
 
-    def __init__(self, content: aiohttp.StreamReader, limit_bytes: int | None) -> None:
+    def __init__(self, content: aiohttp.StreamReader, limit_bytes: int | None, idle_s: float) -> None:
         self._content = content
         self._limit_bytes = limit_bytes
+        self._idle_s = idle_s
         self.started = False
         self.sent_bytes = 0
         self.too_large = False
+        self.client_error = False
+
+    @property
+    def failed(self) -> bool:
+        return self.too_large or self.client_error
 
     async def chunks(self) -> AsyncIterator[bytes]:
         self.started = True
-        async for chunk in self._content.iter_chunked(STREAM_CHUNK_BYTES):
+        content = self._content
+        while True:
+            try:
+                async with asyncio.timeout(self._idle_s):
+                    chunk = await content.readany()
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+                self.client_error = True
+                raise ClientBodyError(f"request body: {exc!r}") from exc
+            if not chunk:
+                return
             self.sent_bytes += len(chunk)
             if self._limit_bytes is not None and self.sent_bytes > self._limit_bytes:
                 self.too_large = True
@@ -91,6 +110,7 @@ class Proxy:
     # -- entry point ----------------------------------------------------------
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
         runtime = self.runtime
+        runtime.active += 1
         self.active_requests += 1
         started = self._loop_time()
         cluster_name = "-"
@@ -100,18 +120,18 @@ class Proxy:
                 self.forecaster.on_request()
             limits = runtime.config.limits
             if _header_bytes(request) > limits.max_header_bytes:
-                resp = self._error("-", errors.HEADERS_TOO_LARGE, close=True)
+                resp = self.answer_error("-", errors.HEADERS_TOO_LARGE, close=True)
                 return resp
             headers = request.headers
             match = runtime.router.match(request.host, request.path, request.method, headers)
             if match is None:
-                resp = self._error("-", errors.NO_ROUTE)
+                resp = self.answer_error("-", errors.NO_ROUTE)
                 return resp
             cr = runtime.clusters[match.cluster]
             cluster_name = cr.name
             length = request.content_length
             if limits.max_body_bytes is not None and length is not None and length > limits.max_body_bytes:
-                resp = self._error(cluster_name, errors.BODY_TOO_LARGE,
+                resp = self.answer_error(cluster_name, errors.BODY_TOO_LARGE,
                                    f"{length} > {limits.max_body_bytes} bytes", close=True)
                 return resp
             client_ip = request.remote or ""
@@ -124,6 +144,7 @@ class Proxy:
             resp = await self._forward(runtime, cr, request, info, client_ip)
             return resp
         finally:
+            runtime.active -= 1
             self.active_requests -= 1
             key = (cluster_name, metrics.code_class(resp.status if resp is not None else 0))
             counts = metrics.HOT.requests
@@ -135,14 +156,14 @@ class Proxy:
                        info: RequestInfo) -> web.StreamResponse | None:
         """Upgrade and Expect: a response when the request is fully handled here, else None."""
         headers = request.headers
-        upgrade = headers.get("Upgrade")
-        if upgrade is not None and "upgrade" in headers.get("Connection", "").lower():
-            if upgrade.lower() != "websocket":
-                return self._error(cr.name, errors.UPGRADE_UNSUPPORTED, upgrade)
+        upgrade = headers.get("Upgrade", "")
+        if upgrade.lower() == "websocket" and "upgrade" in headers.get("Connection", "").lower():
             from proxy.websocket import proxy_websocket
 
             return await proxy_websocket(self, cr, request, info)
-        if headers.get("Expect", "").lower() == "100-continue":
+        # Other upgrades (h2c, ...) are declined by forwarding as plain HTTP/1.1:
+        # Upgrade is hop-by-hop, so the backend never sees the offer.
+        if headers.get("Expect", "").lower() == "100-continue" and request.version >= HttpVersion11:
             # The limits passed, so tell the client to send its body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
@@ -155,7 +176,8 @@ class Proxy:
         plan = runtime.retry_plan
         up_headers, request_id = upstream_request_headers(
             request.headers, client_ip=client_ip, scheme=request.scheme, host=request.host)
-        body = RequestBody(request.content, config.limits.max_body_bytes) if request.body_exists else None
+        body = (RequestBody(request.content, config.limits.max_body_bytes, config.timeouts.client_body_idle_s)
+                if request.body_exists else None)
         deadline = self._loop_time() + config.timeouts.total_s
         tried: set[str] = set()
         last_reason: str | None = None
@@ -183,15 +205,17 @@ class Proxy:
                 # Retry-worthy statuses are only held back when a retry could follow.
                 statuses = plan.statuses if (attempt < plan.attempts and len(candidates) > 1 and (
                     retrying or self._retry_budget_allows(plan))) else _NONE
-                result = await self._attempt(config, cr, request, info, state, up_headers, request_id,
+                result = await self._attempt(runtime, cr, request, info, state, up_headers, request_id,
                                              body, remaining_s, token, statuses)
                 if not isinstance(result, tuple):
                     return result
                 kind, status = result
                 tried.add(state.id)
-                if body is not None and body.too_large:
-                    return self._error(cr.name, errors.BODY_TOO_LARGE, close=True)
-                last_reason = _REASON_OF_KIND.get(kind or "", errors.RESET)
+                if body is not None and body.failed:
+                    if body.too_large:
+                        return self.answer_error(cr.name, errors.BODY_TOO_LARGE, close=True)
+                    return self.answer_error(cr.name, errors.BAD_REQUEST, "request body broke", close=True)
+                last_reason = _REASON_OF_KIND.get(kind) if kind else errors.UPSTREAM_ERROR_STATUS
                 body_started = body is not None and body.started
                 if attempt == plan.attempts or not plan.may_retry(request.method, body_started, kind, status):
                     break
@@ -206,38 +230,42 @@ class Proxy:
             if retrying:
                 self.active_retries -= 1
         if last_reason is None:
-            return self._error(cr.name, errors.NO_BACKEND,
+            return self.answer_error(cr.name, errors.NO_BACKEND,
                                "panic" if cr.cluster.panic else "no ready backend")
-        return self._error(cr.name, last_reason)
+        return self.answer_error(cr.name, last_reason)
 
     def _retry_budget_allows(self, plan: RetryPlan) -> bool:
         return self.active_retries < max(plan.budget_min, plan.budget_share * self.active_requests)
 
-    async def _attempt(self, config: Config, cr: ClusterRuntime, request: BaseRequest, info: RequestInfo,
-                       state: BackendState, up_headers: Any, request_id: str, body: RequestBody | None,
-                       remaining_s: float, token: Any,
+    async def _attempt(self, runtime: Runtime, cr: ClusterRuntime, request: BaseRequest,
+                       info: RequestInfo, state: BackendState, up_headers: Any, request_id: str,
+                       body: RequestBody | None, remaining_s: float, token: Any,
                        retry_statuses: frozenset[int]) -> web.StreamResponse | tuple[str | None, int]:
         """One try. A response to send, or (error kind, status) of a failed try to maybe retry."""
-        per_try_s = config.timeouts.per_try_s
+        config = runtime.config
         with cr.cluster.track(state) as tracker:
             started = self._loop_time()
             kind: str | None = None
             up: aiohttp.ClientResponse | None = None
             try:
-                # The session's sock_read timeout (per_try_s) bounds the wait for
-                # response headers; a tighter one applies when the total deadline is near.
-                up = await cr.session.request(
-                    request.method, state.backend.url + request.raw_path, headers=up_headers,
-                    data=body.chunks() if body is not None else None,
-                    allow_redirects=False, compress=None,
-                    timeout=_SESSION_TIMEOUT if remaining_s >= per_try_s else
-                    aiohttp.ClientTimeout(total=remaining_s, sock_connect=config.timeouts.connect_s))
+                # per_try_s (or what is left of total_s) bounds the wait for the
+                # response headers; the body then has the session's idle timeout.
+                async with asyncio.timeout(min(config.timeouts.per_try_s, remaining_s)):
+                    up = await cr.session.request(
+                        request.method, state.backend.url + request.rel_url.raw_path_qs,
+                        headers=up_headers, data=body.chunks() if body is not None else None,
+                        allow_redirects=False, compress=None, timeout=runtime.client_timeout)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
                 kind = ERROR_CONNECT
             except TimeoutError:
                 kind = ERROR_TIMEOUT
             except (aiohttp.ClientError, OSError):
                 kind = ERROR_RESET
+            if body is not None and body.failed:
+                # The client's body broke, not the backend: record nothing against it.
+                if up is not None:
+                    up.close()
+                return kind, 0
             latency_s = self._loop_time() - started
             status = up.status if up is not None else 0
             outcome = Outcome(status, latency_s, kind, 0, info.route_class)
@@ -286,10 +314,13 @@ class Proxy:
             await resp.write_eof()
             complete = True
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            # Headers are out: all that can be done is to cut the client off.
+            # Headers are out: cut the client's connection so it sees a broken
+            # response (finishing it normally would pass half a body as whole).
             metrics.errors(cluster, errors.RESET).inc()
             log.warning("stream from %s broke after headers: %r", backend_id, exc)
-            resp.force_close()
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError(f"upstream {backend_id} broke mid-body") from exc
         finally:
             if complete:
                 up.release()
@@ -297,7 +328,7 @@ class Proxy:
                 up.close()
         return resp
 
-    def _error(self, cluster: str, reason: str, detail: str = "", *, close: bool = False) -> web.Response:
+    def answer_error(self, cluster: str, reason: str, detail: str = "", *, close: bool = False) -> web.Response:
         metrics.errors(cluster, reason).inc()
         return errors.error_response(reason, detail, close=close)
 

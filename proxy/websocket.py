@@ -12,8 +12,8 @@ from aiohttp.web_request import BaseRequest
 
 from policies.base import RequestInfo
 from proxy import errors
-from proxy.headers import strip_hop_by_hop
-from proxy.state import ERROR_CONNECT, ERROR_RESET, Outcome
+from proxy.headers import upstream_request_headers
+from proxy.state import ERROR_CONNECT, ERROR_RESET, ERROR_TIMEOUT, Outcome
 
 if TYPE_CHECKING:
     from proxy.runtime import ClusterRuntime
@@ -26,39 +26,51 @@ _HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-webso
 
 async def proxy_websocket(proxy: Proxy, cr: ClusterRuntime, request: BaseRequest,
                           info: RequestInfo) -> web.StreamResponse:
+    # Check the client's handshake before opening anything upstream.
+    probe = web.WebSocketResponse()
+    if not probe.can_prepare(request).ok:
+        return proxy.answer_error(cr.name, errors.BAD_REQUEST, "invalid WebSocket handshake")
     chosen = cr.policy.pick(cr.cluster.ready(), info)
     if chosen is None:
-        return errors.error_response(errors.NO_BACKEND)
+        return proxy.answer_error(cr.name, errors.NO_BACKEND)
     state = cr.cluster.states[chosen.id]
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                  if p.strip()]
-    headers = strip_hop_by_hop(request.headers, drop=_HANDSHAKE)
-    url = state.backend.url.replace("http", "ws", 1) + request.raw_path
+    forwarded, _ = upstream_request_headers(request.headers, client_ip=request.remote or "",
+                                            scheme=request.scheme, host=request.host)
+    headers = [(k, v) for k, v in forwarded if k.lower() not in _HANDSHAKE]
+    url = state.backend.url.replace("http", "ws", 1) + request.rel_url.raw_path_qs
     loop_time = asyncio.get_running_loop().time
+    timeout_s = proxy.runtime.config.timeouts.per_try_s
     with cr.cluster.track(state) as tracker:
         started = loop_time()
         try:
-            upstream = await cr.session.ws_connect(url, headers=headers, protocols=protocols,
-                                                   autoping=False)
+            async with asyncio.timeout(timeout_s):
+                upstream = await cr.session.ws_connect(url, headers=headers, protocols=protocols,
+                                                       autoping=False)
         except aiohttp.WSServerHandshakeError as exc:
             tracker.finish(Outcome(exc.status, loop_time() - started, None, 0, info.route_class))
             return web.Response(status=exc.status, text="upstream refused the WebSocket upgrade\n",
                                 headers={errors.ERROR_HEADER: "upstream_refused_upgrade",
                                          "x-foretell-backend": state.id})
-        except aiohttp.ClientConnectorError:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
             tracker.finish(Outcome(0, loop_time() - started, ERROR_CONNECT, 0, info.route_class))
-            return errors.error_response(errors.CONNECT_FAILURE)
+            return proxy.answer_error(cr.name, errors.CONNECT_FAILURE)
+        except TimeoutError:
+            tracker.finish(Outcome(0, loop_time() - started, ERROR_TIMEOUT, 0, info.route_class))
+            return proxy.answer_error(cr.name, errors.TIMEOUT)
         except (aiohttp.ClientError, OSError):
             tracker.finish(Outcome(0, loop_time() - started, ERROR_RESET, 0, info.route_class))
-            return errors.error_response(errors.RESET)
+            return proxy.answer_error(cr.name, errors.RESET)
         tracker.finish(Outcome(101, loop_time() - started, None, 0, info.route_class))
         client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
                                        autoping=False)
         client.headers["x-foretell-backend"] = state.id
-        await client.prepare(request)
-        relays = [asyncio.create_task(_relay(client, upstream)),
-                  asyncio.create_task(_relay(upstream, client))]
+        relays: list[asyncio.Task[None]] = []
         try:
+            await client.prepare(request)
+            relays = [asyncio.create_task(_relay(client, upstream)),
+                      asyncio.create_task(_relay(upstream, client))]
             await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in relays:

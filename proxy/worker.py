@@ -23,6 +23,9 @@ from proxy.server import Proxy
 log = logging.getLogger("foretell.worker")
 
 GAUGE_REFRESH_S = 1.0
+RETIRE_POLL_S = 0.5
+# A replaced runtime's upstream sessions live at most this long for requests still on them.
+SESSION_RETIRE_CAP_S = 600.0
 
 
 def listen_ssl(config: Config) -> ssl.SSLContext | None:
@@ -45,6 +48,8 @@ class Worker:
         self._ssl: ssl.SSLContext | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._extras: list[Any] = []
+        # Sessions of replaced runtimes, not yet closed (closed at stop at the latest).
+        self._pending_sessions: list[Any] = []
         self.listen_port: int | None = None
         self.admin_port: int | None = None
 
@@ -148,7 +153,8 @@ class Worker:
             loaded = load(self.config_path)
             old = proxy.runtime.config
             if _restart_only(loaded.config) != _restart_only(old):
-                log.warning("reload: listen/admin/workers changes need a restart; applying the rest")
+                log.warning("reload: listen, admin, workers, client limits and timeouts, access log "
+                            "and telemetry changes need a restart; applying the rest")
             new_rt, retired = await runtime.build(loaded, proxy.runtime)
         except ConfigError as exc:
             metrics.CONFIG_RELOADS.labels("invalid").inc()
@@ -158,12 +164,16 @@ class Worker:
             metrics.CONFIG_RELOADS.labels("error").inc()
             log.error("reload failed, still serving the previous config: %s", exc)
             return False
-        proxy.runtime = new_rt
+        old_rt, proxy.runtime = proxy.runtime, new_rt
         self._reload_tls(loaded.config)
         metrics.CONFIG_RELOADS.labels("applied").inc()
         log.info("reload: applied %s", self.config_path)
-        # Requests that started on the old runtime may still use its parts.
-        self._spawn(self._retire_later(retired, loaded.config.timeouts.total_s))
+        # Checkers and policies serve no request: stop them now, so an old
+        # health config stops judging backends at once.
+        await runtime.retire(retired.now)
+        if retired.sessions:
+            self._pending_sessions.extend(retired.sessions)
+            self._spawn(self._close_when_idle(old_rt, retired.sessions))
         return True
 
     def _reload_tls(self, config: Config) -> None:
@@ -176,9 +186,17 @@ class Worker:
             log.error("reload: keeping the old TLS certificate, cannot load %s / %s: %s",
                       tls.cert_file, tls.key_file, exc)
 
-    async def _retire_later(self, parts: list[Any], delay_s: float) -> None:
-        await asyncio.sleep(delay_s)
-        await runtime.retire(parts)
+    async def _close_when_idle(self, old: runtime.Runtime, sessions: list[Any]) -> None:
+        """Close a replaced runtime's sessions once the requests that started on it are done."""
+        deadline = asyncio.get_running_loop().time() + max(SESSION_RETIRE_CAP_S, old.config.timeouts.total_s)
+        while old.active > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(RETIRE_POLL_S)
+        if old.active > 0:
+            log.warning("reload: closing old upstream connections with %d request(s) still on them",
+                        old.active)
+        await runtime.retire(sessions)
+        for session in sessions:
+            self._pending_sessions.remove(session)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_s), then close."""
@@ -188,6 +206,8 @@ class Worker:
             await self._runner.cleanup()
         for task in list(self._tasks):
             task.cancel()
+        await runtime.retire(self._pending_sessions)
+        metrics.HOT.flush()  # the last second of counts
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self.proxy is not None:

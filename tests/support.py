@@ -19,6 +19,8 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+from policies.base import PolicyOptions
+
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 64 * 1024
 
@@ -205,3 +207,24 @@ async def aiter_bytes(total: int, chunk: int = CHUNK) -> AsyncIterator[bytes]:
         part = block[: min(chunk, total - sent)]
         sent += len(part)
         yield part
+
+
+class FailingPolicy:
+    """A user policy (dotted-path kind) whose constructor fails: for reload tests."""
+
+    name = "failing"
+
+    Options = PolicyOptions
+
+    def __init__(self, options: object, ctx: object) -> None:
+        raise RuntimeError("this policy cannot be built")
+
+    def pick(self, ready: object, req: object) -> None:
+        return None
+
+
+async def raw_backend(respond: Any) -> tuple[asyncio.AbstractServer, str]:
+    """A loopback TCP server whose connections are handled by `respond(reader, writer)`."""
+    server = await asyncio.start_server(respond, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"

@@ -1,0 +1,192 @@
+"""Edge cases a demanding user hits: cut streams, client-side body failures, odd request
+targets, slow headers, reloads while traffic flows, WebSocket handshakes, h2c offers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from proxy.state import Health
+from tests.support import Backends, aiter_bytes, proxy_config, raw_backend, write_config
+
+
+async def test_upstream_cut_mid_body_reaches_client_as_broken(start_proxy, client) -> None:
+    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.transport.abort()
+
+    server, url = await raw_backend(half)
+    try:
+        proxy = await start_proxy(proxy_config({"cut": url}, retries={"attempts": 1}))
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with client.get(proxy.url + "/stream") as resp:
+                assert resp.status == 200
+                await resp.read()
+    finally:
+        server.close()
+
+
+async def test_client_body_failures_do_not_count_against_backends(backends: Backends, start_proxy,
+                                                                  client) -> None:
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls, limits={"max_body_bytes": 1000},
+                                           health={"active": {"enabled": False}}))
+    for _ in range(5):  # chunked, so the size is only known while streaming
+        async with client.post(proxy.url + "/upload", data=aiter_bytes(3000, chunk=512)) as resp:
+            assert resp.status == 413
+    state = proxy.worker.proxy.runtime.clusters["default"].cluster.get("a")
+    assert state.health is Health.HEALTHY
+    assert state.errors == 0
+
+
+async def test_absolute_form_target_is_forwarded_by_its_path(backends: Backends, start_proxy) -> None:
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.worker.listen_port)
+    writer.write(b"GET http://elsewhere.example/echo/x?q=1 HTTP/1.1\r\nHost: elsewhere.example\r\n"
+                 b"Connection: close\r\n\r\n")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b'"path": "/echo/x?q=1"' in body
+
+
+async def test_slow_drip_headers_hit_the_per_try_timeout(start_proxy, client) -> None:
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"y" * 100:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.1)
+        except (ConnectionError, OSError):
+            pass
+
+    server, url = await raw_backend(drip)
+    try:
+        proxy = await start_proxy(proxy_config({"drip": url}, retries={"attempts": 1},
+                                               timeouts={"per_try_s": 0.5, "total_s": 1.0}))
+        started = time.monotonic()
+        async with client.get(proxy.url + "/x") as resp:
+            assert resp.status == 504
+            assert resp.headers["x-foretell-error"] == "upstream_timeout"
+        assert time.monotonic() - started < 1.5
+    finally:
+        server.close()
+
+
+async def test_long_download_survives_a_reload(backends: Backends, start_proxy) -> None:
+    async def slow_stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(15):
+            await resp.write(b"z" * 1000)
+            await asyncio.sleep(0.1)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/slow", slow_stream)
+    urls = {"s": await backends.start("s", app)}
+    cfg = proxy_config(urls)
+    proxy = await start_proxy(cfg)
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async def download() -> int:
+            async with session.get(proxy.url + "/slow") as resp:
+                return len(await resp.read())
+
+        task = asyncio.create_task(download())
+        await asyncio.sleep(0.3)
+        current = yaml.safe_load(proxy.worker.config_path.read_text())
+        # A new decay time gives the cluster new state and TLS-free session reuse.
+        current["clusters"] = {"default": {"backends": current.pop("backends"),
+                                           "health": current.pop("health"), "ewma_decay_s": 3.0,
+                                           "policy": current.pop("policy")}}
+        write_config(proxy.worker.config_path, current)
+        assert await proxy.worker.reload()
+        assert await task == 15_000
+
+
+async def test_failed_reload_leaves_membership_and_health_untouched(backends: Backends,
+                                                                    start_proxy) -> None:
+    urls = {n: await backends.start(n) for n in ("a", "b")}
+    proxy = await start_proxy(proxy_config({"a": urls["a"]}))
+    cluster = proxy.worker.proxy.runtime.clusters["default"].cluster
+    checker = proxy.worker.proxy.runtime.clusters["default"].checker
+    bad = proxy_config(urls, policy={"kind": "tests.support.FailingPolicy"})
+    bad["listen"] = yaml.safe_load(proxy.worker.config_path.read_text())["listen"]
+    write_config(proxy.worker.config_path, bad)
+    assert not await proxy.worker.reload()
+    assert list(cluster.states) == ["a"]
+    assert proxy.worker.proxy.runtime.clusters["default"].checker is checker
+
+
+async def test_reload_stops_the_old_health_checker_at_once(backends: Backends, start_proxy) -> None:
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls))
+    old_checker = proxy.worker.proxy.runtime.clusters["default"].checker
+    cfg = yaml.safe_load(proxy.worker.config_path.read_text())
+    cfg["health"] = {"active": {"enabled": True, "path": "/healthz", "interval_s": 0.5}}
+    write_config(proxy.worker.config_path, cfg)
+    assert await proxy.worker.reload()
+    assert proxy.worker.proxy.runtime.clusters["default"].checker is not old_checker
+    assert old_checker._stopped
+
+
+async def test_websocket_bad_handshake_opens_nothing_upstream(backends: Backends, start_proxy,
+                                                             client) -> None:
+    opened = []
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        opened.append(1)
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for _ in sock:
+            pass
+        return sock
+
+    app = web.Application()
+    app.router.add_get("/ws", ws)
+    urls = {"w": await backends.start("w", app)}
+    proxy = await start_proxy(proxy_config(urls))
+    async with client.get(proxy.url + "/ws", headers={"Connection": "Upgrade", "Upgrade": "websocket"}) as resp:
+        assert resp.status == 400
+        assert resp.headers["x-foretell-error"] == "bad_request"
+    await asyncio.sleep(0.2)
+    assert opened == []
+
+
+async def test_h2c_offer_is_declined_by_plain_http_and_100_continue_only_for_http11(
+        backends: Backends, start_proxy, client) -> None:
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls))
+    headers = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": "AAMAAABkAAQAAP__"}
+    async with client.get(proxy.url + "/echo", headers=headers) as resp:
+        assert resp.status == 200
+        sent = {k.lower() for k in (await resp.json())["headers"]}
+    assert not sent & {"upgrade", "http2-settings", "connection"}
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.worker.listen_port)
+    writer.write(b"POST /echo HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\nok")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert b"100 Continue" not in raw and raw.startswith(b"HTTP/1.0 200")
+
+
+async def test_client_cannot_spoof_forwarded_proto(backends: Backends, start_proxy, client) -> None:
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls))
+    async with client.get(proxy.url + "/echo", headers={"X-Forwarded-Proto": "https"}) as resp:
+        sent = {k.lower(): v for k, v in (await resp.json())["headers"].items()}
+    assert sent["x-forwarded-proto"] == "http"
