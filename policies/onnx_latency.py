@@ -1,10 +1,25 @@
 """Route to the backend a learned latency model predicts is fastest (kind `onnx_latency`).
 
-Per request: the persistent feature matrix (policies.features) is brought up
-to date, one onnxruntime call scores every ready backend (or a random subset
-of `max_scored` when the pool is larger), and the score is
+Scoring is split so that most requests touch neither numpy nor onnxruntime
+(each costs 5-25 µs with the caches cold between requests, several times
+its hot-loop cost). A *rescore* brings the persistent feature matrix
+(policies.features) up to date for the backends observed since the last one
+and runs the model once over 2n rows: every ready backend at its current
+inflight, and again at inflight + 2. That gives per backend a prediction
+`a` at inflight `cur` and a slope `b` per extra request in flight, cached
+per request class (route class, method, body size in quarter-log buckets).
+A pick is then plain Python over the ready list:
 
-    predicted_ms * correction[backend] + failure_penalty_ms * error_rate
+    (a + b * (inflight_now - cur)) * correction[backend] + failure_penalty_ms * error_rate
+
+so queueing is priced exactly at every pick (no herding between rescores),
+while the slower-moving backend statistics (EWMA, recent latencies, error
+rate) are at most `rescore_s` old (and at most `refresh_s` without any
+outcome). `rescore_s: 0` rescores whenever an outcome arrived since the last
+pick. With `max_scored`, the argmin is taken over a random subset of that
+size (P2C-style); `correction` is an online EWMA of observed/predicted
+latency per backend (drift between retrainings) and the penalty keeps a
+backend that fails fast from looking fast.
 
 where `correction` is an online EWMA of observed/predicted latency per
 backend (drift between retrainings) and the penalty keeps a backend that
@@ -46,7 +61,10 @@ from policies import registry
 from policies.base import BackendView, Policy, PolicyContext, PolicyOptions, RequestInfo
 from policies.features import (
     ERROR_RATE,
+    EWMA,
+    EWMA_COST,
     FEATURE_NAMES,
+    INFLIGHT,
     N_FEATURES,
     ROUTE_COST,
     FeatureMatrix,
@@ -92,6 +110,10 @@ MODEL_ACTIVE = Gauge(
 )
 
 WINDOW_N = FEATURE_NAMES.index("window_n_log")
+
+# A rescore also predicts every backend at inflight + SLOPE_STEP, for the slope
+# (wider than 1 so a tree model's flat step still shows the queueing cost).
+SLOPE_STEP = 2.0
 
 # Picks after a (re)load not counted against the time budget (first runs are slow).
 WARMUP_PICKS = 64
@@ -318,6 +340,9 @@ class OnnxLatency:
         reload_interval_s: float = Field(1.0, gt=0)
         # Backend columns are fully recomputed at least this often.
         refresh_s: float = Field(0.25, gt=0)
+        # Cached predictions are recomputed at most this often while outcomes arrive
+        # (inflight is priced exactly at every pick through the cached slope).
+        rescore_s: float = Field(0.005, ge=0)
         # Observe the pick-time histogram every Nth pick (it costs ~1 µs).
         pick_time_every: int = Field(16, ge=1)
         # The fallback routes until the ready backends have this many outcomes each on
@@ -338,10 +363,8 @@ class OnnxLatency:
         self.last_reason: str | None = None  # why the last pick fell back, None if it did not
         self.model: LoadedModel | None = None
         self._features = FeatureMatrix(self._ctx_routes, ctx.clock, options.refresh_s)
-        self._corr_generation: object = None
-        self._corr = np.ones(0, dtype=np.float32)
-        self._score_buf = np.zeros(0, dtype=np.float32)
         self._corr_of: dict[str, float] = {}
+        self._reset_scores()
         self._pending: dict[int, tuple[str, float]] = {}
         self._pick_ewma_us = 0.0
         self._disabled_until = -math.inf
@@ -378,7 +401,7 @@ class OnnxLatency:
                         "using the model's (unknown classes count as 'other')",
                         self.cluster, model.route_classes, self._ctx_routes)
         self._features = FeatureMatrix(routes, self._clock, self.options.refresh_s)
-        self._corr_generation = None
+        self._reset_scores()
         self.model = model
         self._watched_key = model.file_key
         self._disabled_until = -math.inf
@@ -446,28 +469,34 @@ class OnnxLatency:
             MODEL_ACTIVE.labels(self.cluster).set(1)
         started = time.perf_counter_ns()
         try:
-            best, pred, idx = self._score(model, ready, req)
             if self._warming:
-                counts = np.expm1(self._features.matrix[:len(ready), WINDOW_N])
-                if float(counts.mean()) < self.options.min_history:
+                x = self._features.prepare(ready, req)
+                if float(np.expm1(x[:, WINDOW_N]).mean()) < self.options.min_history:
                     return self._fall_back(ready, req, WARMING_UP)
                 self._warming = False
+            sc = self._scores_for(model, ready, req)
         except Exception as exc:  # the model must never fail a request
             log.exception("cluster %s: inference failed (%s); falling back for %.0f s",
                           self.cluster, exc, self.options.cooldown_s)
             self._disable(INFERENCE_ERROR)
             return self._fall_back(ready, req, INFERENCE_ERROR)
+        a, b, cur, pen, corr = sc.a, sc.b, sc.cur, sc.pen, self._corr_rows
         if self.options.shadow:
             chosen = self._fall_back(ready, req, SHADOW)
             if chosen is not None:
-                for j, s in enumerate(ready):
-                    if s is chosen:
-                        p = _prediction_of(j, pred, idx)
-                        if p is not None:
-                            self._remember(req, chosen.id, p)
-                        break
+                j = self._row_of.get(chosen.id)
+                if j is not None and ready[j] is chosen:
+                    self._remember(req, chosen.id, a[j] + b[j] * (chosen.inflight - cur[j]))
             return chosen
         n = len(ready)
+        k = self.options.max_scored
+        best = 0
+        best_score = math.inf
+        # Plain Python: for a few to a few dozen backends cheaper than any numpy call.
+        for i in (self._rng.sample(range(n), k) if k and n > k else range(n)):
+            v = (a[i] + b[i] * (ready[i].inflight - cur[i])) * corr[i] + pen[i]
+            if v < best_score:
+                best, best_score = i, v
         eps = self.options.epsilon
         i = best
         if eps > 0.0 and self._rng.random() < eps:
@@ -475,9 +504,7 @@ class OnnxLatency:
         self.last_propensity = eps / n + (1.0 - eps) * (i == best) if eps > 0.0 else 1.0
         chosen = ready[i]
         self.last_reason = None
-        p = _prediction_of(i, pred, idx)
-        if p is not None:
-            self._remember(req, chosen.id, p)
+        self._remember(req, chosen.id, a[i] + b[i] * (chosen.inflight - cur[i]))
         elapsed_us = (time.perf_counter_ns() - started) / 1e3
         self._picks += 1
         if self._picks > WARMUP_PICKS:
@@ -498,33 +525,63 @@ class OnnxLatency:
         self._disabled_reason = reason
         MODEL_ACTIVE.labels(self.cluster).set(0)
 
-    def _score(self, model: LoadedModel, ready: Sequence[BackendView],
-               req: RequestInfo) -> tuple[int, np.ndarray, np.ndarray | None]:
-        """Index (into ready) of the lowest score, the predictions, and which rows were
-        scored (None = all, else indices into ready)."""
+    def _reset_scores(self) -> None:
+        self._scores: dict[tuple[str, str, int], _Scores] = {}
+        self._scores_ready: Sequence[BackendView] | None = None
+        self._row_of: dict[str, int] = {}
+        self._corr_rows: list[float] = []
+        self._dirty: dict[str, BackendView] = {}
+        self._version = 0  # outcomes observed; a cached score knows the count it saw
+        self._pairs: np.ndarray | None = None
+
+    def _scores_for(self, model: LoadedModel, ready: Sequence[BackendView],
+                    req: RequestInfo) -> _Scores:
+        """Cached predictions for this request class, recomputed when stale."""
+        if ready is not self._scores_ready:
+            # Another ready list (health change, or a retry's subset): rows move.
+            self._scores.clear()
+            self._scores_ready = ready
+            self._row_of = {s.id: i for i, s in enumerate(ready)}
+            self._corr_rows = [self._corr_of.get(s.id, 1.0) for s in ready]
+        body = req.body_size
+        key = (req.route_class, req.method, int(4.0 * math.log1p(body)) if body > 0 else 0)
+        sc = self._scores.get(key)
+        now = self._clock()
+        if sc is None or now - sc.stamp >= self.options.refresh_s or (
+                sc.version != self._version and now - sc.stamp >= self.options.rescore_s):
+            sc = self._scores[key] = self._rescore(model, ready, req, now)
+        return sc
+
+    def _rescore(self, model: LoadedModel, ready: Sequence[BackendView], req: RequestInfo,
+                 now: float) -> _Scores:
+        """One model run over every ready backend at inflight and inflight + SLOPE_STEP."""
         fm = self._features
+        if self._dirty:
+            for view in self._dirty.values():
+                fm.refresh(view)  # the rows of backends observed since the last rescore
+            self._dirty.clear()
+        version = self._version
         x = fm.prepare(ready, req)
         n = len(ready)
-        k = self.options.max_scored
-        if self._corr_generation is not fm.generation:
-            self._corr = np.array([self._corr_of.get(s.id, 1.0) for s in ready], np.float32)
-            self._corr_generation = fm.generation
-        if k and n > k:
-            idx = np.array(self._rng.sample(range(n), k))
-            pred = model.predict_ms(np.ascontiguousarray(x[idx]))
-            score = pred * self._corr[idx] + self.options.failure_penalty_ms * x[idx, ERROR_RATE]
-            j = int(np.argmin(score))
-            return int(idx[j]), pred, idx
-        pred = model.predict(x)
+        pairs = self._pairs
+        if pairs is None or pairs.shape[0] != 2 * n:
+            # Its own array per row count, so the model's input binding is reused.
+            pairs = self._pairs = np.zeros((2 * n, N_FEATURES), dtype=np.float32)
+        pairs[:n] = x
+        pairs[n:] = x
+        up = pairs[n:]
+        up[:, INFLIGHT] += SLOPE_STEP
+        # (ewma, route_ewma) x (inflight + 1): both costs move by SLOPE_STEP x the EWMAs.
+        up[:, EWMA_COST:EWMA_COST + 2] += SLOPE_STEP * x[:, EWMA:EWMA + 2]
+        pred = model.predict(pairs)
         if model.ratio:
-            np.multiply(pred, x[:, ROUTE_COST], out=pred)  # in place: pred is our buffer
-        score = self._score_buf
-        if len(score) != n:
-            score = self._score_buf = np.zeros(n, dtype=np.float32)
-        np.multiply(pred, self._corr, out=score)
-        if self.options.failure_penalty_ms:
-            score += self.options.failure_penalty_ms * x[:, ERROR_RATE]
-        return int(score.argmin()), pred, None
+            np.multiply(pred, pairs[:, ROUTE_COST], out=pred)  # in place: pred is our buffer
+        p = pred.tolist()
+        a = p[:n]
+        b = [max(0.0, (hi - lo) / SLOPE_STEP) for lo, hi in zip(a, p[n:], strict=True)]
+        penalty = self.options.failure_penalty_ms
+        pen = (x[:, ERROR_RATE] * penalty).tolist() if penalty else [0.0] * n
+        return _Scores(now, version, a, b, [s.inflight for s in ready], pen)
 
     def _remember(self, req: RequestInfo, backend_id: str, pred_ms: float) -> None:
         if len(self._pending) > 65536:  # attempts that never reported back
@@ -533,7 +590,9 @@ class OnnxLatency:
 
     # -- feedback -------------------------------------------------------------------
     def observe(self, backend: BackendView, req: RequestInfo, outcome: Any) -> None:
-        self._features.observed(backend, req.route_class)
+        # Its feature row is rewritten at the next rescore, not here.
+        self._dirty[backend.id] = backend
+        self._version += 1
         fallback_observe = getattr(self.fallback, "observe", None)
         if fallback_observe is not None:
             fallback_observe(backend, req, outcome)
@@ -542,7 +601,7 @@ class OnnxLatency:
             return
         pred_ms = pending[1]
         observed_ms = outcome.latency_s * 1e3
-        if self._picks % 4 == 0:
+        if self._version % 8 == 0:  # sampled: a histogram observation costs ~2 µs
             self._err_hist.observe(abs(observed_ms - pred_ms) / 1e3)
         alpha = self.options.residual_alpha
         if alpha <= 0.0 or pred_ms <= 0.0 or self.options.shadow:
@@ -552,9 +611,9 @@ class OnnxLatency:
         old = self._corr_of.get(backend.id, 1.0)
         new = old + alpha * (ratio - old)
         self._corr_of[backend.id] = new
-        i = self._features.row(backend.id)
-        if i is not None and i < len(self._corr) and self._corr_generation is self._features.generation:
-            self._corr[i] = new
+        i = self._row_of.get(backend.id)
+        if i is not None:
+            self._corr_rows[i] = new
 
     def close(self) -> None:
         close = getattr(self.fallback, "close", None)
@@ -581,9 +640,13 @@ class OnnxLatency:
                 f"shadow={self.options.shadow})")
 
 
-def _prediction_of(i: int, pred: np.ndarray, idx: np.ndarray | None) -> float | None:
-    """The prediction for ready[i], None when it was not among the scored subset."""
-    if idx is None:
-        return float(pred[i])
-    hits = np.flatnonzero(idx == i)
-    return float(pred[hits[0]]) if len(hits) else None
+@dataclass(slots=True)
+class _Scores:
+    """Predictions for one request class over one ready list, from one model run."""
+
+    stamp: float  # clock at the run
+    version: int  # outcomes observed before the run
+    a: list[float]  # predicted ms per backend at inflight `cur`
+    b: list[float]  # predicted ms per extra request in flight (>= 0)
+    cur: list[int]
+    pen: list[float]  # failure penalty ms

@@ -55,7 +55,8 @@ def inflight_model(path: Path, version: str = "v1") -> Path:
 
 
 def fails_beyond_two_rows(path: Path) -> Path:
-    """Valid for the trial run (2 rows), raises at inference with any other row count."""
+    """Valid for the trial run (2 rows), raises at inference with any other row count
+    (a pick runs 2 rows per backend)."""
     x = helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, N_FEATURES])
     y = helper.make_tensor_value_info("variable", TensorProto.FLOAT, [None, 1])
     shape = helper.make_tensor("shape", TensorProto.INT64, [2], [2, N_FEATURES])
@@ -153,7 +154,8 @@ def test_inference_error_falls_back_for_cooldown(tmp_path: Path) -> None:
     assert p.pick(ready, REQ) is not None and p.last_reason == INFERENCE_ERROR
     assert p.pick(ready, REQ) is not None and p.last_reason == INFERENCE_ERROR
     sim.clock.t += 6.0
-    p.pick(ready[:2], REQ)  # two rows work: the model is tried again and serves
+    p.pick(ready[:1], REQ)  # one backend = two rows (it and its +2 inflight twin) work:
+    # the model is tried again and serves
     assert p.last_reason is None
 
 
