@@ -172,10 +172,8 @@ class LoadedModel:
     # not: ~4 µs hot, ~23 µs cold). Verified against onnxruntime at load.
     weights: np.ndarray | None = field(default=None, repr=False)
     bias: float = 0.0
-    _binding: Any = field(default=None, repr=False)
-    _bound_x: Any = field(default=None, repr=False)
-    _run: Any = field(default=None, repr=False)
-    _binding_arg: Any = field(default=None, repr=False)
+    # id(input array) -> (the array, run, its argument, the binding): a few inputs stay bound.
+    _bindings: dict[int, tuple[Any, Any, Any, Any]] = field(default_factory=dict, repr=False)
     _out: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), np.float32), repr=False)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -186,35 +184,39 @@ class LoadedModel:
             np.dot(x, self.weights, out=out)
             out += self.bias
             return out
-        if x is not self._bound_x:
-            self._bind(x)
-        self._run(self._binding_arg, None)
+        entry = self._bindings.get(id(x))
+        if entry is None or entry[0] is not x:
+            entry = self._bind(x)
+        entry[1](entry[2], None)
         return self._out[:x.shape[0], 0]
 
     def _grow(self, x: np.ndarray) -> np.ndarray:
         self._out = np.zeros((max(x.shape[0], 16), 1), dtype=np.float32)
         return self._out[:x.shape[0], 0]
 
-    def _bind(self, x: np.ndarray) -> None:
+    def _bind(self, x: np.ndarray) -> tuple[Any, Any, Any, Any]:
         import onnxruntime as ort
 
         n = x.shape[0]
         if self._out.shape[0] < n:
             self._out = np.zeros((max(n, 16), 1), dtype=np.float32)
+            self._bindings.clear()  # they write to the old buffer
+        if len(self._bindings) >= 4:
+            self._bindings.clear()
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(x))
         binding.bind_output(self.output_name, "cpu", 0, np.float32, (n, 1),
                             self._out.ctypes.data)
-        self._binding = binding
-        self._bound_x = x  # the feature matrix keeps this view until its rows change
         # The public wrapper re-checks GPU graph capture on every call (~1 µs); a CPU
         # session can call the binding directly. Fall back if the internals differ.
         inner = getattr(self.session, "_sess", None)
         raw = getattr(binding, "_iobinding", None)
         if inner is not None and raw is not None and hasattr(inner, "run_with_iobinding"):
-            self._run, self._binding_arg = inner.run_with_iobinding, raw
+            entry = (x, inner.run_with_iobinding, raw, binding)
         else:
-            self._run, self._binding_arg = self.session.run_with_iobinding, binding
+            entry = (x, self.session.run_with_iobinding, binding, binding)
+        self._bindings[id(x)] = entry  # the caller keeps x (and its rows) until it changes
+        return entry
 
     def predict_copy(self, x: np.ndarray) -> np.ndarray:
         """The raw model output per row (a new array), always through onnxruntime."""
@@ -334,7 +336,8 @@ class OnnxLatency:
         # Weight of one observation in the observed/predicted correction (0 = off).
         residual_alpha: float = Field(0.02, ge=0, le=1)
         residual_clip: float = Field(4.0, ge=1)
-        # Fall back while the smoothed pick time exceeds this, for cooldown_s.
+        # Fall back while the smoothed pick time (thread CPU, sampled) exceeds this, for
+        # cooldown_s.
         budget_us: float = Field(250.0, gt=0)
         cooldown_s: float = Field(30.0, ge=0)
         reload_interval_s: float = Field(1.0, gt=0)
@@ -343,7 +346,7 @@ class OnnxLatency:
         # Cached predictions are recomputed at most this often while outcomes arrive
         # (inflight is priced exactly at every pick through the cached slope).
         rescore_s: float = Field(0.005, ge=0)
-        # Observe the pick-time histogram every Nth pick (it costs ~1 µs).
+        # Time every Nth pick (budget and histogram; a timing and an observation cost ~2 µs).
         pick_time_every: int = Field(16, ge=1)
         # The fallback routes until the ready backends have this many outcomes each on
         # average (once, at start): with no history every backend looks the same to the
@@ -467,7 +470,11 @@ class OnnxLatency:
             self._disabled_until = -math.inf
             self._pick_ewma_us = 0.0
             MODEL_ACTIVE.labels(self.cluster).set(1)
-        started = time.perf_counter_ns()
+        self._picks += 1
+        # Sampled, in thread CPU time: what a pick costs, not how long another process
+        # held the core (a shared machine must not trip the budget).
+        timed = self._picks % self.options.pick_time_every == 0
+        started = time.thread_time_ns() if timed else 0
         try:
             if self._warming:
                 x = self._features.prepare(ready, req)
@@ -505,14 +512,14 @@ class OnnxLatency:
         chosen = ready[i]
         self.last_reason = None
         self._remember(req, chosen.id, a[i] + b[i] * (chosen.inflight - cur[i]))
-        elapsed_us = (time.perf_counter_ns() - started) / 1e3
-        self._picks += 1
-        if self._picks > WARMUP_PICKS:
+        if timed:
+            elapsed_us = (time.thread_time_ns() - started) / 1e3
+            self._pick_hist.observe(elapsed_us / 1e6)
+            if self._picks <= WARMUP_PICKS:
+                return chosen
             # Clamped so one stall (GC, first run after a rebuild) cannot trip the budget alone.
             sample = min(elapsed_us, 4.0 * self.options.budget_us)
-            self._pick_ewma_us += 0.01 * (sample - self._pick_ewma_us)
-        if self._picks % self.options.pick_time_every == 0:
-            self._pick_hist.observe(elapsed_us / 1e6)
+            self._pick_ewma_us += 0.05 * (sample - self._pick_ewma_us)
             if self._pick_ewma_us > self.options.budget_us:
                 log.warning("cluster %s: picks take %.0f µs (budget %.0f µs); falling back "
                             "for %.0f s", self.cluster, self._pick_ewma_us,
@@ -530,9 +537,10 @@ class OnnxLatency:
         self._scores_ready: Sequence[BackendView] | None = None
         self._row_of: dict[str, int] = {}
         self._corr_rows: list[float] = []
-        self._dirty: dict[str, BackendView] = {}
+        self._dirty: dict[str, tuple[BackendView, str]] = {}
         self._version = 0  # outcomes observed; a cached score knows the count it saw
         self._pairs: np.ndarray | None = None
+        self._level = np.zeros((0, N_FEATURES), dtype=np.float32)
 
     def _scores_for(self, model: LoadedModel, ready: Sequence[BackendView],
                     req: RequestInfo) -> _Scores:
@@ -547,18 +555,23 @@ class OnnxLatency:
         key = (req.route_class, req.method, int(4.0 * math.log1p(body)) if body > 0 else 0)
         sc = self._scores.get(key)
         now = self._clock()
-        if sc is None or now - sc.stamp >= self.options.refresh_s or (
+        if sc is None or now - sc.slope_stamp >= self.options.refresh_s:
+            sc = self._scores[key] = self._rescore(model, ready, req, now, None)
+        elif now - sc.stamp >= self.options.refresh_s or (
                 sc.version != self._version and now - sc.stamp >= self.options.rescore_s):
-            sc = self._scores[key] = self._rescore(model, ready, req, now)
+            sc = self._scores[key] = self._rescore(model, ready, req, now, sc)
         return sc
 
     def _rescore(self, model: LoadedModel, ready: Sequence[BackendView], req: RequestInfo,
-                 now: float) -> _Scores:
-        """One model run over every ready backend at inflight and inflight + SLOPE_STEP."""
+                 now: float, old: _Scores | None) -> _Scores:
+        """One model run over every ready backend at its inflight, and (without `old`, whose
+        slopes are kept: they move slowly) at inflight + SLOPE_STEP too."""
         fm = self._features
         if self._dirty:
-            for view in self._dirty.values():
-                fm.refresh(view)  # the rows of backends observed since the last rescore
+            # The columns an outcome moves most, for backends observed since the last
+            # rescore (~1 µs each; the rest follows at the full refresh every refresh_s).
+            for view, route_class in self._dirty.values():
+                fm.observed(view, route_class)
             self._dirty.clear()
         version = self._version
         x = fm.prepare(ready, req)
@@ -567,6 +580,17 @@ class OnnxLatency:
         if pairs is None or pairs.shape[0] != 2 * n:
             # Its own array per row count, so the model's input binding is reused.
             pairs = self._pairs = np.zeros((2 * n, N_FEATURES), dtype=np.float32)
+            self._level = pairs[:n]  # one view object, bound once
+        level = self._level
+        if old is not None:  # the level only: n rows
+            np.copyto(level, x)
+            pred = model.predict(level)
+            if model.ratio:
+                np.multiply(pred, level[:, ROUTE_COST], out=pred)
+            penalty = self.options.failure_penalty_ms
+            pen = (x[:, ERROR_RATE] * penalty).tolist() if penalty else [0.0] * n
+            return _Scores(now, version, pred.tolist(), old.b, [s.inflight for s in ready], pen,
+                           old.slope_stamp)
         pairs[:n] = x
         pairs[n:] = x
         up = pairs[n:]
@@ -581,7 +605,7 @@ class OnnxLatency:
         b = [max(0.0, (hi - lo) / SLOPE_STEP) for lo, hi in zip(a, p[n:], strict=True)]
         penalty = self.options.failure_penalty_ms
         pen = (x[:, ERROR_RATE] * penalty).tolist() if penalty else [0.0] * n
-        return _Scores(now, version, a, b, [s.inflight for s in ready], pen)
+        return _Scores(now, version, a, b, [s.inflight for s in ready], pen, now)
 
     def _remember(self, req: RequestInfo, backend_id: str, pred_ms: float) -> None:
         if len(self._pending) > 65536:  # attempts that never reported back
@@ -590,8 +614,8 @@ class OnnxLatency:
 
     # -- feedback -------------------------------------------------------------------
     def observe(self, backend: BackendView, req: RequestInfo, outcome: Any) -> None:
-        # Its feature row is rewritten at the next rescore, not here.
-        self._dirty[backend.id] = backend
+        # Its feature row is updated at the next rescore, not here.
+        self._dirty[backend.id] = (backend, req.route_class)
         self._version += 1
         fallback_observe = getattr(self.fallback, "observe", None)
         if fallback_observe is not None:
@@ -650,3 +674,4 @@ class _Scores:
     b: list[float]  # predicted ms per extra request in flight (>= 0)
     cur: list[int]
     pen: list[float]  # failure penalty ms
+    slope_stamp: float  # clock when `b` was computed
