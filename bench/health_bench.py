@@ -340,14 +340,17 @@ def summary_numbers(results: list[dict[str, Any]]) -> dict[str, Any]:
         d = [r["detection_delay_s"] for r in ok if r["case"] == case]
         return None if not d or any(x is None for x in d) else float(np.max(d))
 
+    def total(case: str, key: str) -> int | None:
+        # None, not 0, when the case was not run: an absent run proves nothing.
+        rs = [r for r in ok if r["case"] == case]
+        return sum(int(r[key]) for r in rs) if rs else None
+
     return {
         "slow_max_delay_s (target <= 2)": worst("slow"),
         "fail_max_delay_s (target <= 1)": worst("fail"),
         "flap_max_delay_s": worst("flap"),
-        "healthy_false_ejections (target 0)": sum(r.get("false_ejections", 0) for r in ok
-                                                  if r["case"] == "healthy"),
-        "kill_failed_requests (target 0)": sum(r["failed_requests"] for r in ok
-                                               if r["case"] == "kill"),
+        "healthy_false_ejections (target 0)": total("healthy", "false_ejections"),
+        "kill_failed_requests (target 0)": total("kill", "failed_requests"),
     }
 
 
