@@ -7,6 +7,7 @@ parsed arguments and returns an exit code.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import shutil
 import signal
@@ -126,11 +127,14 @@ def _overhead(args: argparse.Namespace) -> int:
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     try:
+        options = json.loads(args.policy_options)
+        if not isinstance(options, dict):
+            raise OverheadError("--policy-options: a JSON object keyed by policy kind")
         return run_overhead(policies, duration_s=args.duration_s, connections=args.connections,
-                            repeats=args.repeats,
+                            repeats=args.repeats, policy_options=options,
                             out=Path(args.out) if args.out else None,
                             install=not args.no_install)
-    except OverheadError as exc:
+    except (OverheadError, json.JSONDecodeError) as exc:
         print(f"bench overhead: {exc}", file=sys.stderr)
         return 1
 
@@ -138,7 +142,8 @@ def _overhead(args: argparse.Namespace) -> int:
 def _instructions(args: argparse.Namespace) -> int:
     from bench.instructions import main as instructions_main
 
-    return instructions_main(["--policies", args.policies, "--requests", str(args.requests)])
+    return instructions_main(["--policies", args.policies, "--requests", str(args.requests),
+                              "--policy-options", args.policy_options])
 
 
 def _memory(args: argparse.Namespace) -> int:
@@ -182,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--policies", default="round_robin,p2c_peak_ewma")
     ov.add_argument("--duration-s", type=float, default=10.0)
     ov.add_argument("--connections", type=int, default=32)
+    ov.add_argument("--policy-options", default="{}", metavar="JSON",
+                    help="options per policy kind (absolute paths: the proxy runs from a temp dir)")
     ov.add_argument("--repeats", type=int, default=3,
                     help="interleaved rounds; the table shows medians (default: %(default)s)")
     ov.add_argument("--out", default=None, help="write the table (markdown) here too")
@@ -192,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("instructions", help="instructions per request under callgrind (noise-free)")
     ins.add_argument("--policies", default="round_robin,p2c_peak_ewma")
     ins.add_argument("--requests", type=int, default=2000)
+    ins.add_argument("--policy-options", default="{}", metavar="JSON",
+                     help="options per policy kind (JSON object keyed by kind; absolute paths)")
     ins.set_defaults(func=_instructions)
 
     mem = sub.add_parser("memory", help="proxy RSS at idle and with many keep-alive connections")

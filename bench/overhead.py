@@ -111,13 +111,14 @@ def haproxy_conf(port: int, backends: Sequence[int]) -> str:
             "backend be\n    balance leastconn\n" + servers)
 
 
-def foretell_conf(port: int, admin_port: int, backends: Sequence[int], policy: str) -> str:
+def foretell_conf(port: int, admin_port: int, backends: Sequence[int], policy: str,
+                  options: dict[str, object] | None = None) -> str:
     cfg = {"listen": {"host": "127.0.0.1", "port": port},
            "admin": {"host": "127.0.0.1", "port": admin_port},
            "workers": 1,
            "backends": [{"id": f"be{i}", "url": f"http://127.0.0.1:{p}"}
                         for i, p in enumerate(backends)],
-           "policy": {"kind": policy}}
+           "policy": {"kind": policy, **(options or {})}}
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
@@ -240,7 +241,8 @@ def median_result(runs: Sequence[Result]) -> Result:
 
 
 def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connections: int = 32,
-                 out: Path | None = None, install: bool = True, repeats: int = 1) -> int:
+                 out: Path | None = None, install: bool = True, repeats: int = 1,
+                 policy_options: dict[str, dict[str, object]] | None = None) -> int:
     if (os.cpu_count() or 1) < 2:
         raise OverheadError("needs 2 CPUs: the proxy on one, wrk and backends on the other")
     ensure_tools(install)
@@ -292,7 +294,8 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
         ]
         for pol in policies:
             cfg = work / f"foretell-{pol}.yaml"
-            cfg.write_text(foretell_conf(proxy_port, admin_port, be_ports, pol))
+            cfg.write_text(foretell_conf(proxy_port, admin_port, be_ports, pol,
+                                         (policy_options or {}).get(pol)))
             proxies.append((f"foretell {pol}", [sys.executable, "-m", "proxy", "--config", str(cfg)]))
         # Rounds interleave the proxies so slow drifts of a shared machine hit all alike.
         for _ in range(repeats):
