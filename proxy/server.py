@@ -328,7 +328,8 @@ class Proxy:
                 up.close()
         return resp
 
-    def answer_error(self, cluster: str, reason: str, detail: str = "", *, close: bool = False) -> web.Response:
+    def answer_error(self, cluster: str, reason: str, detail: str = "", *,
+                     close: bool = False) -> web.Response:
         metrics.errors(cluster, reason).inc()
         return errors.error_response(reason, detail, close=close)
 

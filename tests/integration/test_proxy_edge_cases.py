@@ -160,7 +160,8 @@ async def test_websocket_bad_handshake_opens_nothing_upstream(backends: Backends
     app.router.add_get("/ws", ws)
     urls = {"w": await backends.start("w", app)}
     proxy = await start_proxy(proxy_config(urls))
-    async with client.get(proxy.url + "/ws", headers={"Connection": "Upgrade", "Upgrade": "websocket"}) as resp:
+    no_key = {"Connection": "Upgrade", "Upgrade": "websocket"}
+    async with client.get(proxy.url + "/ws", headers=no_key) as resp:
         assert resp.status == 400
         assert resp.headers["x-foretell-error"] == "bad_request"
     await asyncio.sleep(0.2)
@@ -171,7 +172,8 @@ async def test_h2c_offer_is_declined_by_plain_http_and_100_continue_only_for_htt
         backends: Backends, start_proxy, client) -> None:
     urls = {"a": await backends.start("a")}
     proxy = await start_proxy(proxy_config(urls))
-    headers = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": "AAMAAABkAAQAAP__"}
+    headers = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
+               "HTTP2-Settings": "AAMAAABkAAQAAP__"}
     async with client.get(proxy.url + "/echo", headers=headers) as resp:
         assert resp.status == 200
         sent = {k.lower() for k in (await resp.json())["headers"]}
