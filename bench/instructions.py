@@ -31,7 +31,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.fleet import Fleet, ServiceTime, SimBackend, free_ports
-from bench.process import wait_http_ok
+from bench.process import stop_process, wait_http_ok
 
 WARMUP_REQUESTS = 300
 CONCURRENCY = 4
@@ -93,12 +93,7 @@ def count(name: str, cmd: Sequence[str], port: int, requests: int, workdir: Path
             raise InstructionsError(f"no instruction total in {dumps[-1]}")
         return Count(name, int(match.group(1)) / requests)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s=60)  # slow to exit under valgrind
 
 
 def run(policies: Sequence[str], requests: int,

@@ -25,7 +25,7 @@ import aiohttp
 import psutil
 
 from bench.fleet import Fleet, ServiceTime, SimBackend, free_ports
-from bench.process import wait_http_ok
+from bench.process import stop_process, wait_http_ok
 
 TARGET_MB_AT_1000 = 150.0
 REQUEST_INTERVAL_S = 1.0
@@ -121,12 +121,7 @@ def run_memory(connections: int, hold_s: float) -> MemoryResult:
 
             return asyncio.run(main())
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout_s=20)
             log.close()
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from bench.fleet import free_ports, port_accepts
-from bench.process import tree_cpu_s
+from bench.process import stop_process, tree_cpu_s
 
 N_BACKENDS = 4
 PROXY_CPU = 1
@@ -179,13 +179,7 @@ class _Proc:
         return tree_cpu_s(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc)
         self._fh.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -42,3 +43,15 @@ async def wait_http_ok(url: str, timeout_s: float, *, poll_s: float = 0.2,
                 pass
             await asyncio.sleep(poll_s)
     raise RuntimeError(f"{url} not ready within {timeout_s:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM, wait up to `timeout_s`, then SIGKILL: by PID, never by name."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -33,7 +33,7 @@ import yaml
 from bench import loadgen
 from bench.fleet import Fleet, free_ports
 from bench.loadgen import ERR_DEADLINE, LoadSpec, Records
-from bench.process import tree_cpu_s
+from bench.process import stop_process, tree_cpu_s
 from bench.scenarios import Scenario
 
 PROXY_READY_TIMEOUT_S = 30.0
@@ -168,13 +168,8 @@ class ProxyProcess:
         return tree_cpu_s(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        if self.proc is not None:
+            stop_process(self.proc)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -17,7 +17,6 @@ UPSTREAM_ERROR_STATUS = "upstream_error_status"
 TIMEOUT = "upstream_timeout"
 BODY_TOO_LARGE = "request_body_too_large"
 HEADERS_TOO_LARGE = "request_headers_too_large"
-DRAINING = "draining"
 
 STATUS = {
     BAD_REQUEST: 400,
@@ -28,7 +27,6 @@ STATUS = {
     RESET: 502,
     UPSTREAM_ERROR_STATUS: 502,
     NO_BACKEND: 503,
-    DRAINING: 503,
     TIMEOUT: 504,
 }
 

@@ -37,11 +37,6 @@ def _kept(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> list[tuple[st
             if (lower := name.lower()) not in skip and not lower.startswith("proxy-")]
 
 
-def strip_hop_by_hop(headers: CIMultiDictProxy[str], drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
-    """A copy of `headers` without hop-by-hop ones, what Connection names, and `drop` (lower case)."""
-    return CIMultiDict(_kept(headers, drop))
-
-
 def _joined(headers: CIMultiDictProxy[str], name: str) -> str | None:
     values = headers.getall(name, None)
     return ", ".join(values) if values else None

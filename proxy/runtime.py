@@ -71,8 +71,8 @@ class ClusterRuntime:
     checker: HealthChecker
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # Looked up once here rather than per request:
-    pick_key: tuple[str, str] = ("", "")  # metric labels of a pick
-    observe: Callable[..., None] | None = None  # the policy's optional outcome hook
+    pick_key: tuple[str, str] = field(init=False)  # metric labels of a pick
+    observe: Callable[..., None] | None = field(init=False)  # the policy's optional outcome hook
 
     def __post_init__(self) -> None:
         self.pick_key = (self.name, self.policy_name)
@@ -87,14 +87,14 @@ class ClusterRuntime:
         if run is not None:
             self.tasks.append(asyncio.create_task(run(), name=f"policy-{self.name}"))
 
-    async def stop_policy(self, policy: Policy | None = None) -> None:
+    async def stop_policy(self) -> None:
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.tasks.clear()
-        close = getattr(policy or self.policy, "close", None)
+        close = getattr(self.policy, "close", None)
         if close is not None:
             close()
 
@@ -172,11 +172,10 @@ async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[],
         prev, keep_cluster, session, policy = prepared[name]
         if prev is not None and keep_cluster:
             cluster = prev.cluster
-            cluster.panic_routing = spec.panic_routing
             cluster.set_backends(backends_of(spec))
         else:
             cluster = Cluster(name, backends_of(spec), clock=clock, decay_s=spec.ewma_decay_s)
-            cluster.panic_routing = spec.panic_routing
+        cluster.panic_routing = spec.panic_routing
         if prev is not None and prev.cluster is cluster and prev.spec.health == spec.health \
                 and prev.spec.backends == spec.backends and prev.spec.tls == spec.tls:
             checker = prev.checker

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import AsyncIterator, Callable
 from itertools import chain
 from typing import Any
@@ -53,9 +52,8 @@ class HeaderDeadline:
 
     __slots__ = ("_fired", "_handle", "_task")
 
-    def __init__(self, timeout_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self._task = asyncio.current_task(loop)
         self._fired = False
         self._handle = loop.call_at(loop.time() + timeout_s, self._fire)
 
@@ -127,7 +125,7 @@ class Proxy:
     """Holds the current runtime and answers requests with it."""
 
     def __init__(self, runtime: Runtime, *, telemetry: Any = None, forecaster: Any = None,
-                 access_log: AccessLog | None = None, rng: random.Random | None = None) -> None:
+                 access_log: AccessLog | None = None) -> None:
         self.runtime = runtime
         self.telemetry = telemetry
         self.forecaster = forecaster
@@ -135,8 +133,8 @@ class Proxy:
         self.active_requests = 0
         self.active_retries = 0
         self.draining = False
-        self._rng = rng or random.Random()
-        self._loop_time: Callable[[], float] = asyncio.get_running_loop().time
+        self._loop = asyncio.get_running_loop()
+        self._loop_time: Callable[[], float] = self._loop.time
 
     # -- entry point ----------------------------------------------------------
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
@@ -280,7 +278,7 @@ class Proxy:
             up: aiohttp.ClientResponse | None = None
             # per_try_s (or what is left of total_s) bounds the wait for the
             # response headers; the body then has the session's idle timeout.
-            deadline = HeaderDeadline(min(config.timeouts.per_try_s, remaining_s))
+            deadline = HeaderDeadline(self._loop, min(config.timeouts.per_try_s, remaining_s))
             try:
                 up = await cr.session.request(
                     request.method, state.backend.url + request.rel_url.raw_path_qs,

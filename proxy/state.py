@@ -305,7 +305,6 @@ def _drop_answered(state: BackendState) -> None:
 
 
 OutcomeListener = Callable[[BackendState, Outcome], None]
-HealthListener = Callable[[BackendState], None]
 
 
 class Cluster:
@@ -322,7 +321,6 @@ class Cluster:
         self._decay_s = decay_s
         self.states: dict[str, BackendState] = {}
         self._outcome_listeners: list[OutcomeListener] = []
-        self._health_listeners: list[HealthListener] = []
         self.panic = False
         # With nothing healthy: route to all (True, Envoy's panic) or answer 503 (False).
         self.panic_routing = True
@@ -407,12 +405,7 @@ class Cluster:
             state.admitted_at = self.clock()
         state.health = health
         self._rebuild_ready()
-        for listener in self._health_listeners:
-            listener(state)
         return True
-
-    def on_health_change(self, listener: HealthListener) -> None:
-        self._health_listeners.append(listener)
 
     def _rebuild_ready(self) -> None:
         ready = tuple(s for s in self.states.values() if s.health is not Health.EJECTED)

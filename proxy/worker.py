@@ -143,9 +143,6 @@ class Worker:
     async def wait_stopped(self) -> None:
         await self._stop.wait()
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     async def reload(self) -> bool:
         """Re-read the config file; apply it if valid, else keep serving with the old one."""
         proxy = self._get_proxy()
