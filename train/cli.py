@@ -141,11 +141,14 @@ def add_latency(sub: Any) -> None:
     p = sub.add_parser("latency", help="fit the latency model and export it to ONNX")
     _data_args(p)
     p.add_argument("--out", default="models/latency.onnx", help="model file (default: %(default)s)")
-    p.add_argument("--candidates", default="ridge,mlp,hgb",
-                   help="comma-separated: ridge, mlp, hgb (default: %(default)s)")
-    p.add_argument("--target", choices=("auto", "ratio", "latency"), default="auto",
+    p.add_argument("--candidates", default="ridge,mlp,hgb,hgb_l1",
+                   help="comma-separated: ridge, mlp, hgb, hgb_l1 (gradient boosting fitted "
+                        "for absolute error) (default: %(default)s)")
+    p.add_argument("--target", choices=("auto", "ratio", "latency", "log_ratio", "log_latency"),
+                   default="auto",
                    help="latency: learn ms; ratio: learn latency / route_cost_ms (scales "
-                        "with queueing); auto: both, keep the better (default: %(default)s)")
+                        "with queueing); log_*: the log of either (exp in the exported "
+                        "graph); auto: all four, keep the best (default: %(default)s)")
     p.add_argument("--validation-fraction", type=float, default=0.2)
     p.add_argument("--max-rows", type=int, default=300_000, help="train on the most recent N")
     p.add_argument("--max-inference-us", type=float, default=12.0,

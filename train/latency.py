@@ -10,18 +10,31 @@ Steps, each reported on the terminal:
    clipped at the 99.9th percentile of the training part;
 3. time-ordered split: the last `validation_fraction` of decisions validate;
 4. baselines: a per-backend EWMA of observed latency (alpha chosen on the
-   training part), plus the proxy's own logged peak-EWMA and per-route EWMA;
+   training part), plus the proxy's own logged peak-EWMA and per-route EWMA.
+   The EWMA is *causal*: a row is predicted only from outcomes that had
+   completed (decision time + latency) by that row's decision time, applied
+   in completion order, as a proxy would have seen them. (Until 2026-11-27 it
+   updated with each row's outcome in decision order, so the next row, decided
+   while that request was still in flight, was predicted from an outcome
+   nobody knew yet; that leaky EWMA is still reported, as
+   `ewma_per_backend_leaky`, but no longer gates);
 5. candidates: ridge and a small MLP (both behind a StandardScaler; features
-   are already clipped and free of NaN by the schema) and histogram gradient
-   boosting; each is exported and its onnxruntime inference time measured
+   are already clipped and free of NaN by the schema), histogram gradient
+   boosting fitted for squared error (`hgb`) and for absolute error (`hgb_l1`:
+   the gate's metric is MAE, and a median beats a mean on skewed latencies);
+   each is exported and its onnxruntime inference time measured
    on 16 rows; the lowest validation MAE among those within
    `max_inference_us` wins;
-   Each candidate is fitted for two targets (`target="auto"`): latency in
+   Each candidate is fitted for four targets (`target="auto"`): latency in
    ms, and ("ratio") latency divided by
    the route_cost_ms feature (this backend's latency EWMA for the route
    class x (inflight + 1)): a correction factor on a queueing estimate, so
    predictions keep scaling with load outside the training range (trees
-   cannot extrapolate a latency). Errors are always measured in ms;
+   cannot extrapolate a latency); and the log of each ("log_latency",
+   "log_ratio"), whose exp approximates the conditional median rather than
+   the mean of a right-skewed latency. For a log target the exported graph
+   ends in Clip -> Exp, so the model file outputs ms (or the factor) like the
+   others and the policy needs no transform. Errors are always measured in ms;
    A candidate whose prediction *drops* when inflight grows (on more than 2% of
    validation rows, for +1/+4/+16 in flight) is rejected: it would herd
    traffic onto busy backends; gradient boosting is fitted with a monotone
@@ -40,6 +53,7 @@ foretell.model_kind, foretell.model_version, foretell.training_window
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import sys
@@ -67,8 +81,15 @@ from train.dataset import Telemetry
 
 TARGET = "latency_ms"
 TARGET_RATIO = "latency_ms_over_route_cost"
-TARGET_MODES = {"ratio": TARGET_RATIO, "latency": TARGET}
-CANDIDATES = ("ridge", "mlp", "hgb")
+# Fit mode -> what the exported graph outputs (the policy reads it from foretell.target).
+TARGET_MODES = {"ratio": TARGET_RATIO, "latency": TARGET,
+                "log_ratio": TARGET_RATIO, "log_latency": TARGET}
+CANDIDATES = ("ridge", "mlp", "hgb", "hgb_l1")
+# A log target is fitted on log(max(target, LOG_FLOOR)); its output is exp(clip(raw)),
+# the clip keeping an extrapolating model finite in float32.
+LOG_FLOOR = 1e-3
+LOG_MIN = float(np.log(LOG_FLOOR))
+LOG_MAX = float(np.log(1e6))
 RATIO_FLOOR_MS = 0.05  # route_cost_ms below this is treated as this (avoid division blow-up)
 RATIO_CAP = 100.0
 
@@ -95,7 +116,8 @@ class Prepared:
     x: np.ndarray  # float32 (rows, N_FEATURES), chosen records in time order
     y_ms: np.ndarray  # float64 target
     backend: np.ndarray  # backend id bytes per row
-    time_s: np.ndarray
+    time_s: np.ndarray  # decision time
+    done_s: np.ndarray  # completion time: decision time + (unclipped) latency
     split: int  # rows [0, split) train, [split, n) validate
     clip_ms: float
     failures: int  # failed attempts left out
@@ -116,17 +138,46 @@ def prepare(data: Telemetry, *, validation_fraction: float,
     clip_ms = float(np.quantile(y[:split], 0.999))
     y = np.clip(y, 0.0, clip_ms)
     x = np.ascontiguousarray(chosen["features"], dtype=np.float32)
-    return Prepared(x, y, chosen["backend"], chosen["time_s"], split, clip_ms, int(failed.sum()))
+    time_s = chosen["time_s"].astype(np.float64)
+    done_s = time_s + chosen["latency_s"].astype(np.float64)
+    return Prepared(x, y, chosen["backend"], time_s, done_s, split, clip_ms, int(failed.sum()))
 
 
 def mae(pred: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(pred, dtype=np.float64) - y)))
 
 
-def ewma_predictions(backend: np.ndarray, y: np.ndarray, start_ms: np.ndarray,
-                     alpha: float) -> np.ndarray:
-    """Per-backend EWMA predictor: each row is predicted by the EWMA of that backend's
-    earlier targets (its logged peak-EWMA before the first), then updates it."""
+def ewma_predictions(backend: np.ndarray, y: np.ndarray, start_ms: np.ndarray, alpha: float,
+                     decided_s: np.ndarray, done_s: np.ndarray) -> np.ndarray:
+    """Causal per-backend EWMA predictor, rows in decision order.
+
+    Row i is predicted by the EWMA of its backend's outcomes that had completed by
+    `decided_s[i]` (`done_s[j] <= decided_s[i]`), applied in completion order; a
+    backend with none yet is predicted by the row's logged peak-EWMA (`start_ms`,
+    known at decision time). Row i's own outcome joins at `done_s[i]`.
+    """
+    state: dict[bytes, float] = {}
+    out = np.empty(len(y), dtype=np.float64)
+    done: list[tuple[float, int]] = []  # heap of (completion time, row) still in flight
+    for i in range(len(y)):
+        now = decided_s[i]
+        while done and done[0][0] <= now:
+            _, j = heapq.heappop(done)
+            b = backend[j]
+            prev = state.get(b)
+            if prev is None:
+                prev = float(start_ms[j])
+            state[b] = prev + alpha * (y[j] - prev)
+        known = state.get(backend[i])
+        out[i] = float(start_ms[i]) if known is None else known
+        heapq.heappush(done, (float(done_s[i]), i))
+    return out
+
+
+def leaky_ewma_predictions(backend: np.ndarray, y: np.ndarray, start_ms: np.ndarray,
+                           alpha: float) -> np.ndarray:
+    """The old, *non-causal* baseline, kept only to report it: updates with each row's
+    outcome in decision order, so a row sees outcomes of requests still in flight."""
     state: dict[bytes, float] = {}
     out = np.empty(len(y), dtype=np.float64)
     for i in range(len(y)):
@@ -139,23 +190,33 @@ def ewma_predictions(backend: np.ndarray, y: np.ndarray, start_ms: np.ndarray,
     return out
 
 
+EWMA_ALPHAS = (0.02, 0.05, 0.1, 0.2, 0.4)
+
+
 def baselines(p: Prepared) -> tuple[float, dict[str, float], float]:
-    """(chosen alpha, validation MAE per baseline, EWMA predictor's validation MAE)."""
+    """(chosen alpha, validation MAE per baseline, causal EWMA predictor's validation MAE).
+
+    Alphas are chosen on the training part, separately for the causal and the leaky EWMA.
+    """
     s = p.split
-    best_alpha, best_train = 0.1, np.inf
-    for alpha in (0.02, 0.05, 0.1, 0.2, 0.4):
-        pred = ewma_predictions(p.backend[:s], p.y_ms[:s], p.x[:s, EWMA], alpha)
-        err = mae(pred, p.y_ms[:s])
-        if err < best_train:
-            best_alpha, best_train = alpha, err
-    full = ewma_predictions(p.backend, p.y_ms, p.x[:, EWMA], best_alpha)
+
+    def causal(n: int | None, alpha: float) -> np.ndarray:
+        return ewma_predictions(p.backend[:n], p.y_ms[:n], p.x[:n, EWMA], alpha,
+                                p.time_s[:n], p.done_s[:n])
+
+    def leaky(n: int | None, alpha: float) -> np.ndarray:
+        return leaky_ewma_predictions(p.backend[:n], p.y_ms[:n], p.x[:n, EWMA], alpha)
+
     yv = p.y_ms[s:]
-    result = {
-        "ewma_per_backend": mae(full[s:], yv),
-        "logged_peak_ewma": mae(p.x[s:, EWMA], yv),
-        "logged_route_ewma": mae(p.x[s:, ROUTE_EWMA], yv),
-    }
-    return best_alpha, result, result["ewma_per_backend"]
+    alphas = {}
+    result = {}
+    for name, predictor in (("ewma_per_backend", causal), ("ewma_per_backend_leaky", leaky)):
+        alpha = min(EWMA_ALPHAS, key=lambda a: mae(predictor(s, a), p.y_ms[:s]))
+        alphas[name] = alpha
+        result[name] = mae(predictor(None, alpha)[s:], yv)
+    result["logged_peak_ewma"] = mae(p.x[s:, EWMA], yv)
+    result["logged_route_ewma"] = mae(p.x[s:, ROUTE_EWMA], yv)
+    return alphas["ewma_per_backend"], result, result["ewma_per_backend"]
 
 
 def make_candidate(kind: str, seed: int) -> Any:
@@ -171,13 +232,15 @@ def make_candidate(kind: str, seed: int) -> Any:
         return make_pipeline(StandardScaler(), MLPRegressor(
             hidden_layer_sizes=(32, 32), early_stopping=True, max_iter=80,
             learning_rate_init=3e-3, random_state=seed))
-    if kind == "hgb":
+    if kind in ("hgb", "hgb_l1"):
         # More requests in flight never make a backend faster: constrain it.
         monotone = [0] * N_FEATURES
         for col in (INFLIGHT, EWMA_COST, ROUTE_COST):
             monotone[col] = 1
-        return HistGradientBoostingRegressor(max_iter=60, max_depth=4, learning_rate=0.15,
-                                             monotonic_cst=monotone, random_state=seed)
+        loss = "absolute_error" if kind == "hgb_l1" else "squared_error"
+        return HistGradientBoostingRegressor(loss=loss, max_iter=60, max_depth=4,
+                                             learning_rate=0.15, monotonic_cst=monotone,
+                                             random_state=seed)
     raise TrainError(f"unknown candidate {kind!r} (known: {', '.join(CANDIDATES)})")
 
 
@@ -206,19 +269,64 @@ def herding_rate(predict_ms: Callable[[np.ndarray], np.ndarray], x: np.ndarray) 
 MAX_HERDING_RATE = 0.02
 
 
-def _ms_predictor(model: Any, ratio: bool) -> Callable[[np.ndarray], np.ndarray]:
+def _ms_predictor(model: Any, mode: str) -> Callable[[np.ndarray], np.ndarray]:
     def predict(x: np.ndarray) -> np.ndarray:
-        return to_ms(model.predict(x), x, ratio)
+        return sk_ms(model, x, mode)
 
     return predict
 
 
-def to_onnx(model: Any, metadata: dict[str, str]) -> bytes:
+def is_log(mode: str) -> bool:
+    return mode.startswith("log_")
+
+
+def is_ratio(mode: str) -> bool:
+    return TARGET_MODES[mode] == TARGET_RATIO
+
+
+def fit_target(y_ms: np.ndarray, route_cost_ms: np.ndarray, mode: str) -> np.ndarray:
+    y = np.clip(y_ms / route_cost_ms, 0.0, RATIO_CAP) if is_ratio(mode) else y_ms
+    return np.log(np.maximum(y, LOG_FLOOR)) if is_log(mode) else y
+
+
+def sk_ms(model: Any, x: np.ndarray, mode: str) -> np.ndarray:
+    """A fitted scikit-learn model's prediction in ms: exactly what its ONNX graph plus
+    the policy's ratio multiplication compute."""
+    raw = np.asarray(model.predict(x), dtype=np.float64).reshape(-1)
+    if is_log(mode):
+        raw = np.exp(np.clip(raw, LOG_MIN, LOG_MAX))
+    return to_ms(raw, x, is_ratio(mode))
+
+
+def append_exp(onx: Any) -> None:
+    """End the graph in Clip(LOG_MIN, LOG_MAX) -> Exp, keeping the output's name."""
+    from onnx import TensorProto, helper
+
+    graph = onx.graph
+    out = graph.output[0].name
+    raw = out + "_log"
+    for node in graph.node:
+        for k, name in enumerate(node.output):
+            if name == out:
+                node.output[k] = raw
+    graph.initializer.extend([
+        helper.make_tensor("foretell_log_min", TensorProto.FLOAT, [], [LOG_MIN]),
+        helper.make_tensor("foretell_log_max", TensorProto.FLOAT, [], [LOG_MAX])])
+    graph.node.extend([
+        helper.make_node("Clip", [raw, "foretell_log_min", "foretell_log_max"], [raw + "_c"],
+                         name="foretell_log_clip"),
+        helper.make_node("Exp", [raw + "_c"], [out], name="foretell_exp")])
+
+
+def to_onnx(model: Any, metadata: dict[str, str], *, log: bool = False) -> bytes:
     import onnx
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
 
     onx = convert_sklearn(model, initial_types=[("features", FloatTensorType([None, N_FEATURES]))])
+    if log:
+        append_exp(onx)
+        onnx.checker.check_model(onx)
     onnx.helper.set_model_props(onx, metadata)
     data: bytes = onx.SerializeToString()
     return data
@@ -323,8 +431,7 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
     yv = p.y_ms[s:]
     schema = schema_metadata(data.route_classes)
     for mode in targets:
-        ratio = mode == "ratio"
-        y_fit = np.clip(p.y_ms / route_cost, 0.0, RATIO_CAP) if ratio else p.y_ms
+        y_fit = fit_target(p.y_ms, route_cost, mode)
         for kind in candidates:
             t0 = time.perf_counter()
             model = make_candidate(kind, seed)
@@ -335,13 +442,13 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 model.fit(p.x[:s], y_fit[:s])
             fit_s = time.perf_counter() - t0
-            err = mae(to_ms(model.predict(p.x[s:]), p.x[s:], ratio), yv)
+            err = mae(sk_ms(model, p.x[s:], mode), yv)
             onnx_bytes = to_onnx(model, {**schema, "foretell.target": TARGET_MODES[mode],
-                                         "foretell.model_kind": kind})
+                                         "foretell.model_kind": kind}, log=is_log(mode))
             cost = inference_us(ort_session(onnx_bytes), x16)
-            herd = herding_rate(_ms_predictor(model, ratio), p.x[s:])
+            herd = herding_rate(_ms_predictor(model, mode), p.x[s:])
             results.append(CandidateResult(kind, err, fit_s, cost, model, onnx_bytes, mode, herd))
-            progress(f"candidate {kind:5s} target {mode:7s}: validation MAE {err:.3f} ms, "
+            progress(f"candidate {kind:6s} target {mode:11s}: validation MAE {err:.3f} ms, "
                      f"fit {fit_s:.1f} s, inference {cost:.1f} µs / 16 rows, "
                      f"faster-when-busier {herd:.1%}")
     sane = [r for r in results if r.herding <= MAX_HERDING_RATE]
@@ -358,16 +465,20 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
     for r in slower_better:
         progress(f"note: {r.kind} is more accurate ({r.val_mae:.3f} ms) but too slow "
                  f"({r.inference_us:.1f} µs > {max_inference_us:g} µs)")
-    ratio = best.target == "ratio"
-    common = {**schema, "foretell.target": TARGET_MODES[best.target]}
+    ratio = is_ratio(best.target)
+    common = {**schema, "foretell.target": TARGET_MODES[best.target],
+              "foretell.fit_target": best.target}
     mae_ratio = best.val_mae / ewma_mae if ewma_mae > 0 else float("inf")
+    leaky = base["ewma_per_backend_leaky"]
     progress(f"chose {best.kind} (target {best.target}): MAE {best.val_mae:.3f} ms = "
-             f"{mae_ratio:.2f}x the EWMA predictor's")
+             f"{mae_ratio:.2f}x the EWMA predictor's (causal; "
+             f"{best.val_mae / leaky if leaky > 0 else float('inf'):.2f}x the old leaky one's)")
     window = {"first_time_s": float(p.time_s[0]), "last_time_s": float(p.time_s[-1]),
               "train_rows": s, "validation_rows": n - s,
               "validation_from_time_s": float(p.time_s[s])}
     version = f"{best.kind}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    validation = {"mae_ms": best.val_mae, "ewma_mae_ms": ewma_mae, "mae_ratio_vs_ewma": mae_ratio,
+    validation = {"mae_ms": best.val_mae, "ewma_mae_ms": ewma_mae, "ewma_alpha": alpha,
+                  "ewma_causal": True, "mae_ratio_vs_ewma": mae_ratio,
                   "baselines_mae_ms": base, "inference_us_16_rows": best.inference_us,
                   "candidates": {f"{r.kind}/{r.target}": {"mae_ms": r.val_mae,
                                                           "inference_us": r.inference_us,
@@ -377,9 +488,9 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
     metadata = {**common, "foretell.model_kind": best.kind, "foretell.model_version": version,
                 "foretell.training_window": json.dumps(window),
                 "foretell.validation": json.dumps(validation)}
-    final = to_onnx(best.model, metadata)
+    final = to_onnx(best.model, metadata, log=is_log(best.target))
     # Parity on the whole validation set, in ms: the served model is the fitted model.
-    sk = to_ms(best.model.predict(p.x[s:]), p.x[s:], ratio)
+    sk = sk_ms(best.model, p.x[s:], best.target)
     ort_pred = to_ms(ort_predict(ort_session(final), p.x[s:]), p.x[s:], ratio)
     diff = np.abs(sk - ort_pred)
     tol = 1e-3 * np.maximum(1.0, np.abs(sk)) + 0.01

@@ -32,8 +32,10 @@ async def collect(directory: Path, n: int, seed: int, epsilon: float = 0.3) -> S
     sim = Sim(seed=seed)
     ctx = PolicyContext(clock=sim.clock, rng=random.Random(seed), route_classes=ROUTES)
     policy = create("explore", {"base": "p2c_peak_ewma", "epsilon": epsilon}, ctx)
+    # Decision times on the simulated clock, so decision time + latency = completion time.
     rec = TelemetryRecorder(Telemetry(enabled=True, path=directory, sample_rate=1.0), ROUTES,
-                            worker_id=0, rng=random.Random(seed + 1), clock=sim.clock)
+                            worker_id=0, rng=random.Random(seed + 1), clock=sim.clock,
+                            wall=sim.clock)
     await rec.start()
     sim.run(policy, n, recorder=rec)
     await rec.stop()
@@ -97,7 +99,7 @@ async def test_refuses_model_worse_than_ewma_unless_forced(tmp_path: Path) -> No
     sim.latency_s = lambda i, route, inflight: 0.002 * (i + 1)  # type: ignore[method-assign]
     ctx = PolicyContext(clock=sim.clock, rng=random.Random(2), route_classes=ROUTES)
     rec = TelemetryRecorder(Telemetry(enabled=True, path=tmp_path, sample_rate=1.0), ROUTES, 0,
-                            clock=sim.clock)
+                            clock=sim.clock, wall=sim.clock)
     await rec.start()
     sim.run(create("explore", {"base": "p2c_peak_ewma", "epsilon": 0.5}, ctx), 600, recorder=rec)
     await rec.stop()
@@ -162,3 +164,52 @@ def test_herding_check_flags_models_faster_when_busier() -> None:
                        x[:, EWMA] * (x[:, INFLIGHT] + 5), rtol=1e-5)
     assert herding_rate(lambda z: z[:, INFLIGHT] * 3.0 + 1.0, x) == 0.0
     assert herding_rate(lambda z: 100.0 - z[:, INFLIGHT], x) == 1.0
+
+
+def test_ewma_baseline_is_causal() -> None:
+    """A row sees only outcomes completed by its decision time, in completion order.
+
+    The old baseline updated with each row's outcome in decision order, so row 1 (decided
+    while row 0 was still in flight) was "predicted" from row 0's latency.
+    """
+    from train.latency import ewma_predictions, leaky_ewma_predictions
+
+    backend = np.array([b"a", b"b", b"a", b"a", b"b", b"a"])
+    decided_s = np.array([0.000, 0.001, 0.010, 0.050, 0.060, 0.200])
+    y_ms = np.array([100.0, 1.0, 10.0, 30.0, 2.0, 5.0])
+    done_s = decided_s + y_ms / 1e3  # a: 0.100, b: 0.002, a: 0.020, a: 0.080, b: 0.062
+    start_ms = np.array([40.0, 7.0, 41.0, 42.0, 8.0, 43.0])  # logged peak-EWMA per row
+    causal = ewma_predictions(backend, y_ms, start_ms, 1.0, decided_s, done_s)
+    # row 2: a's only outcome (row 0) is still in flight -> its logged EWMA;
+    # row 3: row 2 completed at 0.020; row 5: rows 2, 3, 0 completed in that order -> 100.
+    np.testing.assert_allclose(causal, [40.0, 7.0, 41.0, 10.0, 1.0, 100.0])
+    leaky = leaky_ewma_predictions(backend, y_ms, start_ms, 1.0)
+    np.testing.assert_allclose(leaky, [40.0, 7.0, 100.0, 10.0, 1.0, 30.0])
+    half = ewma_predictions(backend, y_ms, start_ms, 0.5, decided_s, done_s)
+    # a at row 5: 41 -> (row 2) 25.5 -> (row 3) 27.75 -> (row 0) 63.875
+    assert half[5] == pytest.approx(63.875)
+
+
+def test_log_target_and_l1_boosting_export_with_parity(telemetry_dir: Path,
+                                                       tmp_path: Path) -> None:
+    import onnx
+
+    from train.latency import sk_ms
+
+    data = load_telemetry(telemetry_dir)
+    for kind, target in (("ridge", "log_latency"), ("hgb_l1", "latency"), ("hgb", "log_ratio")):
+        out = tmp_path / f"{kind}-{target}.onnx"
+        lines: list[str] = []
+        result = train_latency(data, out, candidates=(kind,), target=target, force=True,
+                               max_inference_us=1e6, progress=lines.append)
+        assert result.chosen.target == target and result.chosen.kind == kind
+        assert "ewma_per_backend_leaky" in result.baselines
+        model = load_model(out)
+        assert model.metadata["foretell.fit_target"] == target
+        x = data.chosen()["features"][-200:].astype(np.float32)
+        # What the policy computes from the file equals the fitted model in ms.
+        np.testing.assert_allclose(model.predict_ms(x), sk_ms(result.chosen.model, x, target),
+                                   rtol=1e-3, atol=1e-2)
+        if target.startswith("log_"):
+            ops = [n.op_type for n in onnx.load(out).graph.node]
+            assert ops[-2:] == ["Clip", "Exp"]
