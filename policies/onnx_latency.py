@@ -77,7 +77,9 @@ log = logging.getLogger("foretell.policies.onnx_latency")
 # What the model's output means. "latency_ms": the prediction itself.
 # "latency_ms_over_route_cost": a factor on the route_cost_ms feature
 # (route EWMA x (inflight + 1)), so predictions scale with queueing beyond
-# the training range instead of saturating.
+# the training range instead of saturating. Models fitted on a log target
+# (foretell.fit_target log_latency / log_ratio) end their graph in Clip -> Exp,
+# so their output means the same and nothing here transforms it.
 TARGET = "latency_ms"
 TARGET_RATIO = "latency_ms_over_route_cost"
 TARGETS = (TARGET, TARGET_RATIO)
