@@ -17,48 +17,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-from multidict import CIMultiDict, istr
-
 from health.checker import HealthChecker
 from policies import registry
 from policies.base import Policy, PolicyContext
-from proxy.config import ClusterSpec, Config, Timeouts, UpstreamTls
+from proxy.config import ClusterSpec, Config, UpstreamTls
 from proxy.loader import Loaded
 from proxy.retry import RetryPlan
 from proxy.router import Router
 from proxy.state import Backend, Cluster
+from proxy.upstream import Upstream
 
 log = logging.getLogger("foretell.runtime")
 
-# Upstream connections idle longer than this are closed (below typical
-# backend keep-alive timeouts, so the proxy closes first and avoids resets).
-UPSTREAM_KEEPALIVE_S = 30.0
-
-
 def upstream_ssl(tls: UpstreamTls) -> ssl.SSLContext | bool:
+    """For aiohttp (health probes): False skips verification."""
     if not tls.verify:
         return False
     return ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
 
 
-def new_session(tls: UpstreamTls, timeouts: Timeouts) -> aiohttp.ClientSession:
-    # Requests pass the runtime's own ClientTimeout, so a reload's timeouts apply
-    # to a reused session too; the session default only covers other uses.
-    connector = aiohttp.TCPConnector(
-        limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S,
-        ssl=upstream_ssl(tls), ttl_dns_cache=60,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        # A proxy forwards bytes as they are: no decompression, no added headers.
-        auto_decompress=False,
-        request_class=ForwardingRequest,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s,
-                                      sock_read=timeouts.per_try_s),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        raise_for_status=False,
-    )
+def new_upstream(tls: UpstreamTls) -> Upstream:
+    return Upstream(verify=tls.verify, ca_file=str(tls.ca_file) if tls.ca_file else None)
 
 
 @dataclass
@@ -67,7 +46,7 @@ class ClusterRuntime:
     spec: ClusterSpec
     cluster: Cluster
     policy: Policy
-    session: aiohttp.ClientSession
+    upstream: Upstream
     checker: HealthChecker
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # Looked up once here rather than per request:
@@ -105,17 +84,13 @@ class Runtime:
     router: Router
     clusters: dict[str, ClusterRuntime]
     retry_plan: RetryPlan = field(init=False)
-    # Per request: connect and idle-read limits (the header wait is bounded by per_try_s apart).
-    client_timeout: aiohttp.ClientTimeout = field(init=False)
     # Requests that started on this runtime and are not finished: a retired
-    # runtime's sessions are closed only once this reaches zero.
+    # runtime's upstream pools are closed only once this reaches zero.
     active: int = 0
 
     def __post_init__(self) -> None:
         config = self.loaded.config
         self.retry_plan = RetryPlan(config)
-        self.client_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.timeouts.connect_s, sock_read=config.timeouts.per_try_s)
 
     @property
     def config(self) -> Config:
@@ -127,7 +102,7 @@ class Retired:
     """What a reload replaced: stopped at once, or closed once old requests finish."""
 
     now: list[Any] = field(default_factory=list)  # health checkers, policies
-    sessions: list[aiohttp.ClientSession] = field(default_factory=list)
+    upstreams: list[Upstream] = field(default_factory=list)
 
 
 def backends_of(spec: ClusterSpec) -> list[Backend]:
@@ -139,37 +114,37 @@ async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[],
     """A new runtime, reusing what is unchanged from `previous`.
 
     First everything that can fail is prepared without touching what serves
-    now (sessions, policies); then the change is committed (membership,
+    now (upstream pools, policies); then the change is committed (membership,
     health checkers). A failure in the first part leaves the old runtime
     exactly as it was and closes what was started.
     """
     config = loaded.config
     old = previous.clusters if previous else {}
     started: list[Any] = []
-    prepared: dict[str, tuple[ClusterRuntime | None, bool, aiohttp.ClientSession, Policy]] = {}
+    prepared: dict[str, tuple[ClusterRuntime | None, bool, Upstream, Policy]] = {}
     try:
         for name, spec in config.clusters.items():
             prev = old.get(name)
             keep_cluster = prev is not None and prev.spec.ewma_decay_s == spec.ewma_decay_s
             if prev is not None and prev.spec.tls == spec.tls:
-                session = prev.session
+                upstream = prev.upstream
             else:
-                session = new_session(spec.tls, config.timeouts)
-                started.append(session)
+                upstream = new_upstream(spec.tls)
+                started.append(upstream)
             if prev is not None and keep_cluster and prev.spec.policy == spec.policy:
                 policy = prev.policy
             else:
                 ctx = PolicyContext(clock=clock, rng=random.Random(seed), cluster=name,
                                     route_classes=tuple(config.route_classes()))
                 policy = registry.create(spec.policy.kind, loaded.policy_options[name], ctx)
-            prepared[name] = (prev, keep_cluster, session, policy)
+            prepared[name] = (prev, keep_cluster, upstream, policy)
     except BaseException:
         await retire(started)
         raise
     clusters: dict[str, ClusterRuntime] = {}
     retired = Retired()
     for name, spec in config.clusters.items():
-        prev, keep_cluster, session, policy = prepared[name]
+        prev, keep_cluster, upstream, policy = prepared[name]
         if prev is not None and keep_cluster:
             cluster = prev.cluster
             cluster.set_backends(backends_of(spec))
@@ -184,27 +159,27 @@ async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[],
             await checker.start()
             if prev is not None:
                 retired.now.append(prev.checker)
-        cr = ClusterRuntime(name, spec, cluster, policy, session, checker)
+        cr = ClusterRuntime(name, spec, cluster, policy, upstream, checker)
         if prev is not None and policy is prev.policy:
             cr.tasks = prev.tasks
         else:
             cr.start_policy_background()
             if prev is not None:
                 retired.now.append(("policy", prev))
-        if prev is not None and session is not prev.session:
-            retired.sessions.append(prev.session)
+        if prev is not None and upstream is not prev.upstream:
+            retired.upstreams.append(prev.upstream)
         clusters[name] = cr
     for name, prev in old.items():
         if name not in clusters:
             retired.now.extend([prev.checker, ("policy", prev)])
-            retired.sessions.append(prev.session)
+            retired.upstreams.append(prev.upstream)
     return Runtime(loaded, Router(config.routes), clusters), retired
 
 
 async def retire(parts: list[Any]) -> None:
     for part in parts:
         try:
-            if isinstance(part, aiohttp.ClientSession):
+            if isinstance(part, Upstream):
                 await part.close()
             elif isinstance(part, HealthChecker):
                 await part.stop()
@@ -217,34 +192,5 @@ async def retire(parts: list[Any]) -> None:
 async def close(runtime: Runtime) -> None:
     parts: list[Any] = []
     for cr in runtime.clusters.values():
-        parts.extend([cr.checker, ("policy", cr), cr.session])
+        parts.extend([cr.checker, ("policy", cr), cr.upstream])
     await retire(parts)
-
-
-class ForwardingRequest(aiohttp.ClientRequest):
-    """A client request that sends the headers it is given and nothing more.
-
-    aiohttp adds Accept, Accept-Encoding and User-Agent when they are missing;
-    a proxy must not (an added Accept-Encoding would invite a compressed
-    answer the client never asked for), and skipping them per request costs
-    a header copy.
-    """
-
-    DEFAULT_HEADERS: dict[istr, str] = {}
-    # Nor a Content-Type for a body whose client sent none.
-    _skip_auto_headers = CIMultiDict({"Content-Type": None})
-
-    def update_auto_headers(self, skip_auto_headers: Any) -> None:
-        return None
-
-    def update_headers(self, headers: Any) -> None:
-        if type(headers) is not CIMultiDict:
-            super().update_headers(headers)
-            return
-        # The session built this multidict for this request alone: take it
-        # as it is instead of copying it header by header once more.
-        if "Host" not in headers:
-            host = self.url.host_port_subcomponent
-            assert host is not None
-            headers["Host"] = host
-        self.headers = headers

@@ -25,12 +25,12 @@ from proxy.load_report import parse_utilization
 from proxy.retry import IDEMPOTENT, RetryPlan
 from proxy.runtime import ClusterRuntime, Runtime
 from proxy.state import ERROR_CONNECT, ERROR_RESET, ERROR_TIMEOUT, BackendState, Outcome
+from proxy.upstream import ConnectFailed, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("foretell.proxy")
 
 # Responses up to this size are read whole and sent in one write.
 BUFFER_LIMIT_BYTES = 64 * 1024
-STREAM_CHUNK_BYTES = 64 * 1024
 _NONE: frozenset[int] = frozenset()
 
 LOAD_HEADER = "endpoint-load-metrics"
@@ -275,20 +275,21 @@ class Proxy:
         with cr.cluster.track(state) as tracker:
             started = self._loop_time()
             kind: str | None = None
-            up: aiohttp.ClientResponse | None = None
+            up: UpstreamResponse | None = None
+            timeouts = config.timeouts
             # per_try_s (or what is left of total_s) bounds the wait for the
-            # response headers; the body then has the session's idle timeout.
-            deadline = HeaderDeadline(self._loop, min(config.timeouts.per_try_s, remaining_s))
+            # response headers; the body then has per_try_s as its idle timeout.
+            deadline = HeaderDeadline(self._loop, min(timeouts.per_try_s, remaining_s))
             try:
-                up = await cr.session.request(
-                    request.method, state.backend.url + request.rel_url.raw_path_qs,
-                    headers=up_headers, data=body.chunks() if body is not None else None,
-                    allow_redirects=False, compress=None, timeout=runtime.client_timeout)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                up = await cr.upstream.request(
+                    state.backend.url, request.method, request.rel_url.raw_path_qs, up_headers,
+                    body.chunks() if body is not None else None,
+                    connect_timeout_s=timeouts.connect_s, read_timeout_s=timeouts.per_try_s)
+            except ConnectFailed:
                 kind = ERROR_CONNECT
             except TimeoutError:
                 kind = ERROR_TIMEOUT
-            except (aiohttp.ClientError, OSError):
+            except (UpstreamError, OSError):
                 kind = ERROR_RESET
             except asyncio.CancelledError:
                 if not deadline.expired():  # cancelled from outside (client gone, shutdown)
@@ -324,7 +325,7 @@ class Proxy:
                 return None, status
             return await self._send_response(request, up, state.id, request_id, cr.name)
 
-    async def _send_response(self, request: BaseRequest, up: aiohttp.ClientResponse, backend_id: str,
+    async def _send_response(self, request: BaseRequest, up: UpstreamResponse, backend_id: str,
                              request_id: str, cluster: str) -> web.StreamResponse:
         headers = client_response_headers(up.headers, backend_id=backend_id, request_id=request_id)
         length = up.content_length
@@ -332,7 +333,7 @@ class Proxy:
         if no_body or (length is not None and length <= BUFFER_LIMIT_BYTES):
             try:
                 payload = b"" if no_body else await up.read()
-            except (aiohttp.ClientError, OSError, TimeoutError):
+            except (UpstreamError, OSError):
                 up.close()
                 metrics.errors(cluster, errors.RESET).inc()
                 return errors.error_response(errors.RESET, "upstream closed mid-body")
@@ -344,11 +345,11 @@ class Proxy:
         complete = False
         try:
             await resp.prepare(request)
-            async for chunk in up.content.iter_chunked(STREAM_CHUNK_BYTES):
+            async for chunk in up.iter_chunks():
                 await resp.write(chunk)
             await resp.write_eof()
             complete = True
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (UpstreamError, OSError) as exc:
             # Headers are out: cut the client's connection so it sees a broken
             # response (finishing it normally would pass half a body as whole).
             metrics.errors(cluster, errors.RESET).inc()

@@ -46,8 +46,8 @@ async def proxy_websocket(proxy: Proxy, cr: ClusterRuntime, request: BaseRequest
         started = loop_time()
         try:
             async with asyncio.timeout(timeout_s):
-                upstream = await cr.session.ws_connect(url, headers=headers, protocols=protocols,
-                                                       autoping=False)
+                session = cr.upstream.websocket_session()
+                upstream = await session.ws_connect(url, headers=headers, protocols=protocols, autoping=False)
         except aiohttp.WSServerHandshakeError as exc:
             tracker.finish(Outcome(exc.status, loop_time() - started, None, 0, info.route_class))
             return web.Response(status=exc.status, text="upstream refused the WebSocket upgrade\n",

@@ -24,8 +24,8 @@ log = logging.getLogger("foretell.worker")
 
 GAUGE_REFRESH_S = 1.0
 RETIRE_POLL_S = 0.5
-# A replaced runtime's upstream sessions live at most this long for requests still on them.
-SESSION_RETIRE_CAP_S = 600.0
+# A replaced runtime's upstream pools live at most this long for requests still on them.
+UPSTREAM_RETIRE_CAP_S = 600.0
 
 
 def listen_ssl(config: Config) -> ssl.SSLContext | None:
@@ -48,8 +48,8 @@ class Worker:
         self._ssl: ssl.SSLContext | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._extras: list[Any] = []
-        # Sessions of replaced runtimes, not yet closed (closed at stop at the latest).
-        self._pending_sessions: list[Any] = []
+        # Upstream pools of replaced runtimes, not yet closed (closed at stop at the latest).
+        self._pending_upstreams: list[Any] = []
         self.listen_port: int | None = None
         self.admin_port: int | None = None
 
@@ -168,9 +168,9 @@ class Worker:
         # Checkers and policies serve no request: stop them now, so an old
         # health config stops judging backends at once.
         await runtime.retire(retired.now)
-        if retired.sessions:
-            self._pending_sessions.extend(retired.sessions)
-            self._spawn(self._close_when_idle(old_rt, retired.sessions))
+        if retired.upstreams:
+            self._pending_upstreams.extend(retired.upstreams)
+            self._spawn(self._close_when_idle(old_rt, retired.upstreams))
         return True
 
     def _reload_tls(self, config: Config) -> None:
@@ -183,17 +183,17 @@ class Worker:
             log.error("reload: keeping the old TLS certificate, cannot load %s / %s: %s",
                       tls.cert_file, tls.key_file, exc)
 
-    async def _close_when_idle(self, old: runtime.Runtime, sessions: list[Any]) -> None:
-        """Close a replaced runtime's sessions once the requests that started on it are done."""
-        deadline = asyncio.get_running_loop().time() + max(SESSION_RETIRE_CAP_S, old.config.timeouts.total_s)
+    async def _close_when_idle(self, old: runtime.Runtime, upstreams: list[Any]) -> None:
+        """Close a replaced runtime's upstream pools once the requests that started on it are done."""
+        deadline = asyncio.get_running_loop().time() + max(UPSTREAM_RETIRE_CAP_S, old.config.timeouts.total_s)
         while old.active > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(RETIRE_POLL_S)
         if old.active > 0:
             log.warning("reload: closing old upstream connections with %d request(s) still on them",
                         old.active)
-        await runtime.retire(sessions)
-        for session in sessions:
-            self._pending_sessions.remove(session)
+        await runtime.retire(upstreams)
+        for upstream in upstreams:
+            self._pending_upstreams.remove(upstream)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_s), then close."""
@@ -203,7 +203,7 @@ class Worker:
             await self._runner.cleanup()
         for task in list(self._tasks):
             task.cancel()
-        await runtime.retire(self._pending_sessions)
+        await runtime.retire(self._pending_upstreams)
         metrics.HOT.flush()  # the last second of counts
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

@@ -1,0 +1,178 @@
+"""The upstream client (proxy/upstream.py) against hand-written backends: connection
+reuse, a kept-alive connection the backend has closed, bodies delimited by the
+end of the connection, interim responses, HEAD, oversized and stalled answers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from tests.support import proxy_config, raw_backend
+
+Respond = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Counting:
+    """Wraps a raw handler and counts the connections the proxy opened."""
+
+    def __init__(self, respond: Respond) -> None:
+        self.connections = 0
+        self._respond = respond
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self._respond(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            await reader.readexactly(int(line.split(b":")[1]))
+    return head
+
+
+async def test_keepalive_connections_are_reused(start_proxy, client) -> None:
+    async def answer_all(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await _read_request(reader)
+            body = head.split(b" ")[1]
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+            await writer.drain()
+
+    backend = Counting(answer_all)
+    server, url = await raw_backend(backend)
+    try:
+        proxy = await start_proxy(proxy_config({"a": url}))
+        for i in range(20):
+            async with client.get(f"{proxy.url}/n/{i}") as resp:
+                assert resp.status == 200
+                assert await resp.read() == f"/n/{i}".encode()
+        assert backend.connections == 1
+    finally:
+        server.close()
+
+
+async def test_a_kept_alive_connection_closed_by_the_backend_is_replaced(start_proxy, client) -> None:
+    """The backend reads the second request on a connection and closes it unanswered
+    (its idle timeout racing the proxy's reuse): a GET goes again on a fresh connection,
+    invisibly; a POST with a body is not replayed."""
+
+    async def one_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next request: dropped
+
+    backend = Counting(one_per_connection)
+    server, url = await raw_backend(backend)
+    try:
+        proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1}))
+        for _ in range(5):
+            async with client.get(proxy.url + "/x") as resp:
+                assert resp.status == 200
+                assert await resp.read() == b"ok"
+        state = proxy.worker.proxy.runtime.clusters["default"].cluster.get("a")
+        assert state.errors == 0
+        # The last GET's connection is pooled; a POST on it is dropped and not replayed.
+        async with client.post(proxy.url + "/x", data=b"payload") as resp:
+            assert resp.status == 502
+            assert resp.headers["x-foretell-error"] == "upstream_reset"
+    finally:
+        server.close()
+
+
+async def test_interim_response_is_skipped_and_eof_ends_the_body(start_proxy, client) -> None:
+    async def early_hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        # No Content-Length, not chunked: the body runs to the end of the connection.
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Final: yes\r\n\r\nhello ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"world")
+        await writer.drain()
+
+    server, url = await raw_backend(Counting(early_hints))
+    try:
+        proxy = await start_proxy(proxy_config({"a": url}))
+        async with client.get(proxy.url + "/x") as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Final"] == "yes"
+            assert "Link" not in resp.headers
+            assert await resp.read() == b"hello world"
+    finally:
+        server.close()
+
+
+async def test_head_with_a_length_leaves_the_connection_usable(start_proxy, client) -> None:
+    async def head_then_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await _read_request(reader)
+            if head.startswith(b"HEAD "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+            await writer.drain()
+
+    backend = Counting(head_then_get)
+    server, url = await raw_backend(backend)
+    try:
+        proxy = await start_proxy(proxy_config({"a": url}))
+        for _ in range(3):
+            async with client.head(proxy.url + "/x") as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Length"] == "100"
+            async with client.get(proxy.url + "/x") as resp:
+                assert await resp.read() == b"hello"
+        assert backend.connections == 1
+    finally:
+        server.close()
+
+
+async def test_oversized_response_head_is_a_502(start_proxy, client) -> None:
+    async def huge_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"b" * 70_000 + b"\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    server, url = await raw_backend(Counting(huge_head))
+    try:
+        proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1}))
+        async with client.get(proxy.url + "/x") as resp:
+            assert resp.status == 502
+            assert resp.headers["x-foretell-error"] == "upstream_reset"
+    finally:
+        server.close()
+
+
+async def test_a_body_that_stalls_is_cut_after_the_read_timeout(start_proxy, client) -> None:
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100)
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    server, url = await raw_backend(Counting(stall))
+    try:
+        proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1},
+                                               timeouts={"per_try_s": 0.5, "total_s": 2.0}))
+        started = time.monotonic()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with client.get(proxy.url + "/x") as resp:
+                assert resp.status == 200
+                await resp.read()
+        assert time.monotonic() - started < 2.0
+    finally:
+        server.close()
