@@ -45,31 +45,52 @@ _REASON_OF_KIND = {
 class HeaderDeadline:
     """Cancel the current task when the response headers are late.
 
-    asyncio.timeout does the same with a context manager and a reschedulable
-    state machine; on every request that cost a few percent of the proxy's
-    CPU. One timer handle and a flag are enough here.
+    The wait starts at once for a request without a body, and when the body
+    has been sent for one with (like Envoy's route timeout, which starts
+    when the request is complete): an upload is bounded by its idle
+    timeouts, not by per_try_s. asyncio.timeout does the same with a context
+    manager and a reschedulable state machine; on every request that cost a
+    few percent of the proxy's CPU. One timer handle and a flag are enough.
     """
 
-    __slots__ = ("_fired", "_handle", "_task")
+    __slots__ = ("_done", "_end_s", "_fired", "_handle", "_loop", "_task", "_timeout_s")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float, end_s: float, *,
+                 start: bool = True) -> None:
+        self._loop = loop
         self._task = asyncio.current_task(loop)
+        self._timeout_s = timeout_s
+        self._end_s = end_s  # the request's overall deadline (total_s), loop time
         self._fired = False
-        self._handle = loop.call_at(loop.time() + timeout_s, self._fire)
+        self._done = False
+        self._handle: asyncio.TimerHandle | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        if self._done or self._handle is not None:
+            return
+        now = self._loop.time()
+        self._handle = self._loop.call_at(min(now + self._timeout_s, self._end_s), self._fire)
 
     def _fire(self) -> None:
+        if self._done:
+            return
         self._fired = True
         if self._task is not None:
             self._task.cancel()
 
     def expired(self) -> bool:
-        """True when this deadline caused the cancellation (which is then absorbed)."""
-        if self._fired and self._task is not None:
-            self._task.uncancel()
-        return self._fired
+        """True when this deadline alone caused the cancellation (which is then absorbed)."""
+        if not self._fired:
+            return False
+        # A cancellation from outside at the same time (client gone, shutdown) wins.
+        return self._task is None or self._task.uncancel() == 0
 
     def disarm(self) -> None:
-        self._handle.cancel()
+        self._done = True
+        if self._handle is not None:
+            self._handle.cancel()
 
 
 class BodyTooLarge(Exception):
@@ -278,13 +299,16 @@ class Proxy:
             up: UpstreamResponse | None = None
             timeouts = config.timeouts
             # per_try_s (or what is left of total_s) bounds the wait for the
-            # response headers; the body then has per_try_s as its idle timeout.
-            deadline = HeaderDeadline(self._loop, min(timeouts.per_try_s, remaining_s))
+            # response headers once the request is sent; the response body then
+            # has per_try_s as its idle timeout.
+            deadline = HeaderDeadline(self._loop, timeouts.per_try_s, started + remaining_s,
+                                      start=body is None)
             try:
                 up = await cr.upstream.request(
                     state.backend.url, request.method, request.rel_url.raw_path_qs, up_headers,
                     body.chunks() if body is not None else None,
-                    connect_timeout_s=timeouts.connect_s, read_timeout_s=timeouts.per_try_s)
+                    connect_timeout_s=timeouts.connect_s, read_timeout_s=timeouts.per_try_s,
+                    body_sent=deadline.start if body is not None else None)
             except ConnectFailed:
                 kind = ERROR_CONNECT
             except TimeoutError:
@@ -302,28 +326,35 @@ class Proxy:
                 if up is not None:
                     up.close()
                 return kind, 0
-            latency_s = self._loop_time() - started
-            status = up.status if up is not None else 0
-            outcome = Outcome(status, latency_s, kind, 0, info.route_class)
-            tracker.finish(outcome)
-            hot = metrics.HOT
-            key = (cr.name, state.id, metrics.code_class(status))
-            hot.upstream[key] = hot.upstream.get(key, 0) + 1
-            if kind is None:
-                hot.observe_latency(cr.name, state.id, latency_s)
-            if cr.observe is not None:
-                cr.observe(state, info, outcome)
-            if token is not None:
-                self.telemetry.on_outcome(token, outcome)
-            if up is None:
-                return kind, 0
-            load_report = up.headers.get(LOAD_HEADER)
-            if load_report is not None:
-                cr.cluster.set_reported_load(state.id, parse_utilization(load_report))
-            if status in retry_statuses and body is None and request.method in IDEMPOTENT:
-                up.release()
-                return None, status
-            return await self._send_response(request, up, state.id, request_id, cr.name)
+            try:
+                latency_s = self._loop_time() - started
+                status = up.status if up is not None else 0
+                outcome = Outcome(status, latency_s, kind, 0, info.route_class)
+                tracker.finish(outcome)
+                hot = metrics.HOT
+                key = (cr.name, state.id, metrics.code_class(status))
+                hot.upstream[key] = hot.upstream.get(key, 0) + 1
+                if kind is None:
+                    hot.observe_latency(cr.name, state.id, latency_s)
+                if cr.observe is not None:
+                    cr.observe(state, info, outcome)
+                if token is not None:
+                    self.telemetry.on_outcome(token, outcome)
+                if up is None:
+                    return kind, 0
+                load_report = up.headers.get(LOAD_HEADER)
+                if load_report is not None:
+                    cr.cluster.set_reported_load(state.id, parse_utilization(load_report))
+                if status in retry_statuses and body is None and request.method in IDEMPOTENT:
+                    up.release()
+                    return None, status
+                return await self._send_response(request, up, state.id, request_id, cr.name)
+            except BaseException:
+                # Whatever raised (a policy hook, the client gone): never leave the
+                # connection open outside the pool. A no-op once released.
+                if up is not None:
+                    up.close()
+                raise
 
     async def _send_response(self, request: BaseRequest, up: UpstreamResponse, backend_id: str,
                              request_id: str, cluster: str) -> web.StreamResponse:
@@ -333,6 +364,10 @@ class Proxy:
         if no_body or (length is not None and length <= BUFFER_LIMIT_BYTES):
             try:
                 payload = b"" if no_body else await up.read()
+            except TimeoutError:
+                up.close()
+                metrics.errors(cluster, errors.TIMEOUT).inc()
+                return errors.error_response(errors.TIMEOUT, "upstream body stalled")
             except (UpstreamError, OSError):
                 up.close()
                 metrics.errors(cluster, errors.RESET).inc()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple, cast
 from urllib.parse import urlsplit
 
@@ -34,8 +34,12 @@ READ_HIGH_WATER_BYTES = 256 * 1024
 # Response head larger than this is refused (aiohttp's client allows 8 KB a line).
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 
-# Transparently resent on a fresh connection when a reused one turns out closed.
+# Transparently resent (once) on a fresh connection when a reused one turns out closed.
 _REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# A request that cannot be resent only takes a connection idle for less than this:
+# backends close idle connections after as little as 2 s (gunicorn), 5 s (uvicorn,
+# Node), and one closing as the request arrives would cost the client a 502.
+UNREPLAYABLE_MAX_IDLE_S = 1.0
 
 
 class UpstreamError(Exception):
@@ -50,8 +54,8 @@ class UpstreamBroken(UpstreamError):
     """The connection closed or the backend sent something that is not HTTP/1.1."""
 
 
-class ReadTimeout(UpstreamError, TimeoutError):
-    """No response bytes for the read timeout while a body was expected."""
+class IdleTimeout(UpstreamError, TimeoutError):
+    """No progress (response bytes in, or request bytes taken) within the idle timeout."""
 
 
 def client_ssl_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
@@ -84,13 +88,17 @@ def parse_origin(url: str) -> Origin:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; carries one response at a time."""
 
-    __slots__ = ("_drain_waiter", "_paused", "closed", "idle_since", "response", "reused", "transport")
+    __slots__ = ("_drain_waiter", "_paused", "aborted", "closed", "eof", "idle_since", "response",
+                 "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.response: UpstreamResponse | None = None
         self.closed = False
-        self.reused = False
+        self.aborted = False  # closed by us, so an end of stream is not the end of a body
+        # The backend ended the stream: a FIN, or over TLS its close_notify (a TLS
+        # connection cut without one never gets here, so it cannot end a body).
+        self.eof = False
         self.idle_since = 0.0
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -106,12 +114,13 @@ class _Connection(asyncio.Protocol):
         response.feed(data)
 
     def eof_received(self) -> bool:
+        self.eof = True
         return False  # close the transport; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.response is not None:
-            self.response.connection_lost(exc)
+            self.response.connection_lost(exc is None and self.eof and not self.aborted)
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(UpstreamBroken(f"connection lost while sending: {exc!r}"))
@@ -125,19 +134,22 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def drain(self) -> None:
+    async def drain(self, idle_s: float) -> None:
         if self.closed:
             raise UpstreamBroken("connection closed while sending")
         if not self._paused:
             return
-        self._drain_waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._drain_waiter = waiter = loop.create_future()
+        timer = loop.call_later(idle_s, _stalled, waiter, idle_s)
         try:
-            await self._drain_waiter
+            await waiter
         finally:
+            timer.cancel()
             self._drain_waiter = None
 
     def abort(self) -> None:
-        self.closed = True
+        self.closed = self.aborted = True
         if self.transport is not None:
             self.transport.abort()
 
@@ -150,10 +162,10 @@ class UpstreamResponse:
     `close()`.
     """
 
-    __slots__ = ("_body", "_body_bytes", "_conn", "_error", "_head_bytes", "_head_waiter", "_interim",
-                 "_loop", "_no_body", "_parser", "_raw_headers", "_read_timeout_s", "_reading_paused",
-                 "_upstream", "_waiter", "_writer", "complete", "content_length", "got_bytes", "headers",
-                 "key", "reason", "status", "will_close")
+    __slots__ = ("_body", "_body_bytes", "_conn", "_ended", "_eof_body", "_error", "_finished",
+                 "_head_bytes", "_head_waiter", "_interim", "_loop", "_no_body", "_parser", "_raw_headers",
+                 "_read_timeout_s", "_reading_paused", "_upstream", "_waiter", "_writer", "complete",
+                 "content_length", "got_bytes", "headers", "key", "reason", "status", "will_close")
 
     def __init__(self, upstream: Upstream, key: Origin, conn: _Connection, method: str,
                  read_timeout_s: float) -> None:
@@ -167,6 +179,9 @@ class UpstreamResponse:
         self._raw_headers: list[tuple[str, str]] = []
         self._head_bytes = 0
         self._interim = False
+        self._ended = False  # the final message is over (or, for HEAD, its head)
+        self._eof_body = False
+        self._finished = False  # released or closed
         self._head_waiter: asyncio.Future[None] = self._loop.create_future()
         self._waiter: asyncio.Future[None] | None = None
         self._body: collections.deque[bytes] = collections.deque()
@@ -183,10 +198,21 @@ class UpstreamResponse:
         self.content_length: int | None = None
 
     # -- llhttp callbacks -------------------------------------------------------
+    # After the final message has ended (`_ended`), anything more on the
+    # connection is a message nobody asked for: ignored, and the connection is
+    # not reused (a backend must not be able to slip a second response in).
+    def on_message_begin(self) -> None:
+        if self._ended:
+            self.will_close = True
+
     def on_status(self, reason: bytes) -> None:
-        self.reason = reason.decode("utf-8", "surrogateescape")
+        if not self._ended:
+            self.reason = reason.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._ended:
+            return
+        # Counts trailers too, so the list stays bounded (trailers are not forwarded).
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
             raise UpstreamBroken(f"response head over {MAX_RESPONSE_HEAD_BYTES} bytes")
@@ -194,6 +220,8 @@ class UpstreamResponse:
                                   value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
+        if self._ended:
+            return
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             # Interim (100 Continue, 103 Early Hints): not forwarded; the real one follows.
@@ -203,19 +231,31 @@ class UpstreamResponse:
             return
         self.status = status
         headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
+        self._raw_headers = []
         self.headers = headers
         length = headers.get("Content-Length")
-        if length is not None:
-            self.content_length = int(length) if length.isdigit() else None
-        self.will_close = not self._parser.should_keep_alive()
-        if self._no_body or status in (204, 304):
-            self.content_length = 0 if self._no_body else self.content_length
-            self.complete = True
+        if length is not None:  # llhttp checked the digits; it passes trailing blanks on
+            self.content_length = int(length.strip(" \t"))
+        coding = headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip(" \t").lower() != "chunked":
+            # Codings other than chunked would reach the client undeclared (the
+            # header is hop-by-hop): refuse rather than corrupt the body.
+            raise UpstreamBroken(f"unsupported transfer coding {coding!r}")
+        if self._no_body:
+            # llhttp does not know the request was HEAD: decide reuse from the headers.
+            self.will_close = _asks_close(headers, self._parser.get_http_version())
+            self.content_length = 0
+            self.complete = self._ended = True
+        else:
+            self.will_close = not self._parser.should_keep_alive()
+            self.complete = status in (204, 304)
+            # RFC 9112 §6.3: no length and not chunked means the body runs to the end of the connection.
+            self._eof_body = not self.complete and self.content_length is None and coding is None
         if not self._head_waiter.done():
             self._head_waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        if self.complete:  # a body after HEAD or one past its end: do not reuse
+        if self._ended:  # a body after HEAD: do not reuse
             self.will_close = True
             return
         self._body.append(body)
@@ -228,10 +268,12 @@ class UpstreamResponse:
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._ended:
+            return
         if self._interim:
             self._interim = False
             return
-        self.complete = True
+        self.complete = self._ended = True
         self._wake()
 
     # -- connection events ------------------------------------------------------
@@ -246,16 +288,16 @@ class UpstreamResponse:
             self._fail(exc if isinstance(exc, UpstreamBroken) else UpstreamBroken(f"bad response: {exc}"))
             self._conn.abort()
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, clean_eof: bool) -> None:
         if self.complete:
             return
-        if self.status and self.content_length is None and not _is_chunked(self.headers):
-            # A body delimited by the end of the connection (RFC 9112 §6.3 rule 8).
-            self.complete = True
+        if self._eof_body and clean_eof:
+            # The backend ended the stream: that is the end of this body. A reset,
+            # our own abort or a TLS cut without close_notify is not.
+            self.complete = self._ended = True
             self._wake()
             return
-        self._fail(UpstreamBroken(f"backend closed the connection: {exc!r}" if exc
-                                  else "backend closed the connection"))
+        self._fail(UpstreamBroken("backend closed the connection"))
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
@@ -315,17 +357,24 @@ class UpstreamResponse:
     # -- finishing --------------------------------------------------------------
     def release(self) -> None:
         """Done with the response: pool the connection when the exchange ended cleanly."""
+        if self._finished:
+            return
         conn = self._conn
-        conn.response = None
         writer = self._writer
         if (not self.complete or self.will_close or self._error is not None or conn.closed
                 or (writer is not None and not (writer.done() and not writer.cancelled()
                                                 and writer.exception() is None))):
             self.close()
             return
+        self._finished = True
+        conn.response = None
         self._upstream._pool(self.key, conn)
 
     def close(self) -> None:
+        """Done with the response, connection closed. Safe to call more than once."""
+        if self._finished:
+            return
+        self._finished = True
         conn = self._conn
         conn.response = None
         writer = self._writer
@@ -339,11 +388,17 @@ class UpstreamResponse:
 
 def _time_out(waiter: asyncio.Future[None], timeout_s: float) -> None:
     if not waiter.done():
-        waiter.set_exception(ReadTimeout(f"no response bytes for {timeout_s:g} s"))
+        waiter.set_exception(IdleTimeout(f"no response bytes for {timeout_s:g} s"))
 
 
-def _is_chunked(headers: CIMultiDictProxy[str]) -> bool:
-    return "chunked" in headers.get("Transfer-Encoding", "").lower()
+def _stalled(waiter: asyncio.Future[None], timeout_s: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(IdleTimeout(f"backend took no request bytes for {timeout_s:g} s"))
+
+
+def _asks_close(headers: CIMultiDictProxy[str], version: str) -> bool:
+    tokens = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    return "close" in tokens or (version == "1.0" and "keep-alive" not in tokens)
 
 
 _EMPTY: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
@@ -371,12 +426,15 @@ class Upstream:
 
     async def request(self, url: str, method: str, target: str, headers: list[tuple[str, str]],
                       body: AsyncIterator[bytes] | None, *, connect_timeout_s: float,
-                      read_timeout_s: float) -> UpstreamResponse:
+                      read_timeout_s: float, body_sent: Callable[[], object] | None = None
+                      ) -> UpstreamResponse:
         """Send a request to the backend at `url` and return once its response head is in.
 
         `headers` are sent as given (plus Host when missing, and chunked
-        framing for a body without Content-Length). Raises ConnectFailed,
-        UpstreamBroken or ReadTimeout; the caller bounds the wait for the head.
+        framing for a body without Content-Length). `body_sent` is called when
+        the whole body is written (the caller's wait for the answer starts
+        then). Raises ConnectFailed, UpstreamBroken or IdleTimeout; the caller
+        bounds the wait for the head.
         """
         if self.closed:
             raise UpstreamBroken("upstream pool closed (configuration reloaded)")
@@ -385,8 +443,10 @@ class Upstream:
         if body is not None:
             chunked = not any(name.lower() == "content-length" for name, _ in headers)
         head = _request_head(method, target, headers, key.host_header, chunked)
+        replay_safe = body is None and method in _REPLAYABLE
+        max_idle_s = UPSTREAM_KEEPALIVE_S if replay_safe else UNREPLAYABLE_MAX_IDLE_S
         while True:
-            conn = self._idle_connection(key)
+            conn = self._idle_connection(key, max_idle_s)
             fresh = conn is None
             if conn is None:
                 conn = await self._connect(key, connect_timeout_s)
@@ -395,29 +455,39 @@ class Upstream:
             assert conn.transport is not None
             conn.transport.write(head)
             if body is not None:
-                response._writer = self.loop.create_task(_send_body(conn, body, chunked))
+                writer = self.loop.create_task(_send_body(conn, body, chunked, read_timeout_s))
+                if body_sent is not None:
+                    writer.add_done_callback(
+                        lambda task: None if task.cancelled() or task.exception() else body_sent())
+                response._writer = writer
             try:
                 await response._head_waiter
             except UpstreamBroken:
                 response.close()
                 # A kept-alive connection the backend had just closed: nothing was
-                # processed, so a replay-safe request without a body goes again, fresh.
-                if fresh or response.got_bytes or body is not None or method not in _REPLAYABLE:
+                # processed, so a replay-safe request goes once more, on a fresh one.
+                if fresh or response.got_bytes or not replay_safe:
                     raise
+                replay_safe = False
                 continue
             except BaseException:
                 response.close()
                 raise
             return response
 
-    def _idle_connection(self, key: Origin) -> _Connection | None:
+    def _idle_connection(self, key: Origin, max_idle_s: float) -> _Connection | None:
         idle = self._idle.get(key)
+        now = self.loop.time()
         while idle:
-            conn = idle.pop()
-            if not conn.closed and self.loop.time() - conn.idle_since < UPSTREAM_KEEPALIVE_S:
-                conn.reused = True
-                return conn
-            conn.abort()
+            conn = idle[-1]  # the most recently used
+            age_s = now - conn.idle_since
+            if conn.closed or age_s >= UPSTREAM_KEEPALIVE_S:
+                idle.pop()
+                conn.abort()
+            elif age_s >= max_idle_s:
+                return None
+            else:
+                return idle.pop()
         return None
 
     async def _connect(self, key: Origin, timeout_s: float) -> _Connection:
@@ -511,23 +581,27 @@ def _request_head(method: str, target: str, headers: list[tuple[str, str]], host
     return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
 
-async def _send_body(conn: _Connection, body: AsyncIterator[bytes], chunked: bool) -> None:
-    """Stream the request body; on a client-side failure abort, so the backend sees it cut."""
+async def _send_body(conn: _Connection, body: AsyncIterator[bytes], chunked: bool, idle_s: float) -> None:
+    """Stream the request body; on any failure abort, so the backend sees it cut."""
     transport = conn.transport
     assert transport is not None
     try:
         async for chunk in body:
+            if not chunk:
+                continue  # an empty chunk would end a chunked body
             if conn.closed:
                 raise UpstreamBroken("connection closed while sending the body")
             if chunked:
                 transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             else:
                 transport.write(chunk)
-            await conn.drain()
+            await conn.drain(idle_s)
         if chunked and not conn.closed:
             transport.write(b"0\r\n\r\n")
     except asyncio.CancelledError:
         raise
-    except BaseException:
+    except BaseException as exc:
+        if conn.response is not None and isinstance(exc, UpstreamError):
+            conn.response._fail(exc)  # the try fails with this reason, not "connection lost"
         conn.abort()
         raise

@@ -5,6 +5,8 @@ end of the connection, interim responses, HEAD, oversized and stalled answers.""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 
@@ -176,3 +178,163 @@ async def test_a_body_that_stalls_is_cut_after_the_read_timeout(start_proxy, cli
         assert time.monotonic() - started < 2.0
     finally:
         server.close()
+
+
+async def _raw_exchange(port: int, request: bytes, timeout_s: float = 3.0) -> bytes:
+    """Everything the proxy sends back on one client connection (Connection: close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await reader.read()
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+_GET_CLOSE = b"GET /x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+
+
+async def test_a_second_response_slipped_after_the_first_is_ignored(start_proxy) -> None:
+    async def two_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                     b"HTTP/1.1 302 Found\r\nLocation: https://evil.example/\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    backend = Counting(two_answers)
+    server, url = await raw_backend(backend)
+    try:
+        proxy = await start_proxy(proxy_config({"a": url}))
+        for _ in range(2):
+            raw = await _raw_exchange(proxy.worker.listen_port, _GET_CLOSE)
+            assert raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw
+            assert b"evil" not in raw and raw.count(b"Content-Length") == 1, raw
+            assert raw.endswith(b"\r\n\r\nok")
+        assert backend.connections == 2  # that connection was not reused
+    finally:
+        server.close()
+
+
+async def test_content_length_with_trailing_blank_frames_the_body(start_proxy) -> None:
+    """The backend declares 100000 bytes (with a trailing blank, which llhttp allows),
+    sends 10 and closes: the client's connection must be cut, not reused for the next
+    response (which would then land inside the first one's declared body)."""
+
+    async def short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await _read_request(reader)
+        if b"/first" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000 \r\n\r\n" + b"A" * 10)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+        await writer.drain()
+
+    server, url = await raw_backend(Counting(short))
+    try:
+        proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1}))
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.worker.listen_port)
+        writer.write(b"GET /first HTTP/1.1\r\nHost: p\r\n\r\n")
+        await asyncio.sleep(0.3)
+        data = b""
+        try:
+            writer.write(b"GET /second HTTP/1.1\r\nHost: p\r\n\r\n")  # same keep-alive connection
+            async with asyncio.timeout(1.0):
+                while chunk := await reader.read(65536):
+                    data += chunk
+        except (TimeoutError, ConnectionError):
+            pass
+        writer.transport.abort()
+        assert data.startswith(b"HTTP/1.1 200")
+        assert b"second" not in data, data
+    finally:
+        server.close()
+
+
+async def test_a_reset_does_not_end_a_body_delimited_by_close(start_proxy) -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\npartial-")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN: the backend crashed mid-body
+
+    server, url = await raw_backend(Counting(reset))
+    try:
+        proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1}))
+        raw = await _raw_exchange(proxy.worker.listen_port, _GET_CLOSE)
+        assert raw.startswith(b"HTTP/1.1 200")
+        assert not raw.endswith(b"0\r\n\r\n"), raw  # no clean chunked end: the client sees the cut
+    finally:
+        server.close()
+
+
+async def test_a_request_that_kills_its_connection_is_replayed_at_most_once(start_proxy, client) -> None:
+    seen = {"deadly": 0}
+
+    async def dies_on_deadly(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await _read_request(reader)
+            if b"/deadly" in head:
+                seen["deadly"] += 1
+                writer.transport.abort()
+                return
+            await asyncio.sleep(0.1)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server, url = await raw_backend(Counting(dies_on_deadly))
+    try:
+        proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1}))
+
+        async def warm() -> None:
+            async with client.get(proxy.url + "/warm") as resp:
+                await resp.read()
+
+        await asyncio.gather(*(warm() for _ in range(6)))  # several pooled connections
+        async with client.get(proxy.url + "/deadly") as resp:
+            assert resp.status == 502
+        assert seen["deadly"] == 2
+    finally:
+        server.close()
+
+
+async def test_head_without_a_length_keeps_the_connection(start_proxy, client) -> None:
+    async def heads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+            await writer.drain()
+
+    backend = Counting(heads)
+    server, url = await raw_backend(backend)
+    try:
+        proxy = await start_proxy(proxy_config({"a": url}))
+        for _ in range(3):
+            async with client.head(proxy.url + "/x") as resp:
+                assert resp.status == 200
+        assert backend.connections == 1
+    finally:
+        server.close()
+
+
+async def test_an_upload_longer_than_per_try_is_not_timed_out(backends, start_proxy) -> None:
+    """per_try_s bounds the wait for the answer once the request is sent, not the upload."""
+    url = await backends.start("a")
+    proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1},
+                                           timeouts={"per_try_s": 0.5, "total_s": 10.0}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.worker.listen_port)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: p\r\nConnection: close\r\nContent-Length: 10000\r\n\r\n")
+    for _ in range(10):  # 1.5 s in all, never idle for long
+        writer.write(b"q" * 1000)
+        await writer.drain()
+        await asyncio.sleep(0.15)
+    async with asyncio.timeout(5):
+        raw = await reader.read()
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+    assert b'"received": 10000' in raw
