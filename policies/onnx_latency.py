@@ -174,6 +174,8 @@ class LoadedModel:
     # not: ~4 µs hot, ~23 µs cold). Verified against onnxruntime at load.
     weights: np.ndarray | None = field(default=None, repr=False)
     bias: float = 0.0
+    # (lo, hi) when the affine part is followed by Clip(lo, hi) -> Exp (a log-target model).
+    log_clip: tuple[float, float] | None = None
     # id(input array) -> (the array, run, its argument, the binding): a few inputs stay bound.
     _bindings: dict[int, tuple[Any, Any, Any, Any]] = field(default_factory=dict, repr=False)
     _out: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), np.float32), repr=False)
@@ -185,6 +187,9 @@ class LoadedModel:
             out = self._out[:x.shape[0], 0] if self._out.shape[0] >= x.shape[0] else self._grow(x)
             np.dot(x, self.weights, out=out)
             out += self.bias
+            if self.log_clip is not None:
+                np.clip(out, self.log_clip[0], self.log_clip[1], out=out)
+                np.exp(out, out=out)
             return out
         entry = self._bindings.get(id(x))
         if entry is None or entry[0] is not x:
@@ -231,11 +236,13 @@ class LoadedModel:
         return out * x[:, ROUTE_COST] if self.ratio else out
 
 
-def affine_of(data: bytes) -> tuple[np.ndarray, float] | None:
-    """(weights, bias) when the graph is only Scaler -> LinearRegressor (one target)."""
+def affine_of(data: bytes) -> tuple[np.ndarray, float, tuple[float, float] | None] | None:
+    """(weights, bias, log_clip) when the graph is only Scaler -> LinearRegressor (one
+    target), optionally followed by Clip(lo, hi) -> Exp (the trainer's log targets:
+    log_clip is (lo, hi) then, else None)."""
     try:
         import onnx
-        from onnx import helper
+        from onnx import helper, numpy_helper
     except ImportError:  # the serving extra may not ship onnx
         return None
     try:
@@ -243,9 +250,22 @@ def affine_of(data: bytes) -> tuple[np.ndarray, float] | None:
     except Exception:
         return None
     nodes = list(graph.node)
-    if [n.op_type for n in nodes] != ["Scaler", "LinearRegressor"] or \
-            nodes[1].input[0] != nodes[0].output[0]:
+    ops = [n.op_type for n in nodes]
+    if ops not in (["Scaler", "LinearRegressor"], ["Scaler", "LinearRegressor", "Clip", "Exp"]) \
+            or nodes[1].input[0] != nodes[0].output[0]:
         return None
+    log_clip = None
+    if len(nodes) == 4:
+        clip, exp = nodes[2], nodes[3]
+        if clip.input[0] != nodes[1].output[0] or exp.input[0] != clip.output[0] or \
+                len(clip.input) != 3 or clip.attribute:
+            return None
+        consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        lo, hi = consts.get(clip.input[1]), consts.get(clip.input[2])
+        if lo is None or hi is None or lo.size != 1 or hi.size != 1:
+            return None
+        log_clip = (float(lo.reshape(())), float(hi.reshape(())))
+        nodes = nodes[:2]
     attr = {a.name: helper.get_attribute_value(a) for n in nodes for a in n.attribute}
     if attr.get("post_transform", b"NONE") not in (b"NONE", "NONE") or attr.get("targets", 1) != 1:
         return None
@@ -258,7 +278,7 @@ def affine_of(data: bytes) -> tuple[np.ndarray, float] | None:
     # ((x - offset) * scale) @ coef + b  ==  x @ (scale * coef) + (b - (offset * scale) @ coef)
     weights = (scale * coef).astype(np.float32)
     bias = float(intercepts[0] - float((offset * scale) @ coef))
-    return weights, bias
+    return weights, bias, log_clip
 
 
 def file_key(path: Path) -> tuple[int, int, int]:
@@ -313,12 +333,22 @@ def load_model(path: str | Path) -> LoadedModel:
         raise ModelError(INFERENCE_ERROR, f"{path}: trial inference gave {trial!r}")
     affine = affine_of(data)
     if affine is not None:
-        # Use numpy only if it agrees with onnxruntime on varied rows.
-        probe = np.random.default_rng(0).random((64, N_FEATURES), dtype=np.float32) * 100
+        # Use numpy only if it agrees with onnxruntime on varied rows (small ones too, so
+        # a log model's exp is compared below its clip).
+        weights, bias, log_clip = affine
+        rng = np.random.default_rng(0)
+        probe = np.concatenate([rng.random((64, N_FEATURES), dtype=np.float32) * 100,
+                                rng.random((64, N_FEATURES), dtype=np.float32)])
         expected = model.predict_copy(probe)
-        got = probe @ affine[0] + affine[1]
-        if np.allclose(got, expected, rtol=1e-4, atol=1e-3 * max(1.0, float(np.abs(expected).max()))):
-            model.weights, model.bias = affine
+        got = probe.astype(np.float64) @ weights + bias
+        if log_clip is not None:
+            # Outputs are exp(...) > 0 and span decades: compare relatively.
+            got = np.exp(np.clip(got, *log_clip))
+            rtol, atol = 1e-3, 0.0
+        else:
+            rtol, atol = 1e-4, 1e-3 * max(1.0, float(np.abs(expected).max()))
+        if np.allclose(got, expected, rtol=rtol, atol=atol):
+            model.weights, model.bias, model.log_clip = weights, bias, log_clip
     return model
 
 

@@ -24,6 +24,7 @@ from policies.onnx_latency import (
     SCHEMA_MISMATCH,
     SHADOW,
     OnnxLatency,
+    load_model,
 )
 from policies.registry import create
 from proxy.state import Outcome
@@ -279,3 +280,28 @@ def test_ratio_target_scales_route_cost(tmp_path: Path) -> None:
         x = p._features.prepare(ready, REQ).copy()
         np.testing.assert_allclose(p.model.predict_ms(x), 2.0 * x[:, ROUTE_COST], rtol=1e-6)
         assert p.pick(ready, REQ) is ready[1]  # the least queued, all else equal
+
+
+def test_log_target_linear_model_uses_numpy_path_matching_onnxruntime(tmp_path: Path) -> None:
+    """A ridge fitted on log latency exports Scaler -> LinearRegressor -> Clip -> Exp; the
+    policy runs it in numpy (cheap with cold caches) and must agree with onnxruntime."""
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from train.latency import LOG_MAX, LOG_MIN, sk_ms
+
+    rng = np.random.default_rng(3)
+    x = (rng.random((400, N_FEATURES)) * 20).astype(np.float32)
+    y_log = 0.05 * x[:, INFLIGHT] + 0.01 * x.sum(axis=1) + rng.normal(0, 0.1, 400)
+    model = make_pipeline(StandardScaler(), Ridge(alpha=1.0)).fit(x, y_log)
+    path = tmp_path / "log.onnx"
+    path.write_bytes(to_onnx(model, {**schema_metadata(ROUTES), "foretell.target": "latency_ms",
+                                     "foretell.fit_target": "log_latency"}, log=True))
+    loaded = load_model(path)
+    assert loaded.weights is not None and loaded.log_clip == pytest.approx((LOG_MIN, LOG_MAX))
+    rows = np.ascontiguousarray(np.concatenate([x[:50], x[:5] * 1e3]))  # some hit the clip
+    fast = loaded.predict(rows).copy()
+    np.testing.assert_allclose(fast, loaded.predict_copy(rows), rtol=1e-4)
+    np.testing.assert_allclose(fast, sk_ms(model, rows, "log_latency"), rtol=1e-4)
+    assert np.all(np.isfinite(fast)) and fast.max() == pytest.approx(np.exp(LOG_MAX), rel=1e-5)
