@@ -59,8 +59,8 @@ def _raise_fd_limit() -> None:
 
 
 async def _hold(url: str, connections: int, hold_s: float, proxy: psutil.Process) -> MemoryResult:
-    # One connection per client so that each one stays open and busy.
-    connector = aiohttp.TCPConnector(limit=connections, force_close=False, keepalive_timeout=hold_s + 30)
+    # A session (and so a connection) of its own per client: a shared pool would
+    # reuse idle connections and hold only as many as are busy at once.
     timeout = aiohttp.ClientTimeout(total=30)
     stats = {"requests": 0, "failures": 0}
     peak_rss = proxy.memory_info().rss
@@ -68,8 +68,9 @@ async def _hold(url: str, connections: int, hold_s: float, proxy: psutil.Process
     stop_at = time.monotonic() + hold_s
     rng = random.Random(0)
 
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        async def client(i: int) -> None:
+    async def client(i: int) -> None:
+        connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=hold_s + 30)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             await asyncio.sleep(rng.uniform(0, REQUEST_INTERVAL_S))
             while time.monotonic() < stop_at:
                 try:
@@ -81,12 +82,12 @@ async def _hold(url: str, connections: int, hold_s: float, proxy: psutil.Process
                 stats["requests"] += 1
                 await asyncio.sleep(REQUEST_INTERVAL_S)
 
-        tasks = [asyncio.create_task(client(i)) for i in range(connections)]
-        while any(not t.done() for t in tasks):
-            peak_rss = max(peak_rss, proxy.memory_info().rss)
-            max_conns = max(max_conns, len(proxy.net_connections(kind="tcp")))
-            await asyncio.sleep(0.5)
-        await asyncio.gather(*tasks)
+    tasks = [asyncio.create_task(client(i)) for i in range(connections)]
+    while any(not t.done() for t in tasks):
+        peak_rss = max(peak_rss, proxy.memory_info().rss)
+        max_conns = max(max_conns, len(proxy.net_connections(kind="tcp")))
+        await asyncio.sleep(0.5)
+    await asyncio.gather(*tasks)
     return MemoryResult(connections, 0.0, peak_rss / 2**20, stats["requests"], stats["failures"], max_conns)
 
 
