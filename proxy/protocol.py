@@ -3,7 +3,10 @@
 Two things aiohttp's RequestHandler does not do by itself:
 - answer oversized header lines / too many headers with 431 (it says 400);
 - close a connection whose first request headers do not arrive in time
-  (slowloris). Between requests the keep-alive timeout applies.
+  (slowloris). For later requests on a kept-alive connection aiohttp's
+  keep-alive timer (client_idle_s) already does it: it starts when a response
+  ends and partial data does not restart it, so the next head must be complete
+  by then.
 """
 
 from __future__ import annotations

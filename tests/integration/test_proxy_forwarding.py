@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 
 import aiohttp
 from aiohttp import web
@@ -188,6 +189,39 @@ async def test_slow_headers_are_cut_off(backends: Backends, start_proxy) -> None
     await writer.drain()
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
     writer.close()
+
+
+async def test_slow_headers_of_a_later_request_are_cut_off_too(backends: Backends, start_proxy) -> None:
+    """On a kept-alive connection the next head must be complete within client_idle_s
+    of the previous response: dripping bytes does not restart that clock."""
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls, timeouts={"client_idle_s": 1.0}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.worker.listen_port)
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    await reader.readexactly(length)
+    started = time.monotonic()
+    closed_after_s = None
+    try:
+        for byte in b"GET / HTTP/1.1\r\nX-Drip: " + b"d" * 100:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            if await _closed_within(reader, 0.1):
+                closed_after_s = time.monotonic() - started
+                break
+    except ConnectionError:
+        closed_after_s = time.monotonic() - started
+    writer.close()
+    assert closed_after_s is not None and closed_after_s < 2.5
+
+
+async def _closed_within(reader: asyncio.StreamReader, wait_s: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), wait_s) == b""
+    except TimeoutError:
+        return False
 
 
 async def test_killed_backend_costs_no_failed_gets(backends: Backends, start_proxy, client) -> None:
