@@ -20,13 +20,22 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from proxy import errors
+from proxy.access_log import AccessLog
 
 
 class ProxyRequestHandler(RequestHandler):
-    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, header_timeout_s: float, json_log: AccessLog | None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout_s = header_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
+        self._json_log = json_log
+        # aiohttp then times each request and calls log_access once it is sent.
+        self._logging_enabled = json_log is not None
+
+    def log_access(self, request: BaseRequest, response: web.StreamResponse, time: float | None) -> None:
+        if self._json_log is not None and time is not None:
+            self._json_log.record(request, response, self._loop.time() - time)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -69,10 +78,13 @@ def _headers_too_large(exc: BaseException | None) -> bool:
 class ProxyHttpServer(web.Server):
     """web.Server whose connections use ProxyRequestHandler."""
 
-    def __init__(self, handler: Any, *, header_timeout_s: float, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+    def __init__(self, handler: Any, *, header_timeout_s: float, json_log: AccessLog | None,
+                 **kwargs: Any) -> None:
+        # aiohttp's own access logger stays off: ours is called from log_access.
+        super().__init__(handler, access_log=None, **kwargs)
         self._header_timeout_s = header_timeout_s
+        self._json_log = json_log
 
     def __call__(self) -> RequestHandler:
         return ProxyRequestHandler(self, loop=self._loop, header_timeout_s=self._header_timeout_s,
-                                   **self._kwargs)
+                                   json_log=self._json_log, **self._kwargs)

@@ -19,7 +19,7 @@ from aiohttp.web_request import BaseRequest
 
 from policies.base import RequestInfo
 from proxy import errors, metrics
-from proxy.access_log import AccessLog
+from proxy.access_log import CLUSTER_KEY, AccessLog
 from proxy.headers import client_response_headers, upstream_request_headers
 from proxy.load_report import parse_utilization
 from proxy.retry import IDEMPOTENT, RetryPlan
@@ -162,7 +162,6 @@ class Proxy:
         runtime = self.runtime
         runtime.active += 1
         self.active_requests += 1
-        started = self._loop_time()
         cluster_name = "-"
         resp: web.StreamResponse | None = None
         try:
@@ -200,7 +199,7 @@ class Proxy:
             counts = metrics.HOT.requests
             counts[key] = counts.get(key, 0) + 1
             if self.access_log is not None:
-                self.access_log.record(request, resp, cluster_name, self._loop_time() - started)
+                request[CLUSTER_KEY] = cluster_name
 
     async def _special(self, cr: ClusterRuntime, request: BaseRequest,
                        info: RequestInfo) -> web.StreamResponse | None:

@@ -71,7 +71,7 @@ class Worker:
             max_headers=limits.max_header_count,
             # A client that goes away cancels its upstream request too.
             handler_cancellation=True,
-            access_log=None,
+            json_log=access_log,
         )
         self._runner = web.ServerRunner(server, handle_signals=False,
                                         shutdown_timeout=config.timeouts.drain_s)

@@ -337,11 +337,19 @@ async def test_access_log_is_json_and_sampled(backends: Backends, start_proxy, c
         for p in (proxy, quiet):
             async with client.get(p.url + "/echo?secret=1") as resp:
                 await resp.read()
+    # A request refused before the handler (malformed) is logged too.
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.worker.listen_port)
+    writer.write(b"GARBAGE\r\n\r\n")
+    await asyncio.wait_for(reader.read(), 5)
+    writer.close()
     lines = [json.loads(line) for line in full.read_text().splitlines()]
-    assert len(lines) == 200
-    fields = {"ts", "client", "method", "path", "status", "duration_ms", "backend", "request_id"}
+    assert len(lines) == 201
+    fields = {"ts", "client", "method", "path", "status", "duration_ms", "backend", "request_id",
+              "cluster", "bytes_out"}
     assert fields <= set(lines[0])
     assert lines[0]["backend"] == "a" and lines[0]["status"] == 200 and lines[0]["path"] == "/echo"
+    assert lines[0]["cluster"] == "default" and lines[0]["bytes_out"] > 0
+    assert lines[-1]["status"] == 400
     assert 5 <= len(sampled.read_text().splitlines()) <= 40  # 10% of 200, binomial 4 sigma
 
 
