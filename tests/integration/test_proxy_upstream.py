@@ -5,10 +5,11 @@ end of the connection, interim responses, HEAD, oversized and stalled answers.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -35,6 +36,17 @@ class Counting:
             writer.close()
 
 
+@contextlib.asynccontextmanager
+async def serving(respond: Respond) -> AsyncIterator[tuple[Counting, str]]:
+    """A raw backend on loopback for the duration of the block: (its counter, its url)."""
+    backend = Counting(respond)
+    server, url = await raw_backend(backend)
+    try:
+        yield backend, url
+    finally:
+        server.close()
+
+
 async def _read_request(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
     for line in head.split(b"\r\n"):
@@ -51,17 +63,13 @@ async def test_keepalive_connections_are_reused(start_proxy, client) -> None:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
             await writer.drain()
 
-    backend = Counting(answer_all)
-    server, url = await raw_backend(backend)
-    try:
+    async with serving(answer_all) as (backend, url):
         proxy = await start_proxy(proxy_config({"a": url}))
         for i in range(20):
             async with client.get(f"{proxy.url}/n/{i}") as resp:
                 assert resp.status == 200
                 assert await resp.read() == f"/n/{i}".encode()
         assert backend.connections == 1
-    finally:
-        server.close()
 
 
 async def test_a_kept_alive_connection_closed_by_the_backend_is_replaced(start_proxy, client) -> None:
@@ -75,9 +83,7 @@ async def test_a_kept_alive_connection_closed_by_the_backend_is_replaced(start_p
         await writer.drain()
         await reader.readuntil(b"\r\n\r\n")  # the next request: dropped
 
-    backend = Counting(one_per_connection)
-    server, url = await raw_backend(backend)
-    try:
+    async with serving(one_per_connection) as (_, url):
         proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1}))
         for _ in range(5):
             async with client.get(proxy.url + "/x") as resp:
@@ -89,8 +95,6 @@ async def test_a_kept_alive_connection_closed_by_the_backend_is_replaced(start_p
         async with client.post(proxy.url + "/x", data=b"payload") as resp:
             assert resp.status == 502
             assert resp.headers["x-foretell-error"] == "upstream_reset"
-    finally:
-        server.close()
 
 
 async def test_interim_response_is_skipped_and_eof_ends_the_body(start_proxy, client) -> None:
@@ -106,41 +110,40 @@ async def test_interim_response_is_skipped_and_eof_ends_the_body(start_proxy, cl
         writer.write(b"world")
         await writer.drain()
 
-    server, url = await raw_backend(Counting(early_hints))
-    try:
+    async with serving(early_hints) as (_, url):
         proxy = await start_proxy(proxy_config({"a": url}))
         async with client.get(proxy.url + "/x") as resp:
             assert resp.status == 200
             assert resp.headers["X-Final"] == "yes"
             assert "Link" not in resp.headers
             assert await resp.read() == b"hello world"
-    finally:
-        server.close()
 
 
-async def test_head_with_a_length_leaves_the_connection_usable(start_proxy, client) -> None:
+async def test_head_responses_leave_the_connection_usable(start_proxy, client) -> None:
+    """A HEAD answer declares a length (or none) but carries no body; the connection is reused."""
+
     async def head_then_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             head = await _read_request(reader)
-            if head.startswith(b"HEAD "):
+            if head.startswith(b"HEAD /length"):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+            elif head.startswith(b"HEAD "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
             else:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
             await writer.drain()
 
-    backend = Counting(head_then_get)
-    server, url = await raw_backend(backend)
-    try:
+    async with serving(head_then_get) as (backend, url):
         proxy = await start_proxy(proxy_config({"a": url}))
         for _ in range(3):
-            async with client.head(proxy.url + "/x") as resp:
+            async with client.head(proxy.url + "/length") as resp:
                 assert resp.status == 200
                 assert resp.headers["Content-Length"] == "100"
+            async with client.head(proxy.url + "/none") as resp:
+                assert resp.status == 200
             async with client.get(proxy.url + "/x") as resp:
                 assert await resp.read() == b"hello"
         assert backend.connections == 1
-    finally:
-        server.close()
 
 
 async def test_oversized_response_head_is_a_502(start_proxy, client) -> None:
@@ -149,14 +152,11 @@ async def test_oversized_response_head_is_a_502(start_proxy, client) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"b" * 70_000 + b"\r\nContent-Length: 0\r\n\r\n")
         await writer.drain()
 
-    server, url = await raw_backend(Counting(huge_head))
-    try:
+    async with serving(huge_head) as (_, url):
         proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1}))
         async with client.get(proxy.url + "/x") as resp:
             assert resp.status == 502
             assert resp.headers["x-foretell-error"] == "upstream_reset"
-    finally:
-        server.close()
 
 
 async def test_a_body_that_stalls_is_cut_after_the_read_timeout(start_proxy, client) -> None:
@@ -166,8 +166,7 @@ async def test_a_body_that_stalls_is_cut_after_the_read_timeout(start_proxy, cli
         await writer.drain()
         await asyncio.sleep(5)
 
-    server, url = await raw_backend(Counting(stall))
-    try:
+    async with serving(stall) as (_, url):
         proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1},
                                                timeouts={"per_try_s": 0.5, "total_s": 2.0}))
         started = time.monotonic()
@@ -176,8 +175,6 @@ async def test_a_body_that_stalls_is_cut_after_the_read_timeout(start_proxy, cli
                 assert resp.status == 200
                 await resp.read()
         assert time.monotonic() - started < 2.0
-    finally:
-        server.close()
 
 
 async def _raw_exchange(port: int, request: bytes, timeout_s: float = 3.0) -> bytes:
@@ -205,9 +202,7 @@ async def test_a_second_response_slipped_after_the_first_is_ignored(start_proxy)
         await writer.drain()
         await reader.read()
 
-    backend = Counting(two_answers)
-    server, url = await raw_backend(backend)
-    try:
+    async with serving(two_answers) as (backend, url):
         proxy = await start_proxy(proxy_config({"a": url}))
         for _ in range(2):
             raw = await _raw_exchange(proxy.worker.listen_port, _GET_CLOSE)
@@ -215,8 +210,6 @@ async def test_a_second_response_slipped_after_the_first_is_ignored(start_proxy)
             assert b"evil" not in raw and raw.count(b"Content-Length") == 1, raw
             assert raw.endswith(b"\r\n\r\nok")
         assert backend.connections == 2  # that connection was not reused
-    finally:
-        server.close()
 
 
 async def test_content_length_with_trailing_blank_frames_the_body(start_proxy) -> None:
@@ -232,8 +225,7 @@ async def test_content_length_with_trailing_blank_frames_the_body(start_proxy) -
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
         await writer.drain()
 
-    server, url = await raw_backend(Counting(short))
-    try:
+    async with serving(short) as (_, url):
         proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1}))
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.worker.listen_port)
         writer.write(b"GET /first HTTP/1.1\r\nHost: p\r\n\r\n")
@@ -249,8 +241,6 @@ async def test_content_length_with_trailing_blank_frames_the_body(start_proxy) -
         writer.transport.abort()
         assert data.startswith(b"HTTP/1.1 200")
         assert b"second" not in data, data
-    finally:
-        server.close()
 
 
 async def test_a_reset_does_not_end_a_body_delimited_by_close(start_proxy) -> None:
@@ -263,14 +253,11 @@ async def test_a_reset_does_not_end_a_body_delimited_by_close(start_proxy) -> No
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()  # RST, not FIN: the backend crashed mid-body
 
-    server, url = await raw_backend(Counting(reset))
-    try:
+    async with serving(reset) as (_, url):
         proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1}))
         raw = await _raw_exchange(proxy.worker.listen_port, _GET_CLOSE)
         assert raw.startswith(b"HTTP/1.1 200")
         assert not raw.endswith(b"0\r\n\r\n"), raw  # no clean chunked end: the client sees the cut
-    finally:
-        server.close()
 
 
 async def test_a_request_that_kills_its_connection_is_replayed_at_most_once(start_proxy, client) -> None:
@@ -287,8 +274,7 @@ async def test_a_request_that_kills_its_connection_is_replayed_at_most_once(star
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await writer.drain()
 
-    server, url = await raw_backend(Counting(dies_on_deadly))
-    try:
+    async with serving(dies_on_deadly) as (_, url):
         proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1}))
 
         async def warm() -> None:
@@ -299,27 +285,6 @@ async def test_a_request_that_kills_its_connection_is_replayed_at_most_once(star
         async with client.get(proxy.url + "/deadly") as resp:
             assert resp.status == 502
         assert seen["deadly"] == 2
-    finally:
-        server.close()
-
-
-async def test_head_without_a_length_keeps_the_connection(start_proxy, client) -> None:
-    async def heads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await _read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
-            await writer.drain()
-
-    backend = Counting(heads)
-    server, url = await raw_backend(backend)
-    try:
-        proxy = await start_proxy(proxy_config({"a": url}))
-        for _ in range(3):
-            async with client.head(proxy.url + "/x") as resp:
-                assert resp.status == 200
-        assert backend.connections == 1
-    finally:
-        server.close()
 
 
 async def test_an_upload_longer_than_per_try_is_not_timed_out(backends, start_proxy) -> None:
