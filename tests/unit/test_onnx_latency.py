@@ -243,6 +243,34 @@ def test_residual_correction_tracks_observed_over_predicted(tmp_path: Path) -> N
     assert p.pick(ready, REQ) is ready[1]
 
 
+@pytest.mark.parametrize(("share", "expected_rescores"), [(1.0, 19), (1e-9, 0)])
+def test_rescores_take_at_most_their_cpu_share(tmp_path: Path, share: float,
+                                                expected_rescores: int) -> None:
+    """With outcomes arriving, predictions are recomputed every rescore_s, unless that
+    would spend more than rescore_cpu_share of a core on it (a real run costs > 1 µs,
+    so a share of 1e-9 makes the next one wait for the full refresh). The first pick
+    below has no new outcome to rescore for: 19 of 20."""
+    sim = Sim(n_backends=3)
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"), rescore_s=0.005, refresh_s=10.0,
+               rescore_cpu_share=share)
+    ready = sim.cluster.ready()
+    assert p.pick(ready, REQ) is not None  # the first, full run
+    levels = []
+    real = p._run_model
+
+    def counting(model, ready, req, now, old):  # type: ignore[no-untyped-def]
+        levels.append(old is not None)
+        return real(model, ready, req, now, old)
+
+    p._run_model = counting  # type: ignore[method-assign]
+    for _ in range(20):
+        sim.clock.t += 0.006
+        b = p.pick(ready, REQ)
+        assert b is not None
+        p.observe(b, REQ, Outcome(200, 0.005, None, 0, "fast"))
+    assert sum(levels) == expected_rescores
+
+
 def test_unknown_onnx_proto_is_load_error(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(helper.make_graph([], "empty", [], [])), path)
