@@ -16,15 +16,14 @@ so queueing is priced exactly at every pick (no herding between rescores),
 while the slower-moving backend statistics (EWMA, recent latencies, error
 rate) are at most `rescore_s` old (and at most `refresh_s` without any
 outcome). `rescore_s: 0` rescores whenever an outcome arrived since the last
-pick. Rescores also take at most `rescore_cpu_share` of a core (the wait
-between them grows with their measured cost), so at saturation the model
-cannot cost the proxy its throughput. With `max_scored`, the argmin is taken over a random subset of that
-size (P2C-style); `correction` is an online EWMA of observed/predicted
-latency per backend (drift between retrainings) and the penalty keeps a
-backend that fails fast from looking fast.
+pick. While the proxy is busy, rescores also take at most
+`rescore_cpu_share` of a core (the wait between them grows with their
+measured cost), so at saturation the model does not cost the proxy its
+throughput; below that, predictions stay fresh. With `max_scored`, the
+argmin is taken over a random subset of that size (P2C-style).
 
-where `correction` is an online EWMA of observed/predicted latency per
-backend (drift between retrainings) and the penalty keeps a backend that
+`correction` is an online EWMA of observed/predicted latency per backend
+(drift between retrainings) and the penalty keeps a backend that
 fails fast from looking fast. The lowest score wins; with probability
 `epsilon` a uniformly random backend is chosen instead. `last_propensity`
 is P(chosen | this decision) = epsilon/n + (1-epsilon)*[chosen is the best]
@@ -380,11 +379,15 @@ class OnnxLatency:
         # Cached predictions are recomputed at most this often while outcomes arrive
         # (inflight is priced exactly at every pick through the cached slope).
         rescore_s: float = Field(0.005, ge=0)
-        # ...and at most this share of one core goes to recomputing them: the wait
-        # between rescores grows with their measured cost. A model run with the caches
-        # cold between requests costs ~150 µs (tree model); at bench rates nothing
-        # changes, at saturation a rescore every ~15 ms instead of 5 ms.
+        # ...and while the proxy is busy (its process used at least `busy_cpu_share` of a
+        # core over the last second), at most this share of one core goes to recomputing
+        # them: the wait between rescores grows with their measured cost. A model run
+        # with the caches cold costs ~150 µs (tree model): at saturation a rescore every
+        # ~15 ms instead of 5 ms. Below that load nothing is throttled (fresh predictions
+        # matter more than spare CPU: throttled at bench rates, a stalled backend kept
+        # getting traffic between rescores).
         rescore_cpu_share: float = Field(0.01, gt=0, le=1)
+        busy_cpu_share: float = Field(0.5, gt=0)
         # Time every Nth pick (budget and histogram; a timing and an observation cost ~2 µs).
         pick_time_every: int = Field(16, ge=1)
         # The fallback routes until the ready backends have this many outcomes each on
@@ -580,6 +583,9 @@ class OnnxLatency:
         self._version = 0  # outcomes observed; a cached score knows the count it saw
         self._rescore_cost_s = 0.0
         self._rescore_gap_s = self.options.rescore_s
+        self._busy = False  # the process used busy_cpu_share of a core over the last second
+        self._busy_since_wall = time.perf_counter()
+        self._busy_since_cpu = time.process_time()
         self._pairs: np.ndarray | None = None
         self._level = np.zeros((0, N_FEATURES), dtype=np.float32)
 
@@ -607,10 +613,17 @@ class OnnxLatency:
                  now: float, old: _Scores | None) -> _Scores:
         started = time.perf_counter()
         scores = self._run_model(model, ready, req, now, old)
-        # Wall time of the run, smoothed: sets how soon the next one may come.
-        self._rescore_cost_s += 0.1 * (time.perf_counter() - started - self._rescore_cost_s)
-        self._rescore_gap_s = max(self.options.rescore_s,
-                                  self._rescore_cost_s / self.options.rescore_cpu_share)
+        ended = time.perf_counter()
+        # Wall time of the run, smoothed: sets how soon the next one may come when busy.
+        self._rescore_cost_s += 0.1 * (ended - started - self._rescore_cost_s)
+        if ended - self._busy_since_wall >= 1.0:
+            cpu_s = time.process_time()
+            self._busy = ((cpu_s - self._busy_since_cpu) / (ended - self._busy_since_wall)
+                          >= self.options.busy_cpu_share)
+            self._busy_since_wall, self._busy_since_cpu = ended, cpu_s
+        options = self.options
+        self._rescore_gap_s = (max(options.rescore_s, self._rescore_cost_s / options.rescore_cpu_share)
+                               if self._busy else options.rescore_s)
         return scores
 
     def _run_model(self, model: LoadedModel, ready: Sequence[BackendView], req: RequestInfo,
