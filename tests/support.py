@@ -223,6 +223,24 @@ class FailingPolicy:
         return None
 
 
+class ObserveRaises:
+    """A user policy (dotted-path kind) whose optional observe() hook raises: a bug in
+    user code must not leak the upstream connection of the request it broke."""
+
+    name = "observe_raises"
+
+    Options = PolicyOptions
+
+    def __init__(self, options: object, ctx: object) -> None:
+        pass
+
+    def pick(self, ready: Any, req: object) -> Any:
+        return ready[0] if ready else None
+
+    def observe(self, state: object, info: object, outcome: object) -> None:
+        raise RuntimeError("bug in a user policy's observe()")
+
+
 async def raw_backend(respond: Any) -> tuple[asyncio.AbstractServer, str]:
     """A loopback TCP server whose connections are handled by `respond(reader, writer)`."""
     server = await asyncio.start_server(respond, "127.0.0.1", 0)

@@ -303,3 +303,27 @@ async def test_an_upload_longer_than_per_try_is_not_timed_out(backends, start_pr
     writer.close()
     assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
     assert b'"received": 10000' in raw
+
+
+async def test_a_raising_policy_hook_does_not_leak_the_connection(start_proxy, client) -> None:
+    open_now = {"n": 0}
+
+    async def count_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        open_now["n"] += 1
+        try:
+            while True:
+                await _read_request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        finally:
+            open_now["n"] -= 1
+
+    async with serving(count_open) as (_, url):
+        proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1},
+                                               policy={"kind": "tests.support.ObserveRaises"}))
+        for _ in range(5):
+            async with client.get(proxy.url + "/x") as resp:
+                assert resp.status == 500  # the bug surfaces as aiohttp's 500, nothing hangs
+        await asyncio.sleep(0.2)
+        upstream = proxy.worker.proxy.runtime.clusters["default"].upstream
+        assert open_now["n"] == upstream.idle_connections() == 0
