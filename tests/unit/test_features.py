@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -124,13 +125,19 @@ def test_fast_path_matches_rebuild() -> None:
         np.testing.assert_allclose(x, expected, rtol=2e-3, atol=1e-3)
 
 
-def test_inflight_is_fresh_without_refresh() -> None:
+def _primed_two_backends() -> tuple[Clock, Any, FeatureMatrix, Any, RequestInfo]:
+    """Two backends, a matrix that never refreshes by itself, one prepare done."""
     clock = Clock()
     cluster = make_cluster(clock, 2)
     fm = FeatureMatrix(["api"], clock, refresh_s=1000.0)
     ready = cluster.ready()
     req = RequestInfo(route_class="api")
     fm.prepare(ready, req)
+    return clock, cluster, fm, ready, req
+
+
+def test_inflight_is_fresh_without_refresh() -> None:
+    _, cluster, fm, ready, req = _primed_two_backends()
     with cluster.track(cluster.get("b1")):
         x = fm.prepare(ready, req)
         assert x[1, INFLIGHT] == 1.0 and x[0, INFLIGHT] == 0.0
@@ -151,12 +158,7 @@ def test_new_ready_list_rebuilds_rows() -> None:
 
 
 def test_observed_updates_the_fast_columns() -> None:
-    clock = Clock()
-    cluster = make_cluster(clock, 2)
-    fm = FeatureMatrix(["api"], clock, refresh_s=1000.0)
-    ready = cluster.ready()
-    req = RequestInfo(route_class="api")
-    fm.prepare(ready, req)
+    clock, cluster, fm, ready, req = _primed_two_backends()
     for latency_s in (0.004, 0.008, 0.012):
         record(cluster, "b1", latency_s)
         fm.observed(cluster.get("b1"), "api")
