@@ -169,6 +169,11 @@ def _window_stats(view: BackendView) -> tuple[float, float, float, int, float]:
             sum(last) / len(last), n, float(window.timeout_rate))
 
 
+def _since_error_s(last_error_at: float | None, now: float) -> float:
+    return SINCE_ERROR_CAP_S if last_error_at is None else min(max(0.0, now - last_error_at),
+                                                               SINCE_ERROR_CAP_S)
+
+
 _BACKEND0 = _IX[BACKEND_FEATURES[0]]
 assert FEATURE_NAMES[_BACKEND0:] == BACKEND_FEATURES
 
@@ -180,7 +185,6 @@ def write_backend_row(row: np.ndarray, route_row: np.ndarray, missing_row: np.nd
     ewma_ms = min(view.ewma_s() * 1e3, LATENCY_CAP_MS)
     p50_s, p90_s, recent_s, count, timeout_rate = _window_stats(view)
     inflight = min(float(view.inflight), INFLIGHT_CAP)
-    last = view.last_error_at
     load = view.reported_load
     no_load = load is None or math.isnan(load)
     # One slice assignment: per-element numpy writes cost ~100 ns each.
@@ -197,7 +201,7 @@ def write_backend_row(row: np.ndarray, route_row: np.ndarray, missing_row: np.nd
         math.log1p(count),
         view.error_rate(),
         timeout_rate,
-        SINCE_ERROR_CAP_S if last is None else min(max(0.0, now - last), SINCE_ERROR_CAP_S),
+        _since_error_s(view.last_error_at, now),
         min(float(view.consecutive_failures), FAILURES_CAP),
         0.0 if no_load else min(max(float(load), 0.0), 10.0),  # type: ignore[arg-type]
         1.0 if no_load else 0.0,
@@ -315,8 +319,7 @@ class FeatureMatrix:
         row[ERROR_RATE] = view.error_rate()
         row[CONSECUTIVE] = min(float(view.consecutive_failures), FAILURES_CAP)
         if view.last_error_at is not None:
-            row[SINCE_ERROR] = min(max(0.0, self._clock() - view.last_error_at),
-                                   SINCE_ERROR_CAP_S)
+            row[SINCE_ERROR] = _since_error_s(view.last_error_at, self._clock())
         per_class: Mapping[str, float] | None = getattr(view, "route_ewma_s", None)
         value_s = per_class.get(route_class) if per_class else None
         if value_s is not None:

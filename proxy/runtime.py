@@ -25,19 +25,21 @@ from proxy.loader import Loaded
 from proxy.retry import RetryPlan
 from proxy.router import Router
 from proxy.state import Backend, Cluster
-from proxy.upstream import Upstream
+from proxy.upstream import Upstream, client_ssl_context
 
 log = logging.getLogger("foretell.runtime")
 
+def _ca_file(tls: UpstreamTls) -> str | None:
+    return str(tls.ca_file) if tls.ca_file else None
+
+
 def upstream_ssl(tls: UpstreamTls) -> ssl.SSLContext | bool:
     """For aiohttp (health probes): False skips verification."""
-    if not tls.verify:
-        return False
-    return ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    return client_ssl_context(True, _ca_file(tls)) if tls.verify else False
 
 
 def new_upstream(tls: UpstreamTls) -> Upstream:
-    return Upstream(verify=tls.verify, ca_file=str(tls.ca_file) if tls.ca_file else None)
+    return Upstream(verify=tls.verify, ca_file=_ca_file(tls))
 
 
 @dataclass
