@@ -359,7 +359,8 @@ class Proxy:
                              request_id: str, cluster: str) -> web.StreamResponse:
         headers = client_response_headers(up.headers, backend_id=backend_id, request_id=request_id)
         length = up.content_length
-        no_body = request.method == "HEAD" or up.status in (204, 304) or 100 <= up.status < 200
+        # (Interim 1xx answers never get here: the upstream client skips them.)
+        no_body = request.method == "HEAD" or up.status in (204, 304)
         if no_body or (length is not None and length <= BUFFER_LIMIT_BYTES):
             try:
                 payload = b"" if no_body else await up.read()
