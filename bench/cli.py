@@ -209,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     mem.set_defaults(func=_memory)
 
     from bench.health_bench import add_parser as add_health_parser
+    from bench.mae_floor import add_parser as add_mae_floor_parser
 
     add_health_parser(sub)
+    add_mae_floor_parser(sub)
     return parser
 
 

@@ -108,10 +108,15 @@ def proxy_config(plan: RunPlan, backend_urls: Sequence[tuple[str, str]], port: i
     paths = [r.path for r in plan.scenario.routes]
     if len(paths) > 1:
         # One route class per path of the mix, so request-aware policies can tell them apart.
-        cfg["routes"] = [{"name": p.strip("/").split("/")[0] or "root", "path_prefix": p}
+        cfg["routes"] = [{"name": route_class_name(p), "path_prefix": p}
                          for p in paths if p != "/"] + [{"name": "other", "path_prefix": "/"}]
     cfg.update(plan.extra_config)
     return cfg
+
+
+def route_class_name(path: str) -> str:
+    """The route class the bench config gives a path of the mix: `/search/x` -> `search`."""
+    return path.strip("/").split("/")[0] or "root"
 
 
 class ProxyProcess:

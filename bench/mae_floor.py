@@ -1,0 +1,152 @@
+"""The lowest validation MAE any latency model can reach on a bench run's telemetry.
+
+    foretell bench mae-floor --scenario homogeneous --data tel/homogeneous [--model M.onnx]
+
+Every latency the bench fleet produces contains the request's own service
+time S, drawn by the backend (bench/fleet.py `ServiceTime`) when the request
+gets a slot, independently of anything the proxy knows when it decides. For
+any prediction c made at decision time, E|wait + S - c| >= E|S - median(S)|
+(condition on the wait, which does not depend on this request's S), so no
+model's mean absolute error can be below the mean, over the validation rows,
+of that row's service-time deviation around its median. Scripted events
+(slowdowns, bimodal 3x) only multiply S by factors >= 1, so the nominal
+service time of the row's backend and route gives a lower bound; the true
+floor is higher wherever events or queueing add noise of their own.
+
+Printed for the same rows and split as `foretell train latency` (the last
+`--validation-fraction` of successful decisions): the floor, the causal
+per-backend EWMA's MAE (the trainer's accuracy gate), their ratio (the lowest
+"MAE / EWMA" any model can show on these rows), and with `--model` that
+model's MAE, its ratio, and the share of the reachable gap (EWMA - floor) it
+closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from bench.fleet import ServiceTime, SimBackend
+from bench.runner import route_class_name
+from bench.scenarios import Scenario, get
+from policies.features import ROUTE0, ROUTE_SLOTS
+
+MAD_SAMPLES = 400_000
+
+
+@cache
+def mad_factor(service: ServiceTime) -> float:
+    """E|S - median(S)| / E[S], by sampling the fleet's own sampler (scale-free).
+
+    Lognormal with sigma 0.5: erf(0.5 / sqrt 2) = 0.383.
+    """
+    rng = random.Random(0)
+    s = np.fromiter((service.sample_ms(rng) for _ in range(MAD_SAMPLES)), dtype=np.float64,
+                    count=MAD_SAMPLES)
+    mean = float(s.mean())
+    return 0.0 if mean <= 0 else float(np.mean(np.abs(s - np.median(s)))) / mean
+
+
+def route_paths(scenario: Scenario, route_classes: Sequence[str]) -> list[str]:
+    """The request path behind each route slot of the telemetry (slot i -> class i)."""
+    by_name = {route_class_name(r.path): r.path for r in scenario.routes}
+    only = scenario.routes[0].path if len(scenario.routes) == 1 else None
+    paths = []
+    for name in list(route_classes)[:ROUTE_SLOTS]:
+        path = by_name.get(name, only)
+        if path is None and name != "other":
+            raise ValueError(f"route class {name!r} of the telemetry is not a route of scenario "
+                             f"{scenario.name} ({', '.join(by_name)})")
+        paths.append(path or "/")
+    return paths
+
+
+def floor_ms(scenario: Scenario, backend_ids: np.ndarray, x: np.ndarray,
+             route_classes: Sequence[str]) -> np.ndarray:
+    """Per row: the nominal service time's mean absolute deviation around its median."""
+    specs: dict[str, SimBackend] = {b.id: b for b in scenario.backends}
+    paths = route_paths(scenario, route_classes)
+    slot = np.argmax(x[:, ROUTE0:ROUTE0 + len(paths)], axis=1) if paths else np.zeros(len(x), int)
+    out = np.empty(len(x), dtype=np.float64)
+    for i, (raw_id, s) in enumerate(zip(backend_ids, slot, strict=True)):
+        bid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        spec = specs.get(bid)
+        if spec is None:
+            raise ValueError(f"backend {bid!r} of the telemetry is not in scenario {scenario.name} "
+                             f"({', '.join(specs)}): telemetry from another scenario?")
+        mean_ms = spec.mean_service_ms({paths[s]: 1.0}) if paths else spec.mean_service_ms()
+        out[i] = mad_factor(spec.service) * mean_ms
+    return out
+
+
+@dataclass
+class FloorReport:
+    rows: int
+    floor_ms: float
+    ewma_ms: float
+    model_ms: float | None
+
+    def lines(self) -> list[str]:
+        out = [f"validation rows              {self.rows}",
+               f"service-noise floor (MAE)    {self.floor_ms:8.3f} ms",
+               f"causal EWMA predictor (MAE)  {self.ewma_ms:8.3f} ms",
+               f"lowest reachable ratio       {self.floor_ms / self.ewma_ms:8.2f}x the EWMA's"]
+        if self.model_ms is not None:
+            gap = self.ewma_ms - self.floor_ms
+            closed = (self.ewma_ms - self.model_ms) / gap if gap > 0 else float("nan")
+            out += [f"model (MAE)                  {self.model_ms:8.3f} ms",
+                    f"model ratio                  {self.model_ms / self.ewma_ms:8.2f}x the EWMA's",
+                    f"reachable gap closed         {closed:8.1%}"]
+        return out
+
+
+def measure(scenario: Scenario, data_dir: str, *, validation_fraction: float = 0.2,
+            model_path: str | None = None) -> FloorReport:
+    from train.dataset import load_telemetry
+    from train.latency import baselines, mae, prepare
+
+    data = load_telemetry(data_dir)
+    p = prepare(data, validation_fraction=validation_fraction)
+    s = p.split
+    _, _, ewma_mae = baselines(p)
+    floor = floor_ms(scenario, p.backend[s:], p.x[s:], data.route_classes)
+    model_mae = None
+    if model_path is not None:
+        from train.evaluate import onnx_predictor
+
+        predict, _ = onnx_predictor(model_path)
+        model_mae = mae(predict(p.x[s:]), p.y_ms[s:])
+    return FloorReport(len(p.y_ms) - s, float(floor.mean()), ewma_mae, model_mae)
+
+
+def add_parser(sub: Any) -> None:
+    """Register `foretell bench mae-floor` on bench/cli.py's sub-parsers."""
+    p = sub.add_parser("mae-floor", help="the lowest model MAE reachable on a run's telemetry "
+                                         "(service-time noise), beside the EWMA's")
+    p.add_argument("--scenario", required=True, help="the scenario the telemetry was collected on")
+    p.add_argument("--data", required=True, help="telemetry directory (as for foretell train)")
+    p.add_argument("--model", default=None, help="also score this model file")
+    p.add_argument("--validation-fraction", type=float, default=0.2)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from policies.onnx_latency import ModelError
+    from train.dataset import DatasetError
+    from train.latency import TrainError
+
+    try:
+        report = measure(get(args.scenario), args.data, validation_fraction=args.validation_fraction,
+                         model_path=args.model)
+    except (KeyError, ValueError, DatasetError, TrainError, ModelError) as exc:
+        print(f"foretell bench mae-floor: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(report.lines()))
+    return 0
