@@ -19,6 +19,13 @@ per-backend EWMA's MAE (the trainer's accuracy gate), their ratio (the lowest
 "MAE / EWMA" any model can show on these rows), and with `--model` that
 model's MAE, its ratio, and the share of the reachable gap (EWMA - floor) it
 closes.
+
+Also printed, as an empirical check rather than a bound: the noise on
+requests sent to a backend with nothing in flight (no queueing to predict),
+as the mean absolute deviation around the median latency of each backend and
+route over all such rows (in-sample, so optimistic). Above the floor, it
+shows how much the machine (event-loop lag of the proxy, the load generator
+and the fleet sharing its cores) adds to every latency.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import numpy as np
 from bench.fleet import ServiceTime, SimBackend
 from bench.runner import route_class_name
 from bench.scenarios import Scenario, get
-from policies.features import ROUTE0, ROUTE_SLOTS
+from policies.features import INFLIGHT, ROUTE0, ROUTE_SLOTS
 
 MAD_SAMPLES = 400_000
 
@@ -68,12 +75,32 @@ def route_paths(scenario: Scenario, route_classes: Sequence[str]) -> list[str]:
     return paths
 
 
+def route_slot(x: np.ndarray, n_slots: int) -> np.ndarray:
+    return np.argmax(x[:, ROUTE0:ROUTE0 + max(n_slots, 1)], axis=1)
+
+
+def idle_noise_ms(backend_ids: np.ndarray, x: np.ndarray, y_ms: np.ndarray,
+                  n_slots: int) -> tuple[int, float]:
+    """(rows, mean |y - median|) over rows decided with nothing in flight at the backend,
+    the median taken per backend and route slot."""
+    idle = x[:, INFLIGHT] == 0
+    slot = route_slot(x, n_slots)
+    total, rows = 0.0, 0
+    for b in np.unique(backend_ids[idle]):
+        for s in np.unique(slot[idle]):
+            y = y_ms[idle & (backend_ids == b) & (slot == s)]
+            if len(y):
+                total += float(np.sum(np.abs(y - np.median(y))))
+                rows += len(y)
+    return rows, (total / rows if rows else float("nan"))
+
+
 def floor_ms(scenario: Scenario, backend_ids: np.ndarray, x: np.ndarray,
              route_classes: Sequence[str]) -> np.ndarray:
     """Per row: the nominal service time's mean absolute deviation around its median."""
     specs: dict[str, SimBackend] = {b.id: b for b in scenario.backends}
     paths = route_paths(scenario, route_classes)
-    slot = np.argmax(x[:, ROUTE0:ROUTE0 + len(paths)], axis=1) if paths else np.zeros(len(x), int)
+    slot = route_slot(x, len(paths))
     out = np.empty(len(x), dtype=np.float64)
     for i, (raw_id, s) in enumerate(zip(backend_ids, slot, strict=True)):
         bid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
@@ -92,12 +119,17 @@ class FloorReport:
     floor_ms: float
     ewma_ms: float
     model_ms: float | None
+    idle_rows: int
+    idle_ms: float
 
     def lines(self) -> list[str]:
         out = [f"validation rows              {self.rows}",
                f"service-noise floor (MAE)    {self.floor_ms:8.3f} ms",
                f"causal EWMA predictor (MAE)  {self.ewma_ms:8.3f} ms",
-               f"lowest reachable ratio       {self.floor_ms / self.ewma_ms:8.2f}x the EWMA's"]
+               f"lowest reachable ratio       {self.floor_ms / self.ewma_ms:8.2f}x the EWMA's",
+               f"idle-backend noise (MAE)     {self.idle_ms:8.3f} ms = "
+               f"{self.idle_ms / self.ewma_ms:.2f}x the EWMA's ({self.idle_rows} rows with nothing "
+               "in flight, all of the telemetry; in-sample, not a bound)"]
         if self.model_ms is not None:
             gap = self.ewma_ms - self.floor_ms
             closed = (self.ewma_ms - self.model_ms) / gap if gap > 0 else float("nan")
@@ -123,7 +155,8 @@ def measure(scenario: Scenario, data_dir: str, *, validation_fraction: float = 0
 
         predict, _ = onnx_predictor(model_path)
         model_mae = mae(predict(p.x[s:]), p.y_ms[s:])
-    return FloorReport(len(p.y_ms) - s, float(floor.mean()), ewma_mae, model_mae)
+    idle_rows, idle_ms = idle_noise_ms(p.backend, p.x, p.y_ms, len(data.route_classes))
+    return FloorReport(len(p.y_ms) - s, float(floor.mean()), ewma_mae, model_mae, idle_rows, idle_ms)
 
 
 def add_parser(sub: Any) -> None:

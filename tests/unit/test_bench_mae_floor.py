@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from bench.fleet import ServiceTime
-from bench.mae_floor import floor_ms, mad_factor
+from bench.mae_floor import floor_ms, idle_noise_ms, mad_factor
 from bench.scenarios import get
-from policies.features import N_FEATURES, ROUTE0
+from policies.features import INFLIGHT, N_FEATURES, ROUTE0
 
 
 @pytest.mark.parametrize(("service", "expected"), [
@@ -48,3 +48,13 @@ def test_floor_refuses_telemetry_from_another_fleet() -> None:
         floor_ms(get("homogeneous"), np.array([b"b99"]), _rows([0]), ["default"])
     with pytest.raises(ValueError, match="route class 'upload'"):
         floor_ms(get("request_aware"), np.array([b"b0"]), _rows([0]), ["upload", "other"])
+
+
+def test_idle_noise_uses_only_idle_rows_per_backend_and_route() -> None:
+    x = _rows([0, 0, 0, 1, 1, 0])
+    x[:, INFLIGHT] = [0, 0, 0, 0, 0, 3]
+    ids = np.array([b"b0", b"b0", b"b0", b"b0", b"b0", b"b0"])
+    y = np.array([10.0, 20.0, 30.0, 100.0, 100.0, 999.0])
+    rows, noise = idle_noise_ms(ids, x, y, n_slots=2)
+    # Route 0: median 20, deviations 10 + 0 + 10; route 1: 0 + 0; the busy row is left out.
+    assert (rows, noise) == (5, pytest.approx(20.0 / 5))
