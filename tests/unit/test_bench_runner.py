@@ -81,7 +81,7 @@ def test_summary_counts_deadlines_as_errors_at_the_deadline_and_skips_warmup() -
     assert len(s["p99_over_time_ms"]) == 10
 
 
-def test_report_table_has_one_row_per_policy_with_ratio_to_best() -> None:
+def test_report_table_has_one_row_per_policy_with_ratios_to_the_best_other() -> None:
     sc = scenarios.get("skew")
     runs = []
     for pol, slow in (("round_robin", 20), ("p2c_peak_ewma", 1000)):
@@ -90,6 +90,11 @@ def test_report_table_has_one_row_per_policy_with_ratio_to_best() -> None:
     rows = report.aggregate(runs)
     table = report.markdown_table(rows)
     assert "### S1 skew at 70% load" in table
-    rr = next(line for line in table.splitlines() if line.startswith("| round_robin"))
-    pe = next(line for line in table.splitlines() if line.startswith("| p2c_peak_ewma"))
-    assert "| 1.00 |" in pe and "| 1.00 |" not in rr
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:]]
+             for line in table.splitlines() if line.startswith(("| round_robin", "| p2c_peak_ewma"))}
+    rr, pe = cells["round_robin"], cells["p2c_peak_ewma"]
+    # p50, p99, p99.9, p50 ÷ best other, p99 ÷ best other: the same p50, a p99 far apart.
+    assert rr[3] == pe[3] == "1.00"
+    assert float(pe[4]) == pytest.approx(float(pe[1]) / float(rr[1]), abs=0.01)
+    assert float(rr[4]) == pytest.approx(float(rr[1]) / float(pe[1]), rel=0.01, abs=0.01)
+    assert float(pe[4]) < 1.0 < float(rr[4])
