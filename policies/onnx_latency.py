@@ -386,10 +386,14 @@ class OnnxLatency:
         # core over the last second), at most this share of one core goes to recomputing
         # them: the wait between rescores grows with their measured cost. A model run
         # with the caches cold costs ~150 µs (tree model): at saturation a rescore every
-        # ~15 ms instead of 5 ms. Below that load nothing is throttled (fresh predictions
-        # matter more than spare CPU: throttled at bench rates, a stalled backend kept
-        # getting traffic between rescores).
-        rescore_cpu_share: float = Field(0.01, gt=0, le=1)
+        # ~75 ms instead of 5 ms. A run seems to cost the rest of the request path more
+        # than its own time (cache evictions, our reading): `bench overhead`, 9 rounds, gave
+        # 0.82x round robin's requests/s at 1% and 0.94x at 0.2% (docs/learning.md). In
+        # between, inflight is still priced at every pick and the per-backend correction
+        # follows every outcome. Below that
+        # load nothing is throttled (fresh predictions matter more than spare CPU:
+        # throttled at bench rates, a stalled backend kept getting traffic between rescores).
+        rescore_cpu_share: float = Field(0.002, gt=0, le=1)
         busy_cpu_share: float = Field(0.5, gt=0)
         # Time every Nth pick (budget and histogram). The thread CPU clock is a system call:
         # ~0.6 µs idle, but py-spy put 1.1% of a saturated proxy's samples on it at every
