@@ -6,12 +6,16 @@ Every latency the bench fleet produces contains the request's own service
 time S, drawn by the backend (bench/fleet.py `ServiceTime`) when the request
 gets a slot, independently of anything the proxy knows when it decides. For
 any prediction c made at decision time, E|wait + S - c| >= E|S - median(S)|
-(condition on the wait, which does not depend on this request's S), so no
+(condition on the wait, the event factor and the proxy's own overhead, none of
+which depends on this request's S), so no
 model's mean absolute error can be below the mean, over the validation rows,
 of that row's service-time deviation around its median. Scripted events
 (slowdowns, bimodal 3x) only multiply S by factors >= 1, so the nominal
 service time of the row's backend and route gives a lower bound; the true
-floor is higher wherever events or queueing add noise of their own.
+floor is higher wherever events or queueing add noise of their own. Two
+small caveats, as in the trainer: failed attempts (timeouts included) are
+left out and targets are clipped at the training part's 99.9th percentile,
+which trims the slowest draws of S from a few rows (~0.1-0.2%).
 
 Printed for the same rows and split as `foretell train latency` (the last
 `--validation-fraction` of successful decisions): the floor, the causal
@@ -43,7 +47,7 @@ import numpy as np
 from bench.fleet import ServiceTime, SimBackend
 from bench.runner import route_class_name
 from bench.scenarios import Scenario, get
-from policies.features import INFLIGHT, ROUTE0, ROUTE_SLOTS
+from policies.features import INFLIGHT, OTHER_SLOT, ROUTE0, ROUTE_SLOTS
 
 MAD_SAMPLES = 400_000
 
@@ -61,30 +65,35 @@ def mad_factor(service: ServiceTime) -> float:
     return 0.0 if mean <= 0 else float(np.mean(np.abs(s - np.median(s)))) / mean
 
 
-def route_paths(scenario: Scenario, route_classes: Sequence[str]) -> list[str]:
-    """The request path behind each route slot of the telemetry (slot i -> class i)."""
+def slot_paths(scenario: Scenario, route_classes: Sequence[str]) -> list[list[str]]:
+    """The request paths behind each route slot of the telemetry (policies.features.RouteSlots:
+    class i < OTHER_SLOT has slot i; the last slot takes every later class and any unknown
+    one, so it stands for all of them and the floor takes the cheapest)."""
     by_name = {route_class_name(r.path): r.path for r in scenario.routes}
     only = scenario.routes[0].path if len(scenario.routes) == 1 else None
-    paths = []
-    for name in list(route_classes)[:ROUTE_SLOTS]:
+    every = [r.path for r in scenario.routes]
+    named = []
+    for name in dict.fromkeys(route_classes):
         path = by_name.get(name, only)
         if path is None and name != "other":
             raise ValueError(f"route class {name!r} of the telemetry is not a route of scenario "
                              f"{scenario.name} ({', '.join(by_name)})")
-        paths.append(path or "/")
-    return paths
+        named.append(path or "/")
+    slots = [[path] for path in named[:OTHER_SLOT]]
+    slots += [[] for _ in range(OTHER_SLOT - len(slots))]
+    slots.append(sorted(set(named[OTHER_SLOT:] + every)))
+    return slots
 
 
-def route_slot(x: np.ndarray, n_slots: int) -> np.ndarray:
-    return np.argmax(x[:, ROUTE0:ROUTE0 + max(n_slots, 1)], axis=1)
+def route_slot(x: np.ndarray) -> np.ndarray:
+    return np.argmax(x[:, ROUTE0:ROUTE0 + ROUTE_SLOTS], axis=1)
 
 
-def idle_noise_ms(backend_ids: np.ndarray, x: np.ndarray, y_ms: np.ndarray,
-                  n_slots: int) -> tuple[int, float]:
+def idle_noise_ms(backend_ids: np.ndarray, x: np.ndarray, y_ms: np.ndarray) -> tuple[int, float]:
     """(rows, mean |y - median|) over rows decided with nothing in flight at the backend,
     the median taken per backend and route slot."""
     idle = x[:, INFLIGHT] == 0
-    slot = route_slot(x, n_slots)
+    slot = route_slot(x)
     total, rows = 0.0, 0
     for b in np.unique(backend_ids[idle]):
         for s in np.unique(slot[idle]):
@@ -99,8 +108,8 @@ def floor_ms(scenario: Scenario, backend_ids: np.ndarray, x: np.ndarray,
              route_classes: Sequence[str]) -> np.ndarray:
     """Per row: the nominal service time's mean absolute deviation around its median."""
     specs: dict[str, SimBackend] = {b.id: b for b in scenario.backends}
-    paths = route_paths(scenario, route_classes)
-    slot = route_slot(x, len(paths))
+    paths = slot_paths(scenario, route_classes)
+    slot = route_slot(x)
     out = np.empty(len(x), dtype=np.float64)
     for i, (raw_id, s) in enumerate(zip(backend_ids, slot, strict=True)):
         bid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
@@ -108,7 +117,7 @@ def floor_ms(scenario: Scenario, backend_ids: np.ndarray, x: np.ndarray,
         if spec is None:
             raise ValueError(f"backend {bid!r} of the telemetry is not in scenario {scenario.name} "
                              f"({', '.join(specs)}): telemetry from another scenario?")
-        mean_ms = spec.mean_service_ms({paths[s]: 1.0}) if paths else spec.mean_service_ms()
+        mean_ms = min(spec.mean_service_ms({path: 1.0}) for path in paths[s] or paths[-1])
         out[i] = mad_factor(spec.service) * mean_ms
     return out
 
@@ -140,12 +149,14 @@ class FloorReport:
 
 
 def measure(scenario: Scenario, data_dir: str, *, validation_fraction: float = 0.2,
+            max_rows: int | None = None, skip_other_schemas: bool = False,
             model_path: str | None = None) -> FloorReport:
     from train.dataset import load_telemetry
-    from train.latency import baselines, mae, prepare
+    from train.latency import MAX_ROWS, baselines, mae, prepare
 
-    data = load_telemetry(data_dir)
-    p = prepare(data, validation_fraction=validation_fraction)
+    data = load_telemetry(data_dir, skip_other_schemas=skip_other_schemas)
+    p = prepare(data, validation_fraction=validation_fraction,
+                max_rows=MAX_ROWS if max_rows is None else max_rows)
     s = p.split
     _, _, ewma_mae = baselines(p)
     floor = floor_ms(scenario, p.backend[s:], p.x[s:], data.route_classes)
@@ -155,7 +166,7 @@ def measure(scenario: Scenario, data_dir: str, *, validation_fraction: float = 0
 
         predict, _ = onnx_predictor(model_path)
         model_mae = mae(predict(p.x[s:]), p.y_ms[s:])
-    idle_rows, idle_ms = idle_noise_ms(p.backend, p.x, p.y_ms, len(data.route_classes))
+    idle_rows, idle_ms = idle_noise_ms(p.backend, p.x, p.y_ms)
     return FloorReport(len(p.y_ms) - s, float(floor.mean()), ewma_mae, model_mae, idle_rows, idle_ms)
 
 
@@ -167,6 +178,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data", required=True, help="telemetry directory (as for foretell train)")
     p.add_argument("--model", default=None, help="also score this model file")
     p.add_argument("--validation-fraction", type=float, default=0.2)
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="as for foretell train latency (default: the trainer's)")
+    p.add_argument("--skip-other-schemas", action="store_true")
     p.set_defaults(func=_cli)
 
 
@@ -177,6 +191,7 @@ def _cli(args: argparse.Namespace) -> int:
 
     try:
         report = measure(get(args.scenario), args.data, validation_fraction=args.validation_fraction,
+                         max_rows=args.max_rows, skip_other_schemas=args.skip_other_schemas,
                          model_path=args.model)
     except (KeyError, ValueError, DatasetError, TrainError, ModelError) as exc:
         print(f"foretell bench mae-floor: {exc}", file=sys.stderr)

@@ -390,14 +390,15 @@ class OnnxLatency:
         # than its own time (cache evictions, our reading): `bench overhead`, 9 rounds, gave
         # 0.82x round robin's requests/s at 1% and 0.94x at 0.2% (docs/learning.md). In
         # between, inflight is still priced at every pick and the per-backend correction
-        # follows every outcome. Below that
-        # load nothing is throttled (fresh predictions matter more than spare CPU:
-        # throttled at bench rates, a stalled backend kept getting traffic between rescores).
+        # follows every outcome. While the proxy is not busy nothing is throttled
+        # (fresh predictions matter more than spare CPU: throttled at bench rates, a
+        # stalled backend kept getting traffic between rescores).
         rescore_cpu_share: float = Field(0.002, gt=0, le=1)
         busy_cpu_share: float = Field(0.5, gt=0)
         # Time every Nth pick (budget and histogram). The thread CPU clock is a system call:
         # ~0.6 µs idle, but py-spy put 1.1% of a saturated proxy's samples on it at every
-        # 16th pick, so 64; at 170 req/s a model gone slow still trips the budget in ~2 s.
+        # 16th pick, so 64; at 170 req/s a model gone slow trips the budget in ~2-8 s
+        # (the slower, the sooner: samples are clamped at 4x the budget).
         pick_time_every: int = Field(64, ge=1)
         # The fallback routes until the ready backends have this many outcomes each on
         # average (once, at start): with no history every backend looks the same to the

@@ -39,7 +39,7 @@ def _load(args: argparse.Namespace, progress: Callable[[str], None]) -> Any:
 
 def _latency(args: argparse.Namespace) -> int:
     from train.dataset import DatasetError
-    from train.latency import Progress, TrainError, train_latency
+    from train.latency import MAX_ROWS, Progress, TrainError, train_latency
 
     progress = Progress()
     try:
@@ -51,7 +51,8 @@ def _latency(args: argparse.Namespace) -> int:
         result = train_latency(
             data, Path(args.out), candidates=tuple(args.candidates.split(",")), target=args.target,
             validation_fraction=args.validation_fraction,
-            max_rows=args.max_rows, max_inference_us=args.max_inference_us, force=args.force,
+            max_rows=MAX_ROWS if args.max_rows is None else args.max_rows,
+            max_inference_us=args.max_inference_us, force=args.force,
             seed=args.seed, progress=progress)
     except TrainError as exc:
         print(f"foretell train latency: {exc}", file=sys.stderr)
@@ -150,7 +151,8 @@ def add_latency(sub: Any) -> None:
                         "with queueing); log_*: the log of either (exp in the exported "
                         "graph); auto: all four, keep the best (default: %(default)s)")
     p.add_argument("--validation-fraction", type=float, default=0.2)
-    p.add_argument("--max-rows", type=int, default=300_000, help="train on the most recent N")
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="train on the most recent N (default: train.latency.MAX_ROWS, 300,000)")
     p.add_argument("--max-inference-us", type=float, default=12.0,
                    help="skip candidates slower than this for 16 rows (default: %(default)s)")
     p.add_argument("--force", action="store_true",

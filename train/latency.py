@@ -191,6 +191,7 @@ def leaky_ewma_predictions(backend: np.ndarray, y: np.ndarray, start_ms: np.ndar
 
 
 EWMA_ALPHAS = (0.02, 0.05, 0.1, 0.2, 0.4)
+MAX_ROWS = 300_000  # train on the most recent rows beyond this
 
 
 def baselines(p: Prepared) -> tuple[float, dict[str, float], float]:
@@ -411,7 +412,7 @@ def to_ms(raw: np.ndarray, x: np.ndarray, ratio: bool) -> np.ndarray:
 def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, ...] = CANDIDATES,
                   target: str = "auto",
                   validation_fraction: float = 0.2,
-                  max_rows: int | None = 300_000, max_inference_us: float = 12.0,
+                  max_rows: int | None = MAX_ROWS, max_inference_us: float = 12.0,
                   force: bool = False, seed: int = 0,
                   progress: Callable[[str], None] = print) -> TrainResult:
     if target != "auto" and target not in TARGET_MODES:

@@ -55,6 +55,16 @@ def test_idle_noise_uses_only_idle_rows_per_backend_and_route() -> None:
     x[:, INFLIGHT] = [0, 0, 0, 0, 0, 3]
     ids = np.array([b"b0", b"b0", b"b0", b"b0", b"b0", b"b0"])
     y = np.array([10.0, 20.0, 30.0, 100.0, 100.0, 999.0])
-    rows, noise = idle_noise_ms(ids, x, y, n_slots=2)
+    rows, noise = idle_noise_ms(ids, x, y)
     # Route 0: median 20, deviations 10 + 0 + 10; route 1: 0 + 0; the busy row is left out.
     assert (rows, noise) == (5, pytest.approx(20.0 / 5))
+
+
+def test_last_slot_stands_for_every_later_class_and_takes_the_cheapest() -> None:
+    sc = get("request_aware")  # b0: /search 0.5x, /render 4x, /api 1x
+    # Unknown route classes land in the last slot too, so it may be any route: the cheapest.
+    out = floor_ms(sc, np.array([b"b0", b"b0"]), _rows([7, 1]), ["api", "other", "render"])
+    k = mad_factor(sc.backends[0].service) * 40.0
+    assert out == pytest.approx([0.5 * k, 1.0 * k], rel=1e-6)
+    with pytest.raises(ValueError, match="x2"):
+        floor_ms(sc, np.array([b"b0"]), _rows([0]), ["api", "x2"])
