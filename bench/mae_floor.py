@@ -47,7 +47,7 @@ import numpy as np
 from bench.fleet import ServiceTime, SimBackend
 from bench.runner import route_class_name
 from bench.scenarios import Scenario, get
-from policies.features import INFLIGHT, OTHER_SLOT, ROUTE0, ROUTE_SLOTS
+from policies.features import INFLIGHT, OTHER_SLOT, ROUTE0, ROUTE_SLOTS, RouteSlots
 
 MAD_SAMPLES = 400_000
 
@@ -66,23 +66,21 @@ def mad_factor(service: ServiceTime) -> float:
 
 
 def slot_paths(scenario: Scenario, route_classes: Sequence[str]) -> list[list[str]]:
-    """The request paths behind each route slot of the telemetry (policies.features.RouteSlots:
-    class i < OTHER_SLOT has slot i; the last slot takes every later class and any unknown
-    one, so it stands for all of them and the floor takes the cheapest)."""
+    """The request paths behind each route slot of the telemetry, slotted by the proxy's own
+    RouteSlots. The last slot also takes any unknown class, so it stands for every route
+    and the floor takes the cheapest of its paths."""
     by_name = {route_class_name(r.path): r.path for r in scenario.routes}
     only = scenario.routes[0].path if len(scenario.routes) == 1 else None
-    every = [r.path for r in scenario.routes]
-    named = []
-    for name in dict.fromkeys(route_classes):
+    slots = RouteSlots(route_classes)
+    paths: list[list[str]] = [[] for _ in range(ROUTE_SLOTS)]
+    for name in slots.classes:
         path = by_name.get(name, only)
         if path is None and name != "other":
             raise ValueError(f"route class {name!r} of the telemetry is not a route of scenario "
                              f"{scenario.name} ({', '.join(by_name)})")
-        named.append(path or "/")
-    slots = [[path] for path in named[:OTHER_SLOT]]
-    slots += [[] for _ in range(OTHER_SLOT - len(slots))]
-    slots.append(sorted(set(named[OTHER_SLOT:] + every)))
-    return slots
+        paths[slots.slot(name)].append(path or "/")
+    paths[OTHER_SLOT] = sorted({*paths[OTHER_SLOT], *(r.path for r in scenario.routes)})
+    return paths
 
 
 def route_slot(x: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ from proxy.upstream import Upstream, client_ssl_context
 
 log = logging.getLogger("foretell.runtime")
 
+
 def _ca_file(tls: UpstreamTls) -> str | None:
     return str(tls.ca_file) if tls.ca_file else None
 
