@@ -396,8 +396,8 @@ class OnnxLatency:
         rescore_cpu_share: float = Field(0.002, gt=0, le=1)
         busy_cpu_share: float = Field(0.5, gt=0)
         # Time every Nth pick (budget and histogram). The thread CPU clock is a system call:
-        # ~0.6 µs idle, but py-spy put 1.1% of a saturated proxy's samples on it at every
-        # 16th pick, so 64; at 170 req/s a model gone slow trips the budget in ~2-8 s
+        # cheap idle, but a one-off py-spy profile of a saturated proxy put 1.1% of its
+        # samples on it at every 16th pick, so 64; at 170 req/s a model gone slow trips the budget in ~2-8 s
         # (the slower, the sooner: samples are clamped at 4x the budget).
         pick_time_every: int = Field(64, ge=1)
         # The fallback routes until the ready backends have this many outcomes each on
