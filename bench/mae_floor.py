@@ -22,7 +22,9 @@ Printed for the same rows and split as `foretell train latency` (the last
 per-backend EWMA's MAE (the trainer's accuracy gate), their ratio (the lowest
 "MAE / EWMA" any model can show on these rows), and with `--model` that
 model's MAE, its ratio, and the share of the reachable gap (EWMA - floor) it
-closes.
+closes. To score a model on telemetry it was neither trained nor picked on
+(the trainer picks among its candidates on the validation rows), collect
+more runs with other seeds and pass `--validation-fraction 0.8`.
 
 Also printed, as an empirical check rather than a bound: the noise on
 requests sent to a backend with nothing in flight (no queueing to predict),
@@ -175,7 +177,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--scenario", required=True, help="the scenario the telemetry was collected on")
     p.add_argument("--data", required=True, help="telemetry directory (as for foretell train)")
     p.add_argument("--model", default=None, help="also score this model file")
-    p.add_argument("--validation-fraction", type=float, default=0.2)
+    p.add_argument("--validation-fraction", type=float, default=0.2,
+                   help="score the last this share of rows (as the trainer); on telemetry the model "
+                        "never saw, 0.8: the EWMA's alpha is tuned on the first 20%%")
     p.add_argument("--max-rows", type=int, default=None,
                    help="as for foretell train latency (default: the trainer's)")
     p.add_argument("--skip-other-schemas", action="store_true")

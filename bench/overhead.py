@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +225,35 @@ def table(results: Sequence[Result], connections: int, duration_s: float, repeat
     return "\n".join(lines)
 
 
+def paired_ratios(runs: Mapping[str, Sequence[Result]], base: str) -> str:
+    """Each proxy's requests/s and CPU per request over `base`'s in the same round.
+
+    Neighbours in time, so a slow drift of the shared machine cancels out of each
+    ratio; the median of those is steadier than a ratio of medians, and the range
+    shows how far one round can stray. Empty with fewer than two rounds.
+    """
+    ref = runs.get(base, ())
+    if len(ref) < 2:
+        return ""
+
+    def spread(values: Sequence[float], digits: int) -> str:
+        if not values:
+            return "—"
+        return (f"{statistics.median(values):.{digits}f} "
+                f"[{min(values):.{digits}f} to {max(values):.{digits}f}]")
+
+    lines = [f"Paired with {base}, round by round: median [min to max] over {len(ref)} rounds", "",
+             f"| proxy | req/s ÷ {base} | CPU/req ÷ {base} |", "|---|---:|---:|"]
+    for name, rounds in runs.items():
+        if name == base or len(rounds) != len(ref):
+            continue
+        rps = [r.rps / b.rps for r, b in zip(rounds, ref, strict=True) if b.rps]
+        cpu = [r.cpu_us_per_req / b.cpu_us_per_req for r, b in zip(rounds, ref, strict=True)
+               if r.cpu_us_per_req and b.cpu_us_per_req]
+        lines.append(f"| {name} | {spread(rps, 3)} | {spread(cpu, 2)} |")
+    return "\n".join(lines)
+
+
 def median_result(runs: Sequence[Result]) -> Result:
     """Field-wise median of repeated runs of one proxy."""
     cpus = [r.cpu_us_per_req for r in runs if r.cpu_us_per_req is not None]
@@ -300,6 +329,9 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
             p.stop()
     results = [median_result(r) for r in runs.values()]
     text = table(results, connections, duration_s, repeats)
+    paired = paired_ratios(runs, f"foretell {policies[0]}") if policies else ""
+    if paired:
+        text += "\n\n" + paired
     print(text)
     if out is not None:
         out.write_text(f"# Proxy overhead\n\n`foretell bench overhead --policies "

@@ -364,7 +364,8 @@ class OnnxLatency:
         epsilon: float = Field(0.0, ge=0, lt=1)
         failure_penalty_ms: float = Field(1000.0, ge=0)
         shadow: bool = False
-        # Score at most this many backends per request (0 = all).
+        # Take each pick's argmin over a random subset of this many ready backends (0 = all);
+        # a rescore still runs the model over every ready backend (one call, cached).
         max_scored: int = Field(0, ge=0)
         # Weight of one observation in the observed/predicted correction (0 = off).
         residual_alpha: float = Field(0.02, ge=0, le=1)
@@ -414,6 +415,7 @@ class OnnxLatency:
         if options.fallback == self.name:
             raise registry.PolicyError("onnx_latency: fallback must be a heuristic, not itself")
         self.fallback: Policy = registry.create(options.fallback, options.fallback_options, ctx)
+        self._fallback_observe = getattr(self.fallback, "observe", None)
         self.last_propensity: float | None = None
         self.last_reason: str | None = None  # why the last pick fell back, None if it did not
         self.model: LoadedModel | None = None
@@ -688,14 +690,14 @@ class OnnxLatency:
 
     # -- feedback -------------------------------------------------------------------
     def observe(self, backend: BackendView, req: RequestInfo, outcome: Any) -> None:
+        bid = backend.id  # a property: read once (this runs for every request)
         # Its feature row is updated at the next rescore, not here.
-        self._dirty[backend.id] = (backend, req.route_class)
+        self._dirty[bid] = (backend, req.route_class)
         self._version += 1
-        fallback_observe = getattr(self.fallback, "observe", None)
-        if fallback_observe is not None:
-            fallback_observe(backend, req, outcome)
+        if self._fallback_observe is not None:
+            self._fallback_observe(backend, req, outcome)
         pending = self._pending.pop(id(req), None)
-        if pending is None or pending[0] != backend.id or outcome.error_kind is not None:
+        if pending is None or pending[0] != bid or outcome.error_kind is not None:
             return
         pred_ms = pending[1]
         observed_ms = outcome.latency_s * 1e3
@@ -706,10 +708,10 @@ class OnnxLatency:
             return
         clip = self.options.residual_clip
         ratio = min(max(observed_ms / pred_ms, 1.0 / clip), clip)
-        old = self._corr_of.get(backend.id, 1.0)
+        old = self._corr_of.get(bid, 1.0)
         new = old + alpha * (ratio - old)
-        self._corr_of[backend.id] = new
-        i = self._row_of.get(backend.id)
+        self._corr_of[bid] = new
+        i = self._row_of.get(bid)
         if i is not None:
             self._corr_rows[i] = new
 

@@ -12,6 +12,7 @@ from bench.overhead import (
     OverheadError,
     Result,
     haproxy_conf,
+    paired_ratios,
     parse_wrk,
     proxy_nginx_conf,
     table,
@@ -76,3 +77,22 @@ def test_generated_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
                            "-e", str(tmp_path / "error.log")], capture_output=True, text=True,
                           timeout=20)
     assert done.returncode == 0, done.stderr
+
+
+def _r(name: str, rps: float, cpu: float | None) -> Result:
+    return Result(name, rps, 1.0, 2.0, cpu, int(rps), 0)
+
+
+def test_paired_ratios_are_taken_round_by_round() -> None:
+    # The machine slows down between rounds. B's ratio of medians (6,400 / 8,000 = 0.8)
+    # is its worst round; paired round by round its median is 0.9.
+    runs = {"foretell a": [_r("foretell a", 10_000, 100.0), _r("foretell a", 8_000, 125.0),
+                           _r("foretell a", 5_000, 200.0)],
+            "foretell b": [_r("foretell b", 9_500, 105.0), _r("foretell b", 6_400, 150.0),
+                           _r("foretell b", 4_500, 220.0)],
+            "direct (no proxy)": [_r("direct (no proxy)", 70_000, None)]}
+    text = paired_ratios(runs, "foretell a")
+    assert "over 3 rounds" in text
+    assert "| foretell b | 0.900 [0.800 to 0.950] | 1.10 [1.05 to 1.20] |" in text
+    assert "direct" not in text  # one round only: nothing to pair
+    assert paired_ratios({"foretell a": runs["foretell a"][:1]}, "foretell a") == ""
