@@ -34,7 +34,9 @@ def _run(args: argparse.Namespace) -> int:
 
     for p in policies:
         try:
-            resolve(p)
+            if p.endswith("@"):
+                raise PolicyError(f"policy {p!r}: a label must follow '@' (KIND@LABEL)")
+            resolve(runner.policy_kind(p))
         except PolicyError as exc:
             print(f"bench run: {exc}", file=sys.stderr)
             return 2
@@ -158,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run scenarios against policies, side by side")
     run.add_argument("--scenario", default="all", help="name or code, comma list, or 'all'")
-    run.add_argument("--policies", default=DEFAULT_POLICIES, help="comma list of policy kinds")
+    run.add_argument("--policies", default=DEFAULT_POLICIES,
+                     help="comma list of policy kinds; KIND@LABEL runs KIND once more under that "
+                          "name, with the --policy-options of KIND@LABEL on top of KIND's")
     run.add_argument("--quick", action="store_true",
                      help="one utilisation per scenario, short runs, one repeat")
     run.add_argument("--repeats", type=int, default=None, help="default: 3 (1 with --quick)")

@@ -18,6 +18,7 @@ measured run divided by the requests wrk completed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -334,8 +335,9 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
         text += "\n\n" + paired
     print(text)
     if out is not None:
+        options = f" --policy-options '{json.dumps(policy_options)}'" if policy_options else ""
         out.write_text(f"# Proxy overhead\n\n`foretell bench overhead --policies "
                        f"{','.join(policies)} --duration-s {duration_s:g} "
-                       f"--connections {connections} --repeats {repeats}`\n\n{text}\n")
+                       f"--connections {connections} --repeats {repeats}{options}`\n\n{text}\n")
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,17 @@ class RunPlan:
         return f"{self.scenario.name} u={self.utilisation:g} {self.policy} #{self.repeat}"
 
 
+def policy_kind(name: str) -> str:
+    """`KIND@LABEL` -> KIND: one policy kind run twice under two names (e.g. two settings)."""
+    return name.partition("@")[0]
+
+
+def options_for(name: str, policy_options: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A run's policy options: its kind's, then `KIND@LABEL`'s on top."""
+    kind = policy_kind(name)
+    return {**policy_options.get(kind, {}), **(policy_options.get(name, {}) if name != kind else {})}
+
+
 def plan(scenarios: Sequence[Scenario], policies: Sequence[str], *, quick: bool,
          repeats: int, seed: int = 1, health: str = "default",
          policy_options: dict[str, dict[str, Any]] | None = None,
@@ -83,7 +94,7 @@ def plan(scenarios: Sequence[Scenario], policies: Sequence[str], *, quick: bool,
                 k = r % len(policies)
                 for pol in [*policies[k:], *policies[:k]]:
                     out.append(RunPlan(sc, u, pol, r, duration, seed=seed + r, health=health,
-                                       policy_options=dict((policy_options or {}).get(pol, {})),
+                                       policy_options=options_for(pol, policy_options or {}),
                                        extra_config=dict(extra_config or {})))
     return out
 
@@ -96,7 +107,7 @@ def proxy_config(plan: RunPlan, backend_urls: Sequence[tuple[str, str]], port: i
         "admin": {"host": "127.0.0.1", "port": admin_port},
         "workers": plan.workers,
         "backends": [{"id": bid, "url": url} for bid, url in backend_urls],
-        "policy": {"kind": plan.policy, **plan.policy_options},
+        "policy": {"kind": policy_kind(plan.policy), **plan.policy_options},
         # Only shutdown: the load has ended when the proxy is stopped.
         "timeouts": {"drain_s": 1.0},
     }

@@ -103,6 +103,16 @@ FALLBACKS = Counter(
     ["cluster", "reason"],
 )
 RELOADS = Counter("foretell_model_reloads_total", "Model (re)loads by result", ["cluster", "result"])
+RESCORES = Counter(
+    "foretell_model_rescores_total",
+    "Model runs that refreshed the cached predictions of one request class", ["cluster"],
+)
+RESCORE_GAP = Gauge(
+    "foretell_model_rescore_gap_seconds",
+    "Least time between two rescores of one request class while outcomes arrive: rescore_s, "
+    "or longer while the proxy is busy (rescore_cpu_share)", ["cluster"],
+    multiprocess_mode="max",
+)
 MODEL_INFO = Gauge(
     "foretell_model_info", "The latency model in use (value 1)", ["cluster", "version", "kind"],
     multiprocess_mode="max",
@@ -429,6 +439,8 @@ class OnnxLatency:
         self._picks = 0
         self._fallback_counters = {r: FALLBACKS.labels(self.cluster, r) for r in REASONS}
         self._pick_hist = PICK_TIME.labels(self.cluster)
+        self._rescores = RESCORES.labels(self.cluster)
+        self._rescore_gap_gauge = RESCORE_GAP.labels(self.cluster)
         self._err_hist = PREDICTION_ERROR.labels(self.cluster, "shadow" if options.shadow else "serving")
         self._load_error_reason = MISSING_FILE
         self._watched_key: tuple[int, int, int] | None = None
@@ -636,6 +648,8 @@ class OnnxLatency:
         options = self.options
         self._rescore_gap_s = (max(options.rescore_s, self._rescore_cost_s / options.rescore_cpu_share)
                                if self._busy else options.rescore_s)
+        self._rescores.inc()
+        self._rescore_gap_gauge.set(self._rescore_gap_s)
         return scores
 
     def _run_model(self, model: LoadedModel, ready: Sequence[BackendView], req: RequestInfo,
@@ -730,6 +744,8 @@ class OnnxLatency:
             "fallback": self.options.fallback,
             "last_fallback_reason": self.last_reason,
             "pick_ewma_us": round(self._pick_ewma_us, 2),
+            "busy": self._busy,
+            "rescore_gap_ms": round(self._rescore_gap_s * 1e3, 2),
             "correction": {k: round(v, 3) for k, v in self._corr_of.items()},
         }
 

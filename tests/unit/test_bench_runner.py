@@ -54,6 +54,20 @@ def test_generated_proxy_config_is_valid(name: str, health: str) -> None:
         assert cfg.route_classes() == ["search", "render", "api", "other"]
 
 
+def test_a_labelled_policy_runs_its_kind_with_its_own_options_on_top() -> None:
+    sc = scenarios.get("homogeneous")
+    options = {"p2c_peak_ewma": {"failure_penalty": 5.0, "slow_start_s": 10.0},
+               "p2c_peak_ewma@no_penalty": {"failure_penalty": 0.0}}
+    plain, labelled = runner.plan([sc], ["p2c_peak_ewma", "p2c_peak_ewma@no_penalty"], quick=True,
+                                  repeats=1, policy_options=options)
+    assert labelled.policy == "p2c_peak_ewma@no_penalty"  # its name in tables and results
+    assert plain.policy_options == {"failure_penalty": 5.0, "slow_start_s": 10.0}
+    assert labelled.policy_options == {"failure_penalty": 0.0, "slow_start_s": 10.0}
+    urls = [(b.id, f"http://127.0.0.1:{9000 + i}") for i, b in enumerate(sc.backends)]
+    policy = parse_config(runner.proxy_config(labelled, urls, 8080, 9901)).clusters["default"].policy
+    assert policy.kind == "p2c_peak_ewma"
+
+
 def _records(n: int, slow_every: int) -> Records:
     intended = np.linspace(0.0, 10.0, n, endpoint=False)
     latency = np.full(n, 0.010)

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from prometheus_client import REGISTRY
 
 from policies.base import PolicyContext, RequestInfo
 from policies.features import INFLIGHT, N_FEATURES, schema_metadata
@@ -264,12 +265,17 @@ def test_rescores_take_at_most_their_cpu_share_when_busy(tmp_path: Path, busy: b
         return real(model, ready, req, now, old)
 
     p._run_model = counting  # type: ignore[method-assign]
+    counted_before = REGISTRY.get_sample_value("foretell_model_rescores_total", {"cluster": "t"})
     for _ in range(20):
         sim.clock.t += 0.006
         b = p.pick(ready, REQ)
         assert b is not None
         p.observe(b, REQ, Outcome(200, 0.005, None, 0, "fast"))
     assert sum(levels) == expected_rescores
+    counted = REGISTRY.get_sample_value("foretell_model_rescores_total", {"cluster": "t"})
+    assert counted - counted_before == expected_rescores
+    gap_ms = p.describe()["rescore_gap_ms"]
+    assert gap_ms > 1e3 if busy else gap_ms == 5.0  # type: ignore[operator]
 
 
 def test_unknown_onnx_proto_is_load_error(tmp_path: Path) -> None:
