@@ -1,6 +1,6 @@
 """Microbenchmark: onnx_latency pick cost with N backends, beside p2c_peak_ewma.
 
-    python -m bench.onnx_pick_cost [--backends 16] [--picks 20000] [--model FILE]
+    python -m bench.onnx_pick_cost [--backends 16] [--picks 20000] [--model FILE] [--max-scored K]
 
 Without `--model`, small models of each kind the trainer can pick (ridge,
 MLP 2x32, histogram gradient boosting) are fitted on random rows and
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--picks", type=int, default=20000)
     ap.add_argument("--model", type=Path, default=None, help="a trained model (default: "
                     "synthetic ridge, mlp and hgb models)")
+    ap.add_argument("--max-scored", type=int, default=0,
+                    help="onnx_latency's max_scored: argmin over a random subset (0 = all)")
     args = ap.parse_args(argv)
     rows: list[tuple[str, float, float, float, float | None]] = []
     per_request: list[tuple[str, float, float]] = []
@@ -107,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("p2c_peak_ewma", *_stats(time_picks(base, ready, requests, args.picks)),
                      None))
         for label, path in models:
-            policy = registry.create("onnx_latency", {"model_path": str(path),
-                                                      "budget_us": 1e9}, ctx)
+            policy = registry.create("onnx_latency", {"model_path": str(path), "budget_us": 1e9,
+                                                      "max_scored": args.max_scored}, ctx)
             if getattr(policy, "model", None) is None:
                 print(f"{label}: model did not load: {path}", file=sys.stderr)
                 return 1
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             obs = _stats(observe_cost(policy, ready, 5000))
             rows.append((f"onnx_latency ({label})", *_stats(t), obs[0]))
             for rescore_s in (None, 0.0):
-                opts = {"model_path": str(path), "budget_us": 1e9, "min_history": 0}
+                opts = {"model_path": str(path), "budget_us": 1e9, "min_history": 0,
+                        "max_scored": args.max_scored}
                 if rescore_s is not None:
                     opts["rescore_s"] = rescore_s
                 pol = registry.create("onnx_latency", opts, ctx)

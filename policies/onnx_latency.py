@@ -395,10 +395,12 @@ class OnnxLatency:
         rescore_s: float = Field(0.005, ge=0)
         # ...and while the proxy is busy (its process used at least `busy_cpu_share` of a
         # core over the last second), at most this share of one core goes to recomputing
-        # them: the wait between rescores grows with their measured cost. A model run
-        # with the caches cold costs ~150 µs (tree model): at saturation a rescore every
-        # ~75 ms instead of 5 ms. A run seems to cost the rest of the request path more
-        # than its own time (cache evictions, our reading): `bench overhead`, 9 rounds, gave
+        # them: the wait between rescores grows with their measured cost and the number of
+        # request classes cached. A model run with the caches cold costs ~150 µs (tree
+        # model): at saturation each class is rescored every ~75 ms x classes instead of
+        # 5 ms, but at least every refresh_s (which can exceed the share). A run seems to
+        # cost the rest of the request path more than its own time (cache evictions, our
+        # reading): `bench overhead`, 9 rounds, gave
         # 0.82x round robin's requests/s at 1% and 0.94x at 0.2% (docs/learning.md). In
         # between, inflight is still priced at every pick and the per-backend correction
         # follows every outcome. While the proxy is not busy nothing is throttled
@@ -470,6 +472,8 @@ class OnnxLatency:
                         "using the model's (unknown classes count as 'other')",
                         self.cluster, model.route_classes, self._ctx_routes)
         self._features = FeatureMatrix(routes, self._clock, self.options.refresh_s)
+        # Corrections are the old model's errors, not the new one's.
+        self._corr_of.clear()
         self._reset_scores()
         self.model = model
         self._watched_key = model.file_key
@@ -607,6 +611,7 @@ class OnnxLatency:
         self._version = 0  # outcomes observed; a cached score knows the count it saw
         self._rescore_cost_s = 0.0
         self._rescore_gap_s = self.options.rescore_s
+        self._gap_shown_s = -1.0  # the value last set on the gap gauge
         self._busy = False  # the process used busy_cpu_share of a core over the last second
         self._busy_since_wall = time.perf_counter()
         self._busy_since_cpu = time.process_time()
@@ -646,10 +651,18 @@ class OnnxLatency:
                           >= self.options.busy_cpu_share)
             self._busy_since_wall, self._busy_since_cpu = ended, cpu_s
         options = self.options
-        self._rescore_gap_s = (max(options.rescore_s, self._rescore_cost_s / options.rescore_cpu_share)
+        # Each cached request class is rescored once per gap: the share is for all of them.
+        classes = max(1, len(self._scores))
+        self._rescore_gap_s = (max(options.rescore_s,
+                                   classes * self._rescore_cost_s / options.rescore_cpu_share)
                                if self._busy else options.rescore_s)
         self._rescores.inc()
-        self._rescore_gap_gauge.set(self._rescore_gap_s)
+        # Never longer than refresh_s, which rescores regardless. Set on change only: a
+        # gauge's set takes a lock, and while not busy the gap stays rescore_s.
+        gap_s = min(self._rescore_gap_s, options.refresh_s)
+        if gap_s != self._gap_shown_s:
+            self._gap_shown_s = gap_s
+            self._rescore_gap_gauge.set(gap_s)
         return scores
 
     def _run_model(self, model: LoadedModel, ready: Sequence[BackendView], req: RequestInfo,
@@ -745,7 +758,7 @@ class OnnxLatency:
             "last_fallback_reason": self.last_reason,
             "pick_ewma_us": round(self._pick_ewma_us, 2),
             "busy": self._busy,
-            "rescore_gap_ms": round(self._rescore_gap_s * 1e3, 2),
+            "rescore_gap_ms": round(min(self._rescore_gap_s, self.options.refresh_s) * 1e3, 2),
             "correction": {k: round(v, 3) for k, v in self._corr_of.items()},
         }
 

@@ -202,15 +202,19 @@ def test_explore_wrapper_propensities_sum_to_one() -> None:
     p = create("explore", {"base": "round_robin", "epsilon": 0.25}, ctx)
     ready = sim.cluster.ready()
     base = create("round_robin", {}, PolicyContext(clock=sim.clock, rng=random.Random(1)))
-    for _ in range(200):
+    n, followed = 4000, 0
+    for _ in range(n):
         expect = base.pick(ready, REQ)  # the same base, run alongside
         got = p.pick(ready, REQ)
         prop = getattr(p, "last_propensity", None)
-        assert prop is not None
-        # Every backend's probability given the base's choice; they sum to one.
-        probs = {s.id: 0.25 / 5 + 0.75 * (s is expect) for s in ready}
-        assert sum(probs.values()) == pytest.approx(1.0)
-        assert got is not None and prop == pytest.approx(probs[got.id])
+        assert got is not None and prop is not None
+        # P(got | the base chose `expect`): epsilon/n for each backend, plus 1 - epsilon
+        # for the base's choice, so the five probabilities of a decision sum to one.
+        assert prop == pytest.approx(0.25 / 5 + 0.75 * (got is expect))
+        followed += got is expect
+    # The logged probabilities are the real frequencies: the base's choice is taken
+    # 0.75 + 0.25/5 = 80% of the time, each other backend 5%.
+    assert followed / n == pytest.approx(0.8, abs=0.02)
 
 
 def test_shadow_routes_with_fallback_and_records_error(tmp_path: Path) -> None:
@@ -242,6 +246,25 @@ def test_residual_correction_tracks_observed_over_predicted(tmp_path: Path) -> N
     assert corr["b0"] == pytest.approx(1.2)
     assert corr["b1"] == pytest.approx(1.0)
     assert p.pick(ready, REQ) is ready[1]
+
+
+async def test_a_reloaded_model_starts_without_the_old_models_corrections(tmp_path: Path) -> None:
+    sim = Sim(n_backends=2)
+    path = linear_model(tmp_path / "m.onnx", np.zeros(N_FEATURES), bias=5.0)
+    p = policy(sim, path, residual_alpha=0.2)
+    ready = sim.cluster.ready()
+    for _ in range(20):
+        b = p.pick(ready, REQ)
+        assert b is not None
+        p.observe(b, REQ, Outcome(200, 0.010 if b.id == "b0" else 0.005, None, 0, "fast"))
+    assert p.describe()["correction"]
+    tmp = tmp_path / "new.onnx"
+    linear_model(tmp, np.zeros(N_FEATURES), bias=10.0)
+    os.replace(tmp, path)
+    assert await p.check_reload() is True
+    assert p.describe()["correction"] == {}
+    # Both backends predicted alike again: the tie goes to the first, b0.
+    assert p.pick(ready, REQ) is ready[0]
 
 
 @pytest.mark.parametrize(("busy", "expected_rescores"), [(False, 19), (True, 0)])
