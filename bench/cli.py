@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 DEFAULT_POLICIES = "round_robin,least_request,p2c_peak_ewma,hcl"
 
@@ -27,28 +28,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"bench run: {exc.args[0]}", file=sys.stderr)
         return 2
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    if not policies:
-        print("bench run: --policies is empty", file=sys.stderr)
-        return 2
-    from policies.registry import PolicyError, resolve
-
-    for p in policies:
-        try:
-            if p.endswith("@"):
-                raise PolicyError(f"policy {p!r}: a label must follow '@' (KIND@LABEL)")
-            resolve(runner.policy_kind(p))
-        except PolicyError as exc:
-            print(f"bench run: {exc}", file=sys.stderr)
-            return 2
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-    import json
-
     try:
-        policy_options = json.loads(args.policy_options) if args.policy_options else {}
-        if not isinstance(policy_options, dict):
-            raise ValueError("must be a JSON object of kind -> options")
+        policy_options = _policy_options(args.policy_options, policies)
     except ValueError as exc:
-        print(f"bench run: --policy-options: {exc}", file=sys.stderr)
+        print(f"bench run: {exc}", file=sys.stderr)
         return 2
     extra: dict[str, object] = {}
     if args.telemetry:
@@ -86,6 +70,20 @@ def _run(args: argparse.Namespace) -> int:
         print(f"bench run: {failed} of {len(results)} runs failed (see {out}/raw/*.log)",
               file=sys.stderr)
     return 1 if failed else 0
+
+
+def _policy_options(text: str | None, policies: list[str]) -> dict[str, Any]:
+    """--policy-options parsed and checked against --policies (ValueError says what is wrong)."""
+    from bench import variants
+
+    try:
+        options = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--policy-options: not JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise ValueError("--policy-options: expected a JSON object of policy -> options")
+    variants.check(policies, options)
+    return options
 
 
 def _write_results_md(md: Path, meta: dict[str, object], table: str, plots: list[Path],
@@ -129,14 +127,16 @@ def _overhead(args: argparse.Namespace) -> int:
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     try:
-        options = json.loads(args.policy_options)
-        if not isinstance(options, dict):
-            raise OverheadError("--policy-options: a JSON object keyed by policy kind")
+        options = _policy_options(args.policy_options, policies)
+    except ValueError as exc:
+        print(f"bench overhead: {exc}", file=sys.stderr)
+        return 2
+    try:
         return run_overhead(policies, duration_s=args.duration_s, connections=args.connections,
                             repeats=args.repeats, policy_options=options,
                             out=Path(args.out) if args.out else None,
                             install=not args.no_install)
-    except (OverheadError, json.JSONDecodeError) as exc:
+    except OverheadError as exc:
         print(f"bench overhead: {exc}", file=sys.stderr)
         return 1
 

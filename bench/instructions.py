@@ -32,6 +32,7 @@ import aiohttp
 
 from bench.fleet import Fleet, ServiceTime, SimBackend, free_ports
 from bench.process import stop_process, wait_http_ok
+from bench.variants import check, options_for, policy_kind
 
 WARMUP_REQUESTS = 300
 CONCURRENCY = 4
@@ -112,10 +113,11 @@ def run(policies: Sequence[str], requests: int,
                              *[b.url for b in backends]], proxy_port, requests, work))
         for policy in policies:
             cfg = work / f"foretell-{policy}.yaml"
+            spec = {"kind": policy_kind(policy), **options_for(policy, policy_options or {})}
             cfg.write_text(
                 f"listen: {{host: 127.0.0.1, port: {proxy_port}}}\n"
                 f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
-                f"policy: {json.dumps({'kind': policy, **(policy_options or {}).get(policy, {})})}\n"
+                f"policy: {json.dumps(spec)}\n"
                 "backends:\n" + "".join(f"  - {{id: {b.id}, url: \"{b.url}\"}}\n" for b in backends))
             print(f"instructions: foretell {policy} ...", file=sys.stderr, flush=True)
             counts.append(count(f"foretell {policy}", [sys.executable, "-m", "proxy", "--config", str(cfg)],
@@ -141,7 +143,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--policies", default="round_robin,p2c_peak_ewma")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--policy-options", default="{}", metavar="JSON",
-                        help='options per policy kind, e.g. \'{"onnx_latency": {"model_path": '
+                        help='options per policy kind or KIND@LABEL, e.g. \'{"onnx_latency": {"model_path": '
                              '"/abs/latency.onnx"}}\' (relative paths resolve in the proxy\'s cwd)')
     args = parser.parse_args(argv)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -149,8 +151,12 @@ def main(argv: list[str]) -> int:
         options = json.loads(args.policy_options)
     except json.JSONDecodeError as exc:
         parser.error(f"--policy-options: {exc}")
-    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-        parser.error("--policy-options: a JSON object of objects, keyed by policy kind")
+    if not isinstance(options, dict):
+        parser.error("--policy-options: a JSON object of objects, keyed by policy")
+    try:
+        check(policies, options)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         counts = run(policies, args.requests, options)
     except InstructionsError as exc:

@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from bench.fleet import Fleet, free_ports
 from bench.loadgen import ERR_DEADLINE, LoadSpec, Records
 from bench.process import stop_process, tree_cpu_s
 from bench.scenarios import Scenario
+from bench.variants import options_for, policy_kind
 
 PROXY_READY_TIMEOUT_S = 30.0
 # Time between "proxy ready" and the first request: the load generator
@@ -67,17 +68,6 @@ class RunPlan:
     @property
     def label(self) -> str:
         return f"{self.scenario.name} u={self.utilisation:g} {self.policy} #{self.repeat}"
-
-
-def policy_kind(name: str) -> str:
-    """`KIND@LABEL` -> KIND: one policy kind run twice under two names (e.g. two settings)."""
-    return name.partition("@")[0]
-
-
-def options_for(name: str, policy_options: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """A run's policy options: its kind's, then `KIND@LABEL`'s on top."""
-    kind = policy_kind(name)
-    return {**policy_options.get(kind, {}), **(policy_options.get(name, {}) if name != kind else {})}
 
 
 def plan(scenarios: Sequence[Scenario], policies: Sequence[str], *, quick: bool,

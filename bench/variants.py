@@ -1,0 +1,49 @@
+"""Policy names in bench commands: a kind, or `KIND@LABEL` for one kind under two settings.
+
+    --policies onnx_latency,onnx_latency@new
+    --policy-options '{"onnx_latency": {"model_path": "old.onnx"},
+                       "onnx_latency@new": {"model_path": "new.onnx"}}'
+
+A labelled run gets its kind's options with its own on top, and keeps its full
+name in tables and results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def policy_kind(name: str) -> str:
+    """`KIND@LABEL` -> KIND; a plain kind is itself."""
+    return name.partition("@")[0]
+
+
+def options_for(name: str, policy_options: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A run's policy options: its kind's, then `KIND@LABEL`'s on top (one level: a nested
+    option such as fallback_options is replaced, not merged)."""
+    kind = policy_kind(name)
+    return {**policy_options.get(kind, {}), **(policy_options.get(name, {}) if name != kind else {})}
+
+
+def check(policies: Sequence[str], policy_options: Mapping[str, Any]) -> None:
+    """ValueError naming the first bad policy name, or options given for no listed policy
+    (a mistyped label must not be silently ignored)."""
+    from policies.registry import PolicyError, resolve
+
+    if not policies:
+        raise ValueError("--policies is empty")
+    for name in policies:
+        kind, at, label = name.partition("@")
+        if at and not label:
+            raise ValueError(f"policy {name!r}: a label must follow '@' (KIND@LABEL)")
+        try:
+            resolve(kind)
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from None
+    for key, value in policy_options.items():
+        if key not in policies and key not in {policy_kind(p) for p in policies}:
+            raise ValueError(f"--policy-options has options for {key!r}, which is not in --policies "
+                             f"({', '.join(policies)})")
+        if not isinstance(value, Mapping):
+            raise ValueError(f"--policy-options[{key!r}]: expected an object of options")

@@ -1,0 +1,37 @@
+"""bench.variants: KIND@LABEL names, their merged options, and the checks on both."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import variants
+
+
+def test_a_label_keeps_its_kind_and_puts_its_options_on_top() -> None:
+    options = {"p2c_peak_ewma": {"failure_penalty": 5.0, "slow_start_s": 10.0},
+               "p2c_peak_ewma@no_penalty": {"failure_penalty": 0.0}}
+    assert variants.policy_kind("p2c_peak_ewma@no_penalty") == "p2c_peak_ewma"
+    assert variants.policy_kind("hcl") == "hcl"
+    assert variants.options_for("p2c_peak_ewma", options) == {"failure_penalty": 5.0,
+                                                              "slow_start_s": 10.0}
+    assert variants.options_for("p2c_peak_ewma@no_penalty", options) == {"failure_penalty": 0.0,
+                                                                         "slow_start_s": 10.0}
+    assert variants.options_for("hcl", options) == {}
+
+
+@pytest.mark.parametrize(("policies", "options", "message"), [
+    ([], {}, "--policies is empty"),
+    (["hcl@"], {}, "a label must follow '@'"),
+    (["nope@x"], {}, "no such policy"),
+    (["hcl", "hcl@b"], {"hcl@typo": {}}, "'hcl@typo', which is not in --policies"),
+    (["hcl"], {"round_robin": {}}, "'round_robin', which is not in --policies"),
+    (["hcl"], {"hcl": 3}, "expected an object of options"),
+])
+def test_bad_names_and_options_for_no_listed_policy_are_refused(
+        policies: list[str], options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        variants.check(policies, options)
+
+
+def test_options_for_a_kind_or_a_listed_label_pass() -> None:
+    variants.check(["hcl", "hcl@b"], {"hcl": {"failure_penalty": 1.0}, "hcl@b": {}})
