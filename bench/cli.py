@@ -172,9 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="bench-out", help="output directory")
     run.add_argument("--policy-options", default=None,
                      help='JSON: kind -> options, e.g. \'{"onnx_latency": {"model_path": '
-                          '"models/latency.onnx"}, "explore": {"epsilon": 0.1}}\'')
+                          '"models/latency.onnx"}, "explore": {"epsilon": 0.1}}\'; "{scenario}" in '
+                          'a string stands for each scenario\'s name (models/{scenario}.onnx)')
     run.add_argument("--telemetry", default=None, metavar="DIR",
-                     help="proxies record decision telemetry here (for foretell train)")
+                     help="proxies record decision telemetry here (for foretell train); "
+                          "{scenario} in it: one directory per scenario")
     run.add_argument("--telemetry-sample-rate", type=float, default=1.0)
     run.add_argument("--results-md", default=None,
                      help="also write this markdown page (e.g. bench/RESULTS.md) with plots")

@@ -35,7 +35,7 @@ from bench.fleet import Fleet, free_ports
 from bench.loadgen import ERR_DEADLINE, LoadSpec, Records
 from bench.process import stop_process, tree_cpu_s
 from bench.scenarios import Scenario
-from bench.variants import options_for, policy_kind
+from bench.variants import for_scenario, options_for, policy_kind
 
 PROXY_READY_TIMEOUT_S = 30.0
 # Time between "proxy ready" and the first request: the load generator
@@ -83,9 +83,10 @@ def plan(scenarios: Sequence[Scenario], policies: Sequence[str], *, quick: bool,
             for r in range(repeats):
                 k = r % len(policies)
                 for pol in [*policies[k:], *policies[:k]]:
-                    out.append(RunPlan(sc, u, pol, r, duration, seed=seed + r, health=health,
-                                       policy_options=options_for(pol, policy_options or {}),
-                                       extra_config=dict(extra_config or {})))
+                    out.append(RunPlan(
+                        sc, u, pol, r, duration, seed=seed + r, health=health,
+                        policy_options=for_scenario(options_for(pol, policy_options or {}), sc.name),
+                        extra_config=for_scenario(dict(extra_config or {}), sc.name)))
     return out
 
 

@@ -5,7 +5,8 @@
                        "onnx_latency@new": {"model_path": "new.onnx"}}'
 
 A labelled run gets its kind's options with its own on top, and keeps its full
-name in tables and results.
+name in tables and results. In `bench run`, "{scenario}" in an option's string
+stands for the scenario's name (`"model_path": "models/{scenario}.onnx"`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,22 @@ def options_for(name: str, policy_options: Mapping[str, Mapping[str, Any]]) -> d
     option such as fallback_options is replaced, not merged)."""
     kind = policy_kind(name)
     return {**policy_options.get(kind, {}), **(policy_options.get(name, {}) if name != kind else {})}
+
+
+SCENARIO = "{scenario}"
+
+
+def for_scenario(value: Any, scenario: str) -> Any:
+    """`value` with "{scenario}" replaced by the scenario's name in every string inside it,
+    so one command can give each scenario its own model (models/{scenario}.onnx) or
+    telemetry directory."""
+    if isinstance(value, str):
+        return value.replace(SCENARIO, scenario)
+    if isinstance(value, Mapping):
+        return {k: for_scenario(v, scenario) for k, v in value.items()}
+    if isinstance(value, list):
+        return [for_scenario(v, scenario) for v in value]
+    return value
 
 
 def check(policies: Sequence[str], policy_options: Mapping[str, Any]) -> None:

@@ -68,6 +68,15 @@ def test_a_labelled_policy_runs_its_kind_with_its_own_options_on_top() -> None:
     assert policy.kind == "p2c_peak_ewma"
 
 
+def test_each_scenario_gets_its_own_model_and_telemetry_directory() -> None:
+    plans = runner.plan([scenarios.get("gray"), scenarios.get("skew")], ["onnx_latency"], quick=True,
+                        repeats=1,
+                        policy_options={"onnx_latency": {"model_path": "/m/{scenario}.onnx"}},
+                        extra_config={"telemetry": {"enabled": True, "path": "/tel/{scenario}"}})
+    assert [p.policy_options["model_path"] for p in plans] == ["/m/gray.onnx", "/m/skew.onnx"]
+    assert [p.extra_config["telemetry"]["path"] for p in plans] == ["/tel/gray", "/tel/skew"]
+
+
 def _records(n: int, slow_every: int) -> Records:
     intended = np.linspace(0.0, 10.0, n, endpoint=False)
     latency = np.full(n, 0.010)

@@ -35,3 +35,11 @@ def test_bad_names_and_options_for_no_listed_policy_are_refused(
 
 def test_options_for_a_kind_or_a_listed_label_pass() -> None:
     variants.check(["hcl", "hcl@b"], {"hcl": {"failure_penalty": 1.0}, "hcl@b": {}})
+
+
+def test_scenario_placeholder_is_filled_in_every_string() -> None:
+    options = {"model_path": "models/{scenario}.onnx", "epsilon": 0.1,
+               "fallback_options": {"names": ["{scenario}-a", 3]}}
+    assert variants.for_scenario(options, "gray") == {
+        "model_path": "models/gray.onnx", "epsilon": 0.1,
+        "fallback_options": {"names": ["gray-a", 3]}}
