@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -336,7 +337,7 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
         text += "\n\n" + paired
     print(text)
     if out is not None:
-        options = f" --policy-options '{json.dumps(policy_options)}'" if policy_options else ""
+        options = f" --policy-options {shlex.quote(json.dumps(policy_options))}" if policy_options else ""
         out.write_text(f"# Proxy overhead\n\n`foretell bench overhead --policies "
                        f"{','.join(policies)} --duration-s {duration_s:g} "
                        f"--connections {connections} --repeats {repeats}{options}`\n\n{text}\n")
