@@ -40,6 +40,14 @@ def _run(args: argparse.Namespace) -> int:
                               "sample_rate": args.telemetry_sample_rate}
     plans = runner.plan(chosen, policies, quick=args.quick, repeats=repeats, seed=args.seed,
                         health=args.health, policy_options=policy_options, extra_config=extra)
+    from bench.variants import check_model_file
+
+    try:
+        for plan in plans:
+            check_model_file(plan.policy, plan.policy_options)
+    except ValueError as exc:
+        print(f"bench run: {plan.scenario.name}: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     est_s = sum(p.duration_s + 5.0 for p in plans)
     print(f"bench run: {len(plans)} runs ({len(chosen)} scenarios x {len(policies)} policies, "
@@ -126,8 +134,12 @@ def _overhead(args: argparse.Namespace) -> int:
     from bench.overhead import OverheadError, run_overhead
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    from bench.variants import check_model_file, options_for
+
     try:
         options = _policy_options(args.policy_options, policies)
+        for pol in policies:  # before nginx and haproxy start
+            check_model_file(pol, options_for(pol, options))
     except ValueError as exc:
         print(f"bench overhead: {exc}", file=sys.stderr)
         return 2
@@ -171,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shadow: passive detectors only detect, so policies are compared alone")
     run.add_argument("--out", default="bench-out", help="output directory")
     run.add_argument("--policy-options", default=None,
-                     help='JSON: kind -> options, e.g. \'{"onnx_latency": {"model_path": '
-                          '"models/latency.onnx"}, "explore": {"epsilon": 0.1}}\'; "{scenario}" in '
-                          'a string stands for each scenario\'s name (models/{scenario}.onnx)')
+                     help='JSON: policy -> options, e.g. \'{"onnx_latency": {"model_path": '
+                          '"models/{scenario}.onnx"}}\' ("{scenario}" in a string stands for each '
+                          'scenario\'s name); only for policies in --policies')
     run.add_argument("--telemetry", default=None, metavar="DIR",
                      help="proxies record decision telemetry here (for foretell train); "
                           "{scenario} in it: one directory per scenario")

@@ -32,7 +32,7 @@ import aiohttp
 
 from bench.fleet import Fleet, ServiceTime, SimBackend, free_ports
 from bench.process import stop_process, wait_http_ok
-from bench.variants import check, options_for, policy_kind
+from bench.variants import check, check_model_file, options_for, policy_kind
 
 WARMUP_REQUESTS = 300
 CONCURRENCY = 4
@@ -113,7 +113,8 @@ def run(policies: Sequence[str], requests: int,
                              *[b.url for b in backends]], proxy_port, requests, work))
         for policy in policies:
             cfg = work / f"foretell-{policy}.yaml"
-            spec = {"kind": policy_kind(policy), **options_for(policy, policy_options or {})}
+            spec = {"kind": policy_kind(policy),
+                    **check_model_file(policy, options_for(policy, policy_options or {}), absolute=True)}
             cfg.write_text(
                 f"listen: {{host: 127.0.0.1, port: {proxy_port}}}\n"
                 f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
@@ -155,6 +156,8 @@ def main(argv: list[str]) -> int:
         parser.error("--policy-options: a JSON object of objects, keyed by policy")
     try:
         check(policies, options)
+        for policy in policies:
+            check_model_file(policy, options_for(policy, options))
     except ValueError as exc:
         parser.error(str(exc))
     try:

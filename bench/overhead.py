@@ -36,7 +36,7 @@ import yaml
 
 from bench.fleet import free_ports, port_accepts
 from bench.process import stop_process, tree_cpu_s
-from bench.variants import options_for, policy_kind
+from bench.variants import check_model_file, options_for, policy_kind
 
 N_BACKENDS = 4
 PROXY_CPU = 1
@@ -321,7 +321,8 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
         for pol in policies:
             cfg = work / f"foretell-{pol}.yaml"
             cfg.write_text(foretell_conf(proxy_port, admin_port, be_ports, policy_kind(pol),
-                                         options_for(pol, policy_options or {})))
+                                         check_model_file(pol, options_for(pol, policy_options or {}),
+                                                          absolute=True)))
             proxies.append((f"foretell {pol}", [sys.executable, "-m", "proxy", "--config", str(cfg)]))
         # Rounds interleave the proxies so slow drifts of a shared machine hit all alike.
         for _ in range(repeats):

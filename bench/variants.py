@@ -12,6 +12,7 @@ stands for the scenario's name (`"model_path": "models/{scenario}.onnx"`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -41,6 +42,23 @@ def for_scenario(value: Any, scenario: str) -> Any:
     if isinstance(value, list):
         return [for_scenario(v, scenario) for v in value]
     return value
+
+
+def check_model_file(name: str, options: Mapping[str, Any], *, absolute: bool = False
+                     ) -> dict[str, Any]:
+    """`options` for policy `name`, refused (ValueError) when it is an onnx_latency whose model
+    file does not exist: the proxy would route with its fallback all along, and the
+    table would show the fallback under the learned policy's name. With `absolute`,
+    a relative model path is made absolute (for proxies started in another directory)."""
+    if policy_kind(name) != "onnx_latency":
+        return dict(options)
+    path = Path(str(options.get("model_path", "models/latency.onnx")))
+    if SCENARIO in str(path):
+        raise ValueError(f"{name}: model_path {str(path)!r}: {SCENARIO} is only filled in by bench run")
+    if not path.is_file():
+        raise ValueError(f"{name}: model file {str(path)!r} does not exist (train one with "
+                         "foretell train latency, or pass model_path in --policy-options)")
+    return {**options, "model_path": str(path.resolve()) if absolute else str(path)}
 
 
 def check(policies: Sequence[str], policy_options: Mapping[str, Any]) -> None:

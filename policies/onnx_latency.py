@@ -472,8 +472,10 @@ class OnnxLatency:
                         "using the model's (unknown classes count as 'other')",
                         self.cluster, model.route_classes, self._ctx_routes)
         self._features = FeatureMatrix(routes, self._clock, self.options.refresh_s)
-        # Corrections are the old model's errors, not the new one's.
+        # Corrections are the old model's errors, not the new one's; predictions still in
+        # flight are the old model's too.
         self._corr_of.clear()
+        self._pending.clear()
         self._reset_scores()
         self.model = model
         self._watched_key = model.file_key

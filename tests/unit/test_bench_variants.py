@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench import variants
@@ -43,3 +45,23 @@ def test_scenario_placeholder_is_filled_in_every_string() -> None:
     assert variants.for_scenario(options, "gray") == {
         "model_path": "models/gray.onnx", "epsilon": 0.1,
         "fallback_options": {"names": ["gray-a", 3]}}
+
+
+def test_a_learned_policy_without_its_model_file_is_refused(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    with pytest.raises(ValueError, match="does not exist"):
+        variants.check_model_file("onnx_latency@new", {"model_path": str(model)})
+    with pytest.raises(ValueError, match="only filled in by bench run"):
+        variants.check_model_file("onnx_latency", {"model_path": "models/{scenario}.onnx"})
+    model.write_bytes(b"x")  # existence only: the proxy validates the model itself
+    assert variants.check_model_file("onnx_latency", {"model_path": str(model), "epsilon": 0.1}) == {
+        "model_path": str(model), "epsilon": 0.1}
+    assert variants.check_model_file("hcl", {"failure_penalty": 1.0}) == {"failure_penalty": 1.0}
+
+
+def test_a_relative_model_path_can_be_made_absolute(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    options = variants.check_model_file("onnx_latency", {"model_path": "m.onnx"}, absolute=True)
+    assert options["model_path"] == str(tmp_path / "m.onnx")

@@ -258,10 +258,14 @@ async def test_a_reloaded_model_starts_without_the_old_models_corrections(tmp_pa
         assert b is not None
         p.observe(b, REQ, Outcome(200, 0.010 if b.id == "b0" else 0.005, None, 0, "fast"))
     assert p.describe()["correction"]
+    in_flight = p.pick(ready, REQ)  # predicted by the old model, answers after the reload
+    assert in_flight is not None
     tmp = tmp_path / "new.onnx"
     linear_model(tmp, np.zeros(N_FEATURES), bias=10.0)
     os.replace(tmp, path)
     assert await p.check_reload() is True
+    assert p.describe()["correction"] == {}
+    p.observe(in_flight, REQ, Outcome(200, 0.020, None, 0, "fast"))  # 4x the old prediction
     assert p.describe()["correction"] == {}
     # Both backends predicted alike again: the tie goes to the first, b0.
     assert p.pick(ready, REQ) is ready[0]
