@@ -634,14 +634,17 @@ class OnnxLatency:
         sc = self._scores.get(key)
         now = self._clock()
         if sc is None or now - sc.slope_stamp >= self.options.refresh_s:
-            sc = self._scores[key] = self._rescore(model, ready, req, now, None)
+            sc = self._scores[key] = self._rescore(model, ready, req, now, None,
+                                                   classes=len(self._scores) + (sc is None))
         elif now - sc.stamp >= self.options.refresh_s or (
                 sc.version != self._version and now - sc.stamp >= self._rescore_gap_s):
-            sc = self._scores[key] = self._rescore(model, ready, req, now, sc)
+            sc = self._scores[key] = self._rescore(model, ready, req, now, sc,
+                                                   classes=len(self._scores))
         return sc
 
     def _rescore(self, model: LoadedModel, ready: Sequence[BackendView], req: RequestInfo,
-                 now: float, old: _Scores | None) -> _Scores:
+                 now: float, old: _Scores | None, *, classes: int) -> _Scores:
+        """Run the model for one request class; `classes`: how many are cached with it."""
         started = time.perf_counter()
         scores = self._run_model(model, ready, req, now, old)
         ended = time.perf_counter()
@@ -654,9 +657,8 @@ class OnnxLatency:
             self._busy_since_wall, self._busy_since_cpu = ended, cpu_s
         options = self.options
         # Each cached request class is rescored once per gap: the share is for all of them.
-        classes = max(1, len(self._scores))
         self._rescore_gap_s = (max(options.rescore_s,
-                                   classes * self._rescore_cost_s / options.rescore_cpu_share)
+                                   max(1, classes) * self._rescore_cost_s / options.rescore_cpu_share)
                                if self._busy else options.rescore_s)
         self._rescores.inc()
         # Never longer than refresh_s, which rescores regardless. Set on change only: a

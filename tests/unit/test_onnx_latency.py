@@ -305,6 +305,22 @@ def test_rescores_take_at_most_their_cpu_share_when_busy(tmp_path: Path, busy: b
     assert gap_ms > 1e3 if busy else gap_ms == 5.0  # type: ignore[operator]
 
 
+def test_the_cpu_share_covers_every_request_class_together(tmp_path: Path) -> None:
+    """Busy, each class waits (classes cached x cost of one run) / share: two classes
+    rescored once per gap each take the share together, not twice it."""
+    sim = Sim(n_backends=3)
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"), rescore_s=0.0, refresh_s=10.0,
+               rescore_cpu_share=0.01)
+    p._busy = True  # the load probe looks once a second; the test takes less
+    ready = sim.cluster.ready()
+    assert p.pick(ready, RequestInfo(route_class=ROUTES[0])) is not None
+    one_class = p._rescore_gap_s / p._rescore_cost_s
+    assert p.pick(ready, RequestInfo(route_class=ROUTES[1])) is not None
+    two_classes = p._rescore_gap_s / p._rescore_cost_s
+    assert one_class == pytest.approx(100.0)  # 1 / 0.01
+    assert two_classes == pytest.approx(200.0)
+
+
 def test_unknown_onnx_proto_is_load_error(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(helper.make_graph([], "empty", [], [])), path)
