@@ -134,12 +134,10 @@ def _overhead(args: argparse.Namespace) -> int:
     from bench.overhead import OverheadError, run_overhead
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    from bench.variants import check_model_file, options_for
+    from bench.variants import resolve
 
-    try:
-        options = _policy_options(args.policy_options, policies)
-        for pol in policies:  # before nginx and haproxy start
-            check_model_file(pol, options_for(pol, options))
+    try:  # before nginx and haproxy start
+        options = resolve(policies, _policy_options(args.policy_options, policies), absolute=True)
     except ValueError as exc:
         print(f"bench overhead: {exc}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ import aiohttp
 
 from bench.fleet import Fleet, ServiceTime, SimBackend, free_ports
 from bench.process import stop_process, wait_http_ok
-from bench.variants import check, check_model_file, options_for, policy_kind
+from bench.variants import policy_kind, resolve
 
 WARMUP_REQUESTS = 300
 CONCURRENCY = 4
@@ -99,6 +99,7 @@ def count(name: str, cmd: Sequence[str], port: int, requests: int, workdir: Path
 
 def run(policies: Sequence[str], requests: int,
         policy_options: dict[str, dict[str, object]] | None = None) -> list[Count]:
+    """`policy_options`: each policy name's final options (bench.variants.resolve)."""
     ensure_valgrind()
     ports = free_ports(4)
     backends = [SimBackend(id=f"fast-{i}", port=ports[i], slots=1024,
@@ -113,8 +114,7 @@ def run(policies: Sequence[str], requests: int,
                              *[b.url for b in backends]], proxy_port, requests, work))
         for policy in policies:
             cfg = work / f"foretell-{policy}.yaml"
-            spec = {"kind": policy_kind(policy),
-                    **check_model_file(policy, options_for(policy, policy_options or {}), absolute=True)}
+            spec = {"kind": policy_kind(policy), **(policy_options or {}).get(policy, {})}
             cfg.write_text(
                 f"listen: {{host: 127.0.0.1, port: {proxy_port}}}\n"
                 f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
@@ -155,13 +155,11 @@ def main(argv: list[str]) -> int:
     if not isinstance(options, dict):
         parser.error("--policy-options: a JSON object of objects, keyed by policy")
     try:
-        check(policies, options)
-        for policy in policies:
-            check_model_file(policy, options_for(policy, options))
+        resolved = resolve(policies, options, absolute=True)
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        counts = run(policies, args.requests, options)
+        counts = run(policies, args.requests, resolved)
     except InstructionsError as exc:
         print(f"bench instructions: {exc}", file=sys.stderr)
         return 1

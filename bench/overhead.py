@@ -36,7 +36,7 @@ import yaml
 
 from bench.fleet import free_ports, port_accepts
 from bench.process import stop_process, tree_cpu_s
-from bench.variants import check_model_file, options_for, policy_kind
+from bench.variants import policy_kind
 
 N_BACKENDS = 4
 PROXY_CPU = 1
@@ -269,6 +269,7 @@ def median_result(runs: Sequence[Result]) -> Result:
 def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connections: int = 32,
                  out: Path | None = None, install: bool = True, repeats: int = 1,
                  policy_options: dict[str, dict[str, object]] | None = None) -> int:
+    """`policy_options`: each policy name's final options (bench.variants.resolve)."""
     if (os.cpu_count() or 1) < 2:
         raise OverheadError("needs 2 CPUs: the proxy on one, wrk and backends on the other")
     ensure_tools(install)
@@ -321,8 +322,7 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
         for pol in policies:
             cfg = work / f"foretell-{pol}.yaml"
             cfg.write_text(foretell_conf(proxy_port, admin_port, be_ports, policy_kind(pol),
-                                         check_model_file(pol, options_for(pol, policy_options or {}),
-                                                          absolute=True)))
+                                         (policy_options or {}).get(pol)))
             proxies.append((f"foretell {pol}", [sys.executable, "-m", "proxy", "--config", str(cfg)]))
         # Rounds interleave the proxies so slow drifts of a shared machine hit all alike.
         for _ in range(repeats):

@@ -86,7 +86,7 @@ def plan(scenarios: Sequence[Scenario], policies: Sequence[str], *, quick: bool,
                     out.append(RunPlan(
                         sc, u, pol, r, duration, seed=seed + r, health=health,
                         policy_options=for_scenario(options_for(pol, policy_options or {}), sc.name),
-                        extra_config=for_scenario(dict(extra_config or {}), sc.name)))
+                        extra_config=for_scenario(extra_config or {}, sc.name)))
     return out
 
 

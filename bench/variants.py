@@ -76,9 +76,19 @@ def check(policies: Sequence[str], policy_options: Mapping[str, Any]) -> None:
             resolve(kind)
         except PolicyError as exc:
             raise ValueError(str(exc)) from None
+    listed = {*policies, *(policy_kind(p) for p in policies)}
     for key, value in policy_options.items():
-        if key not in policies and key not in {policy_kind(p) for p in policies}:
+        if key not in listed:
             raise ValueError(f"--policy-options has options for {key!r}, which is not in --policies "
                              f"({', '.join(policies)})")
         if not isinstance(value, Mapping):
             raise ValueError(f"--policy-options[{key!r}]: expected an object of options")
+
+
+def resolve(policies: Sequence[str], policy_options: Mapping[str, Any], *, absolute: bool = False
+            ) -> dict[str, dict[str, Any]]:
+    """Each policy name's final options, checked once (ValueError says what is wrong): for
+    commands whose proxies share one set of options (bench overhead, bench instructions)."""
+    check(policies, policy_options)
+    return {name: check_model_file(name, options_for(name, policy_options), absolute=absolute)
+            for name in policies}

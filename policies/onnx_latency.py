@@ -400,10 +400,9 @@ class OnnxLatency:
         # model): at saturation each class is rescored every ~75 ms x classes instead of
         # 5 ms, but at least every refresh_s (which can exceed the share). A run seems to
         # cost the rest of the request path more than its own time (cache evictions, our
-        # reading): `bench overhead`, 9 rounds, gave
-        # 0.82x round robin's requests/s at 1% and 0.94x at 0.2% (docs/learning.md). In
-        # between, inflight is still priced at every pick and the per-backend correction
-        # follows every outcome. While the proxy is not busy nothing is throttled
+        # reading): `bench overhead` gave 0.82x round robin's requests/s at 1% and 0.91-0.94x
+        # at 0.2% (docs/learning.md). In between, inflight is still priced at every pick and
+        # the per-backend correction follows every outcome. While the proxy is not busy nothing is throttled
         # (fresh predictions matter more than spare CPU: throttled at bench rates, a
         # stalled backend kept getting traffic between rescores).
         rescore_cpu_share: float = Field(0.002, gt=0, le=1)
@@ -661,13 +660,18 @@ class OnnxLatency:
                                    max(1, classes) * self._rescore_cost_s / options.rescore_cpu_share)
                                if self._busy else options.rescore_s)
         self._rescores.inc()
-        # Never longer than refresh_s, which rescores regardless. Set on change only: a
-        # gauge's set takes a lock, and while not busy the gap stays rescore_s.
-        gap_s = min(self._rescore_gap_s, options.refresh_s)
+        # Set on change only: a gauge's set takes a lock, and while not busy the gap stays
+        # rescore_s.
+        gap_s = self._effective_gap_s()
         if gap_s != self._gap_shown_s:
             self._gap_shown_s = gap_s
             self._rescore_gap_gauge.set(gap_s)
         return scores
+
+    def _effective_gap_s(self) -> float:
+        """The least time between two rescores of a class now: never longer than refresh_s,
+        which rescores regardless."""
+        return min(self._rescore_gap_s, self.options.refresh_s)
 
     def _run_model(self, model: LoadedModel, ready: Sequence[BackendView], req: RequestInfo,
                    now: float, old: _Scores | None) -> _Scores:
@@ -762,7 +766,7 @@ class OnnxLatency:
             "last_fallback_reason": self.last_reason,
             "pick_ewma_us": round(self._pick_ewma_us, 2),
             "busy": self._busy,
-            "rescore_gap_ms": round(min(self._rescore_gap_s, self.options.refresh_s) * 1e3, 2),
+            "rescore_gap_ms": round(self._effective_gap_s() * 1e3, 2),
             "correction": {k: round(v, 3) for k, v in self._corr_of.items()},
         }
 

@@ -65,3 +65,14 @@ def test_a_relative_model_path_can_be_made_absolute(tmp_path: Path,
     (tmp_path / "m.onnx").write_bytes(b"x")
     options = variants.check_model_file("onnx_latency", {"model_path": "m.onnx"}, absolute=True)
     assert options["model_path"] == str(tmp_path / "m.onnx")
+
+
+def test_resolve_gives_each_name_its_final_checked_options(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    options = {"onnx_latency": {"model_path": str(model)}, "onnx_latency@eps": {"epsilon": 0.1}}
+    assert variants.resolve(["hcl", "onnx_latency", "onnx_latency@eps"], options) == {
+        "hcl": {}, "onnx_latency": {"model_path": str(model)},
+        "onnx_latency@eps": {"model_path": str(model), "epsilon": 0.1}}
+    with pytest.raises(ValueError, match="not in --policies"):
+        variants.resolve(["hcl"], options)
