@@ -237,7 +237,11 @@ class FeatureMatrix:
     membership changes; retries pass a smaller tuple), refreshes all backend
     columns every `refresh_s` (decay, time since error), and otherwise only
     writes the inflight column, the derived costs and the request columns.
-    Call `refresh(backend)` after a backend's outcome was recorded.
+    Call `observed(backend, route_class)` (the columns one outcome moves) or
+    `refresh(backend)` (all of them) after a backend's outcome was recorded:
+    between two full refreshes (`refreshes` counts them) only those calls
+    change a row's backend columns, which lets a caller re-score just the rows
+    that changed.
     """
 
     def __init__(self, route_classes: Sequence[str], clock: Clock = time.monotonic,
@@ -250,6 +254,10 @@ class FeatureMatrix:
         self._row_of: dict[str, int] = {}
         self._n = 0
         self._refreshed_at = -math.inf
+        # Full refreshes so far: rows other than observed ones change only then.
+        self.refreshes = 0
+        # Inflight per row at the last prepare() (a new list each time).
+        self.inflight_now: list[int] = []
         self._req_key: tuple[str, int, str] | None = None
         self._slot = OTHER_SLOT
         self._views(0)
@@ -272,11 +280,13 @@ class FeatureMatrix:
     def prepare(self, ready: Sequence[BackendView], req: RequestInfo) -> np.ndarray:
         if ready is not self._ready:
             self._rebuild(ready)
+            self.inflight_now = [s.inflight for s in ready]
         else:
             now = self._clock()
             if now - self._refreshed_at >= self.refresh_s:
                 self._refresh_all(now)
-            self._inflight[:] = [s.inflight for s in ready]
+            inflight = self.inflight_now = [s.inflight for s in ready]
+            self._inflight[:] = inflight
         if (req.route_class, req.body_size, req.method) != self._req_key:
             self._write_request(req)
         # Derived costs: (ewma, route_ewma) * (inflight + 1), two numpy calls.
@@ -348,6 +358,7 @@ class FeatureMatrix:
         for i, view in enumerate(self._ready):
             self._write_backend(i, view, now)
         self._refreshed_at = now
+        self.refreshes += 1
 
     def _write_backend(self, i: int, view: BackendView, now: float) -> None:
         row = self.matrix[i]

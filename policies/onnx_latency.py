@@ -8,6 +8,10 @@ and runs the model once over 2n rows: every ready backend at its current
 inflight, and again at inflight + 2. That gives per backend a prediction
 `a` at inflight `cur` and a slope `b` per extra request in flight, cached
 per request class (route class, method, body size in quarter-log buckets).
+Later rescores of a class keep the slopes and rerun only the rows whose
+input changed since (a backend with a new outcome or another inflight),
+unless the matrix had its full refresh or more than half the rows changed:
+at low request rates that is one or two rows per request, not 2n.
 A pick is then plain Python over the ready list:
 
     (a + b * (inflight_now - cur)) * correction[backend] + failure_penalty_ms * error_rate
@@ -128,6 +132,9 @@ WINDOW_N = FEATURE_NAMES.index("window_n_log")
 # (wider than 1 so a tree model's flat step still shows the queueing cost).
 SLOPE_STEP = 2.0
 
+# Outcomes remembered for partial rescores (a class scored longer ago is run in full).
+OBSERVED_LOG_MAX = 1024
+
 # Picks after a (re)load not counted against the time budget (first runs are slow).
 WARMUP_PICKS = 64
 
@@ -219,7 +226,7 @@ class LoadedModel:
         if self._out.shape[0] < n:
             self._out = np.zeros((max(n, 16), 1), dtype=np.float32)
             self._bindings.clear()  # they write to the old buffer
-        if len(self._bindings) >= 4:
+        if len(self._bindings) >= 16:  # level, pairs and the partial-run sizes fit
             self._bindings.clear()
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(x))
@@ -618,6 +625,11 @@ class OnnxLatency:
         self._busy_since_cpu = time.process_time()
         self._pairs: np.ndarray | None = None
         self._level = np.zeros((0, N_FEATURES), dtype=np.float32)
+        self._part: dict[int, np.ndarray] = {}  # row count -> input array of partial runs
+        # Row of each outcome's backend in order (-1: not in the ready list), from
+        # outcome number _log_base + 1 on: the rows a cached score has not seen.
+        self._observed_rows: list[int] = []
+        self._log_base = 0
 
     def _scores_for(self, model: LoadedModel, ready: Sequence[BackendView],
                     req: RequestInfo) -> _Scores:
@@ -674,9 +686,11 @@ class OnnxLatency:
         return min(self._rescore_gap_s, self.options.refresh_s)
 
     def _run_model(self, model: LoadedModel, ready: Sequence[BackendView], req: RequestInfo,
-                   now: float, old: _Scores | None) -> _Scores:
-        """One model run over every ready backend at its inflight, and (without `old`, whose
-        slopes are kept: they move slowly) at inflight + SLOPE_STEP too."""
+                   now: float, old: _Scores | None, *, partial: bool = True) -> _Scores:
+        """Run the model for every ready backend at its inflight, and (without `old`, whose
+        slopes are kept: they move slowly) at inflight + SLOPE_STEP too. With `old` and
+        `partial`, only the rows whose features changed since `old` are run, when they are
+        few (the other rows' inputs are the same, so their predictions are too)."""
         fm = self._features
         if self._dirty:
             # The columns an outcome moves most, for backends observed since the last
@@ -686,22 +700,28 @@ class OnnxLatency:
             self._dirty.clear()
         version = self._version
         x = fm.prepare(ready, req)
+        cur = fm.inflight_now
+        refreshes = fm.refreshes
+        if old is not None and partial:
+            rows = self._changed_rows(old, cur, refreshes)
+            if rows is not None:
+                return self._run_rows(model, x, rows, old, now, version, cur)
         n = len(ready)
+        penalty = self.options.failure_penalty_ms
         pairs = self._pairs
         if pairs is None or pairs.shape[0] != 2 * n:
             # Its own array per row count, so the model's input binding is reused.
             pairs = self._pairs = np.zeros((2 * n, N_FEATURES), dtype=np.float32)
             self._level = pairs[:n]  # one view object, bound once
         level = self._level
+        pen = (x[:, ERROR_RATE] * penalty).tolist() if penalty else [0.0] * n
         if old is not None:  # the level only: n rows
             np.copyto(level, x)
             pred = model.predict(level)
             if model.ratio:
                 np.multiply(pred, level[:, ROUTE_COST], out=pred)
-            penalty = self.options.failure_penalty_ms
-            pen = (x[:, ERROR_RATE] * penalty).tolist() if penalty else [0.0] * n
-            return _Scores(now, version, pred.tolist(), old.b, [s.inflight for s in ready], pen,
-                           old.slope_stamp)
+            return _Scores(now, version, pred.tolist(), old.b, cur, pen, old.slope_stamp,
+                           refreshes)
         pairs[:n] = x
         pairs[n:] = x
         up = pairs[n:]
@@ -714,9 +734,55 @@ class OnnxLatency:
         p = pred.tolist()
         a = p[:n]
         b = [max(0.0, (hi - lo) / SLOPE_STEP) for lo, hi in zip(a, p[n:], strict=True)]
+        return _Scores(now, version, a, b, cur, pen, now, refreshes)
+
+    def _changed_rows(self, old: _Scores, cur: list[int], refreshes: int) -> list[int] | None:
+        """Rows whose model input moved since `old` was scored: an outcome was observed
+        for the backend, or its inflight changed. None when every row should be run: a
+        full refresh since (all rows moved), an outcome log that no longer reaches back
+        to `old`, or more than half the rows changed (one run over all costs about as
+        much)."""
+        start = old.version - self._log_base
+        if refreshes != old.refreshes or start < 0:
+            return None
+        changed = set(self._observed_rows[start:])
+        changed.discard(-1)  # an outcome of a backend not in this ready list
+        if cur != old.cur:
+            was = old.cur
+            changed.update([i for i, v in enumerate(cur) if v != was[i]])
+        if 2 * len(changed) > len(cur):
+            return None
+        return sorted(changed)
+
+    def _run_rows(self, model: LoadedModel, x: np.ndarray, rows: list[int], old: _Scores,
+                  now: float, version: int, cur: list[int]) -> _Scores:
+        """`old` with the predictions of `rows` of `x` replaced."""
+        if not rows:
+            return _Scores(now, version, old.a, old.b, cur, old.pen, old.slope_stamp,
+                           old.refreshes)
+        k = len(rows)
+        # Row counts rounded up to a power of two (padded with the last row), so a few
+        # input arrays stay bound to the model.
+        size = 1 << (k - 1).bit_length()
+        buf = self._part.get(size)
+        if buf is None:
+            buf = self._part[size] = np.zeros((size, N_FEATURES), dtype=np.float32)
+        np.take(x, rows + [rows[-1]] * (size - k), axis=0, out=buf)
+        pred = model.predict(buf)
+        if model.ratio:
+            np.multiply(pred, buf[:, ROUTE_COST], out=pred)
+        p = pred.tolist()
+        a = old.a.copy()
+        for j, i in enumerate(rows):
+            a[i] = p[j]
+        pen = old.pen
         penalty = self.options.failure_penalty_ms
-        pen = (x[:, ERROR_RATE] * penalty).tolist() if penalty else [0.0] * n
-        return _Scores(now, version, a, b, [s.inflight for s in ready], pen, now)
+        if penalty:
+            pen = pen.copy()
+            err = buf[:, ERROR_RATE].tolist()
+            for j, i in enumerate(rows):
+                pen[i] = err[j] * penalty
+        return _Scores(now, version, a, old.b, cur, pen, old.slope_stamp, old.refreshes)
 
     def _remember(self, req: RequestInfo, backend_id: str, pred_ms: float) -> None:
         if len(self._pending) > 65536:  # attempts that never reported back
@@ -729,6 +795,12 @@ class OnnxLatency:
         # Its feature row is updated at the next rescore, not here.
         self._dirty[bid] = (backend, req.route_class)
         self._version += 1
+        i = self._row_of.get(bid)
+        log_rows = self._observed_rows
+        log_rows.append(-1 if i is None else i)
+        if len(log_rows) >= OBSERVED_LOG_MAX:  # older scores are rescored in full
+            del log_rows[:OBSERVED_LOG_MAX // 2]
+            self._log_base += OBSERVED_LOG_MAX // 2
         if self._fallback_observe is not None:
             self._fallback_observe(backend, req, outcome)
         pending = self._pending.pop(id(req), None)
@@ -746,7 +818,6 @@ class OnnxLatency:
         old = self._corr_of.get(bid, 1.0)
         new = old + alpha * (ratio - old)
         self._corr_of[bid] = new
-        i = self._row_of.get(bid)
         if i is not None:
             self._corr_rows[i] = new
 
@@ -788,3 +859,4 @@ class _Scores:
     cur: list[int]
     pen: list[float]  # failure penalty ms
     slope_stamp: float  # clock when `b` was computed
+    refreshes: int  # the feature matrix's full refreshes as of the run

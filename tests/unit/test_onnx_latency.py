@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from prometheus_client import REGISTRY
 
 from policies.base import PolicyContext, RequestInfo
-from policies.features import INFLIGHT, N_FEATURES, schema_metadata
+from policies.features import EWMA, INFLIGHT, N_FEATURES, ROUTE0, schema_metadata
 from policies.onnx_latency import (
     FALLBACKS,
     INFERENCE_ERROR,
@@ -30,7 +30,7 @@ from policies.onnx_latency import (
 from policies.registry import create
 from proxy.state import Outcome
 from tests.unit.learning_sim import ROUTES, Sim
-from train.latency import to_onnx
+from train.latency import make_candidate, to_onnx
 
 REQ = RequestInfo(route_class="fast")
 
@@ -54,6 +54,19 @@ def inflight_model(path: Path, version: str = "v1") -> Path:
     w = np.zeros(N_FEATURES)
     w[INFLIGHT] = 10.0  # predicted latency grows with inflight: least-request behaviour
     return linear_model(path, w, version=version)
+
+
+def tree_model(path: Path) -> Path:
+    """A real gradient-boosting model (onnxruntime's tree ensemble, not the numpy path):
+    latency grows with inflight and the EWMA, and depends on the route."""
+    rng = np.random.default_rng(0)
+    x = rng.random((2000, N_FEATURES), dtype=np.float32)
+    x[:, INFLIGHT] *= 8
+    x[:, EWMA] *= 40
+    y = 5.0 + 3.0 * x[:, INFLIGHT] + 0.5 * x[:, EWMA] + 4.0 * x[:, ROUTE0]
+    model = make_candidate("hgb", seed=0).fit(x, y)
+    path.write_bytes(to_onnx(model, {**schema_metadata(ROUTES), "foretell.target": "latency_ms"}))
+    return path
 
 
 def fails_beyond_two_rows(path: Path) -> Path:
@@ -319,6 +332,44 @@ def test_the_cpu_share_covers_every_request_class_together(tmp_path: Path) -> No
     two_classes = p._rescore_gap_s / p._rescore_cost_s
     assert one_class == pytest.approx(100.0)  # 1 / 0.01
     assert two_classes == pytest.approx(200.0)
+
+
+def test_a_partial_rescore_runs_only_the_changed_rows_and_matches_a_full_one(
+        tmp_path: Path) -> None:
+    """Between full refreshes a rescore reruns only the backends with a new outcome or
+    another inflight; its predictions must equal a run over every row."""
+    sim = Sim(n_backends=8)
+    p = policy(sim, tree_model(tmp_path / "m.onnx"), rescore_s=0.0)
+    model = p.model
+    assert model is not None and model.weights is None  # onnxruntime, not numpy
+    rows_run: list[int] = []
+    predict = model.predict
+
+    def counting_predict(x: np.ndarray) -> np.ndarray:
+        rows_run.append(x.shape[0])
+        return predict(x)
+
+    model.predict = counting_predict  # type: ignore[method-assign]
+    real = p._run_model
+    compared, differed = 0, 0
+
+    # Counted, not asserted here: pick() turns an exception into a fallback.
+    def checked(model, ready, req, now, old, partial=True):  # type: ignore[no-untyped-def]
+        nonlocal compared, differed
+        got = real(model, ready, req, now, old)
+        if old is not None:
+            full = real(model, ready, req, now, old, partial=False)
+            compared += 1
+            differed += (got.a != pytest.approx(full.a, rel=1e-6) or got.cur != full.cur
+                         or got.pen != pytest.approx(full.pen))
+        return got
+
+    p._run_model = checked  # type: ignore[method-assign]
+    sim.run(p, 400, dt_s=0.002)
+    assert compared > 200 and differed == 0
+    # Full runs are 8 or 16 rows; the partial ones (1, 2 or 4 rows) were most of the rest.
+    partial_runs = sum(1 for n in rows_run if n < 8)
+    assert partial_runs > compared // 2
 
 
 def test_unknown_onnx_proto_is_load_error(tmp_path: Path) -> None:
