@@ -382,7 +382,8 @@ class OnnxLatency:
         failure_penalty_ms: float = Field(1000.0, ge=0)
         shadow: bool = False
         # Take each pick's argmin over a random subset of this many ready backends (0 = all);
-        # a rescore still runs the model over every ready backend (one call, cached).
+        # rescores still run the model for every ready backend whose input changed (all of
+        # them at each full refresh).
         max_scored: int = Field(0, ge=0)
         # Weight of one observation in the observed/predicted correction (0 = off).
         residual_alpha: float = Field(0.02, ge=0, le=1)
