@@ -10,6 +10,8 @@ inflight, and again at inflight + 2. That gives per backend a prediction
 per request class (route class, method, body size in quarter-log buckets).
 Later rescores of a class keep the slopes and rerun only the rows whose
 input changed since (a backend with a new outcome or another inflight),
+for the request the class was last fully scored for (requests of a class
+differ in body size within a bucket; all rows stay priced for one),
 unless the matrix had its full refresh or more than half the rows changed:
 at low request rates that is one or two rows per request, not 2n.
 A pick is then plain Python over the ready list:
@@ -71,6 +73,7 @@ from policies.features import (
     FEATURE_NAMES,
     INFLIGHT,
     N_FEATURES,
+    REQUEST_FEATURES,
     ROUTE_COST,
     FeatureMatrix,
     SchemaError,
@@ -127,6 +130,7 @@ MODEL_ACTIVE = Gauge(
 )
 
 WINDOW_N = FEATURE_NAMES.index("window_n_log")
+N_REQUEST = len(REQUEST_FEATURES)  # the request columns come first
 
 # A rescore also predicts every backend at inflight + SLOPE_STEP, for the slope
 # (wider than 1 so a tree model's flat step still shows the queueing cost).
@@ -385,6 +389,9 @@ class OnnxLatency:
         # rescores still run the model for every ready backend whose input changed (all of
         # them at each full refresh).
         max_scored: int = Field(0, ge=0)
+        # A rescore reruns only the rows whose input changed (false: every row, as before;
+        # kept to compare the two in one bench run).
+        partial_rescores: bool = True
         # Weight of one observation in the observed/predicted correction (0 = off).
         residual_alpha: float = Field(0.02, ge=0, le=1)
         residual_clip: float = Field(4.0, ge=1)
@@ -703,7 +710,7 @@ class OnnxLatency:
         x = fm.prepare(ready, req)
         cur = fm.inflight_now
         refreshes = fm.refreshes
-        if old is not None and partial:
+        if old is not None and partial and self.options.partial_rescores:
             rows = self._changed_rows(old, cur, refreshes)
             if rows is not None:
                 return self._run_rows(model, x, rows, old, now, version, cur)
@@ -722,7 +729,7 @@ class OnnxLatency:
             if model.ratio:
                 np.multiply(pred, level[:, ROUTE_COST], out=pred)
             return _Scores(now, version, pred.tolist(), old.b, cur, pen, old.slope_stamp,
-                           refreshes)
+                           refreshes, x[0, :N_REQUEST].copy())
         pairs[:n] = x
         pairs[n:] = x
         up = pairs[n:]
@@ -735,7 +742,7 @@ class OnnxLatency:
         p = pred.tolist()
         a = p[:n]
         b = [max(0.0, (hi - lo) / SLOPE_STEP) for lo, hi in zip(a, p[n:], strict=True)]
-        return _Scores(now, version, a, b, cur, pen, now, refreshes)
+        return _Scores(now, version, a, b, cur, pen, now, refreshes, x[0, :N_REQUEST].copy())
 
     def _changed_rows(self, old: _Scores, cur: list[int], refreshes: int) -> list[int] | None:
         """Rows whose model input moved since `old` was scored: an outcome was observed
@@ -757,10 +764,10 @@ class OnnxLatency:
 
     def _run_rows(self, model: LoadedModel, x: np.ndarray, rows: list[int], old: _Scores,
                   now: float, version: int, cur: list[int]) -> _Scores:
-        """`old` with the predictions of `rows` of `x` replaced."""
-        if not rows:
+        """`old` with the predictions of `rows` of `x` (for `old`'s request) replaced."""
+        if not rows:  # the lists are shared: nothing changes them in place
             return _Scores(now, version, old.a, old.b, cur, old.pen, old.slope_stamp,
-                           old.refreshes)
+                           old.refreshes, old.request)
         k = len(rows)
         # Row counts rounded up to a power of two (padded with the last row), so a few
         # input arrays stay bound to the model.
@@ -769,6 +776,7 @@ class OnnxLatency:
         if buf is None:
             buf = self._part[size] = np.zeros((size, N_FEATURES), dtype=np.float32)
         np.take(x, rows + [rows[-1]] * (size - k), axis=0, out=buf)
+        buf[:, :N_REQUEST] = old.request
         pred = model.predict(buf)
         if model.ratio:
             np.multiply(pred, buf[:, ROUTE_COST], out=pred)
@@ -783,7 +791,8 @@ class OnnxLatency:
             err = buf[:, ERROR_RATE].tolist()
             for j, i in enumerate(rows):
                 pen[i] = err[j] * penalty
-        return _Scores(now, version, a, old.b, cur, pen, old.slope_stamp, old.refreshes)
+        return _Scores(now, version, a, old.b, cur, pen, old.slope_stamp, old.refreshes,
+                       old.request)
 
     def _remember(self, req: RequestInfo, backend_id: str, pred_ms: float) -> None:
         if len(self._pending) > 65536:  # attempts that never reported back
@@ -861,3 +870,7 @@ class _Scores:
     pen: list[float]  # failure penalty ms
     slope_stamp: float  # clock when `b` was computed
     refreshes: int  # the feature matrix's full refreshes as of the run
+    # The request columns every row was predicted for: requests of one class can differ
+    # (body size within its bucket), and partial runs reuse these so that all rows of
+    # one class stay priced for the same request.
+    request: np.ndarray

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from prometheus_client import REGISTRY
 
 from policies.base import PolicyContext, RequestInfo
-from policies.features import EWMA, INFLIGHT, N_FEATURES, ROUTE0, schema_metadata
+from policies.features import EWMA, INFLIGHT, N_FEATURES, REQ_BODY, ROUTE0, schema_metadata
 from policies.onnx_latency import (
     FALLBACKS,
     INFERENCE_ERROR,
@@ -370,6 +370,29 @@ def test_a_partial_rescore_runs_only_the_changed_rows_and_matches_a_full_one(
     # Full runs are 8 or 16 rows; the partial ones (1, 2 or 4 rows) were most of the rest.
     partial_runs = sum(1 for n in rows_run if n < 8)
     assert partial_runs > compared // 2
+
+
+def test_a_partial_rescore_prices_every_row_for_the_same_request(tmp_path: Path) -> None:
+    """Requests of one class can differ (body size within its bucket): a partial rescore
+    reruns its rows for the request the class was scored for, not a mix of the two."""
+    sim = Sim(n_backends=8)
+    w = np.zeros(N_FEATURES)
+    w[REQ_BODY] = 10.0
+    w[INFLIGHT] = 1.0
+    p = policy(sim, linear_model(tmp_path / "m.onnx", w), rescore_s=0.0, refresh_s=10.0)
+    ready = sim.cluster.ready()
+    first = RequestInfo(method="POST", route_class="fast", body_size=1000)
+    second = RequestInfo(method="POST", route_class="fast", body_size=1050)  # same bucket
+    assert p.pick(ready, first) is not None
+    (key,) = p._scores
+    p.observe(ready[3], first, Outcome(200, 0.005, None, 0, "fast"))
+    assert p.pick(ready, second) is not None
+    partial = p._scores[key]
+    assert partial.version == 1  # rescored after the outcome
+    model = p.model
+    assert model is not None
+    full = p._run_model(model, ready, first, sim.clock.t, partial, partial=False)
+    assert partial.a == pytest.approx(full.a)
 
 
 def test_unknown_onnx_proto_is_load_error(tmp_path: Path) -> None:
