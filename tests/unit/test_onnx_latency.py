@@ -20,6 +20,7 @@ from policies.onnx_latency import (
     INFERENCE_ERROR,
     LOAD_ERROR,
     MISSING_FILE,
+    OBSERVED_LOG_MAX,
     OVER_BUDGET,
     RELOADS,
     SCHEMA_MISMATCH,
@@ -393,6 +394,33 @@ def test_a_partial_rescore_prices_every_row_for_the_same_request(tmp_path: Path)
     assert model is not None
     full = p._run_model(model, ready, first, sim.clock.t, partial, partial=False)
     assert partial.a == pytest.approx(full.a)
+
+
+def test_a_class_scored_before_the_outcome_log_begins_is_rescored_in_full(
+        tmp_path: Path) -> None:
+    sim = Sim(n_backends=4)
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"), rescore_s=0.0, refresh_s=10.0)
+    model = p.model
+    assert model is not None
+    rows_run: list[int] = []
+    predict = model.predict
+
+    def counting_predict(x: np.ndarray) -> np.ndarray:
+        rows_run.append(x.shape[0])
+        return predict(x)
+
+    model.predict = counting_predict  # type: ignore[method-assign]
+    ready = sim.cluster.ready()
+    slow = RequestInfo(route_class="slow")
+    assert p.pick(ready, slow) is not None  # scored at outcome 0: 2 x 4 rows
+    out = Outcome(200, 0.005, None, 0, "fast")
+    for _ in range(OBSERVED_LOG_MAX + 10):  # one backend only, but the log is trimmed
+        p.observe(ready[1], REQ, out)
+    assert p.pick(ready, slow) is not None  # all 4 rows: the log no longer reaches back
+    assert p.pick(ready, REQ) is not None  # a new class: 2 x 4 rows
+    p.observe(ready[1], REQ, out)
+    assert p.pick(ready, REQ) is not None  # only the observed backend's row
+    assert rows_run == [8, 4, 8, 1]
 
 
 def test_unknown_onnx_proto_is_load_error(tmp_path: Path) -> None:
