@@ -25,6 +25,7 @@ from policies.onnx_latency import (
     RELOADS,
     SCHEMA_MISMATCH,
     SHADOW,
+    LoadedModel,
     OnnxLatency,
     load_model,
 )
@@ -55,6 +56,19 @@ def inflight_model(path: Path, version: str = "v1") -> Path:
     w = np.zeros(N_FEATURES)
     w[INFLIGHT] = 10.0  # predicted latency grows with inflight: least-request behaviour
     return linear_model(path, w, version=version)
+
+
+def count_rows(model: LoadedModel) -> list[int]:
+    """The row count of every model run from now on (appended as they happen)."""
+    rows_run: list[int] = []
+    predict = model.predict
+
+    def counting_predict(x: np.ndarray) -> np.ndarray:
+        rows_run.append(x.shape[0])
+        return predict(x)
+
+    model.predict = counting_predict  # type: ignore[method-assign]
+    return rows_run
 
 
 def tree_model(path: Path) -> Path:
@@ -343,14 +357,7 @@ def test_a_partial_rescore_runs_only_the_changed_rows_and_matches_a_full_one(
     p = policy(sim, tree_model(tmp_path / "m.onnx"), rescore_s=0.0)
     model = p.model
     assert model is not None and model.weights is None  # onnxruntime, not numpy
-    rows_run: list[int] = []
-    predict = model.predict
-
-    def counting_predict(x: np.ndarray) -> np.ndarray:
-        rows_run.append(x.shape[0])
-        return predict(x)
-
-    model.predict = counting_predict  # type: ignore[method-assign]
+    rows_run = count_rows(model)
     real = p._run_model
     compared, differed = 0, 0
 
@@ -402,14 +409,7 @@ def test_a_class_scored_before_the_outcome_log_begins_is_rescored_in_full(
     p = policy(sim, inflight_model(tmp_path / "m.onnx"), rescore_s=0.0, refresh_s=10.0)
     model = p.model
     assert model is not None
-    rows_run: list[int] = []
-    predict = model.predict
-
-    def counting_predict(x: np.ndarray) -> np.ndarray:
-        rows_run.append(x.shape[0])
-        return predict(x)
-
-    model.predict = counting_predict  # type: ignore[method-assign]
+    rows_run = count_rows(model)
     ready = sim.cluster.ready()
     slow = RequestInfo(route_class="slow")
     assert p.pick(ready, slow) is not None  # scored at outcome 0: 2 x 4 rows
