@@ -108,6 +108,7 @@ ERROR_RATE = _IX["error_rate"]
 RECENT = _IX["recent_ms"]
 CONSECUTIVE = _IX["consecutive_failures"]
 SINCE_ERROR = _IX["since_error_s"]
+N_REQUEST = len(REQUEST_FEATURES)
 assert REQ_WRITE == 0 and REQ_BODY == 1 and ROUTE0 == 2  # the request block comes first
 # Pairs of adjacent columns so one numpy call updates both costs.
 assert ROUTE_EWMA == EWMA + 1 and ROUTE_COST == EWMA_COST + 1
@@ -223,6 +224,11 @@ def write_backend_row(row: np.ndarray, route_row: np.ndarray, missing_row: np.nd
     missing_row[:] = [0.0 if c else 1.0 for c in counts]
 
 
+def flat_view(array: np.ndarray) -> memoryview[float]:
+    """A 1-D float32 memoryview of a C-contiguous float32 array (the same memory)."""
+    return array.data.cast("B").cast("f")
+
+
 def request_values(req: RequestInfo) -> tuple[float, float]:
     write = 1.0 if req.method.upper() in WRITE_METHODS else 0.0
     return write, math.log1p(max(0, min(req.body_size, 1 << 40)))
@@ -268,6 +274,11 @@ class FeatureMatrix:
         self.matrix = np.zeros((capacity, N_FEATURES), dtype=DTYPE)
         self._route_ms = np.zeros((capacity, ROUTE_SLOTS), dtype=DTYPE)
         self._route_missing = np.ones((capacity, ROUTE_SLOTS), dtype=DTYPE)
+        # Flat float32 views of the same memory, for element access from Python (~40 ns
+        # each, against ~100 ns for a numpy scalar read or write).
+        self._flat = flat_view(self.matrix)
+        self._route_flat = flat_view(self._route_ms)
+        self._missing_flat = flat_view(self._route_missing)
 
     @property
     def rows(self) -> int:
@@ -293,6 +304,33 @@ class FeatureMatrix:
         np.add(self._inflight1, 1.0, out=self._tmp)
         np.multiply(self._ewma2, self._tmp, out=self._cost2)
         return self._x
+
+    def current_for(self, ready: Sequence[BackendView]) -> bool:
+        """Whether the matrix holds `ready` and its full refresh is not due, so that
+        `copy_rows` can read rows without a `prepare` first."""
+        return ready is self._ready and self._clock() - self._refreshed_at < self.refresh_s
+
+    def copy_rows(self, out: memoryview[float], rows: Sequence[int], request: memoryview[float],
+                  inflight: Sequence[int], slot: int) -> None:
+        """Rows `rows` of the matrix into the flat float32 `out`, one after another, as
+        `prepare` would write them for a request whose columns are `request` (route slot
+        `slot`), at `inflight` per row. Element by element through memoryviews: for a
+        few rows that costs less than the numpy calls `prepare` makes for all of them.
+        The costs are computed in double from float32 operands and rounded once on
+        store, which gives the same float32 as numpy's float32 product."""
+        src, route_ms, missing = self._flat, self._route_flat, self._missing_flat
+        w = N_FEATURES
+        for j, i in enumerate(rows):
+            o, r = j * w, i * w
+            out[o:o + w] = src[r:r + w]
+            out[o:o + N_REQUEST] = request
+            queue = inflight[i] + 1
+            route_ewma = route_ms[i * ROUTE_SLOTS + slot]
+            out[o + INFLIGHT] = inflight[i]
+            out[o + ROUTE_EWMA] = route_ewma
+            out[o + ROUTE_MISSING] = missing[i * ROUTE_SLOTS + slot]
+            out[o + EWMA_COST] = src[r + EWMA] * queue
+            out[o + ROUTE_COST] = route_ewma * queue
 
     def refresh(self, view: BackendView) -> None:
         """Recompute one backend's columns (after its outcome was recorded)."""

@@ -13,7 +13,10 @@ input changed since (a backend with a new outcome or another inflight),
 for the request the class was last fully scored for (requests of a class
 differ in body size within a bucket; all rows stay priced for one),
 unless the matrix had its full refresh or more than half the rows changed:
-at low request rates that is one or two rows per request, not 2n.
+at low request rates that is one or two rows per request, not 2n. Those
+rows are copied out of the matrix element by element
+(`FeatureMatrix.copy_rows`), not through the numpy calls of a full
+`prepare`, which cost more than the copy for a few rows.
 A pick is then plain Python over the ready list:
 
     (a + b * (inflight_now - cur)) * correction[backend] + failure_penalty_ms * error_rate
@@ -73,11 +76,12 @@ from policies.features import (
     FEATURE_NAMES,
     INFLIGHT,
     N_FEATURES,
-    REQUEST_FEATURES,
+    N_REQUEST,
     ROUTE_COST,
     FeatureMatrix,
     SchemaError,
     check_schema,
+    flat_view,
 )
 
 log = logging.getLogger("foretell.policies.onnx_latency")
@@ -130,7 +134,6 @@ MODEL_ACTIVE = Gauge(
 )
 
 WINDOW_N = FEATURE_NAMES.index("window_n_log")
-N_REQUEST = len(REQUEST_FEATURES)  # the request columns come first
 
 # A rescore also predicts every backend at inflight + SLOPE_STEP, for the slope
 # (wider than 1 so a tree model's flat step still shows the queueing cost).
@@ -633,7 +636,8 @@ class OnnxLatency:
         self._busy_since_cpu = time.process_time()
         self._pairs: np.ndarray | None = None
         self._level = np.zeros((0, N_FEATURES), dtype=np.float32)
-        self._part: dict[int, np.ndarray] = {}  # row count -> input array of partial runs
+        # Row count -> input array of partial runs and its flat view.
+        self._part: dict[int, tuple[np.ndarray, memoryview[float]]] = {}
         # Row of each outcome's backend in order (-1: not in the ready list), from
         # outcome number _log_base + 1 on: the rows a cached score has not seen.
         self._observed_rows: list[int] = []
@@ -707,13 +711,16 @@ class OnnxLatency:
                 fm.observed(view, route_class)
             self._dirty.clear()
         version = self._version
+        if old is not None and partial and self.options.partial_rescores and \
+                fm.current_for(ready):
+            cur = [s.inflight for s in ready]
+            rows = self._changed_rows(old, cur, fm.refreshes)
+            if rows is not None:
+                return self._run_rows(model, rows, old, now, version, cur,
+                                      fm.slots.slot(req.route_class))
         x = fm.prepare(ready, req)
         cur = fm.inflight_now
         refreshes = fm.refreshes
-        if old is not None and partial and self.options.partial_rescores:
-            rows = self._changed_rows(old, cur, refreshes)
-            if rows is not None:
-                return self._run_rows(model, x, rows, old, now, version, cur)
         n = len(ready)
         penalty = self.options.failure_penalty_ms
         pairs = self._pairs
@@ -729,7 +736,7 @@ class OnnxLatency:
             if model.ratio:
                 np.multiply(pred, level[:, ROUTE_COST], out=pred)
             return _Scores(now, version, pred.tolist(), old.b, cur, pen, old.slope_stamp,
-                           refreshes, x[0, :N_REQUEST].copy())
+                           refreshes, flat_view(x[0, :N_REQUEST].copy()))
         pairs[:n] = x
         pairs[n:] = x
         up = pairs[n:]
@@ -742,7 +749,8 @@ class OnnxLatency:
         p = pred.tolist()
         a = p[:n]
         b = [max(0.0, (hi - lo) / SLOPE_STEP) for lo, hi in zip(a, p[n:], strict=True)]
-        return _Scores(now, version, a, b, cur, pen, now, refreshes, x[0, :N_REQUEST].copy())
+        return _Scores(now, version, a, b, cur, pen, now, refreshes,
+                       flat_view(x[0, :N_REQUEST].copy()))
 
     def _changed_rows(self, old: _Scores, cur: list[int], refreshes: int) -> list[int] | None:
         """Rows whose model input moved since `old` was scored: an outcome was observed
@@ -762,9 +770,10 @@ class OnnxLatency:
             return None
         return sorted(changed)
 
-    def _run_rows(self, model: LoadedModel, x: np.ndarray, rows: list[int], old: _Scores,
-                  now: float, version: int, cur: list[int]) -> _Scores:
-        """`old` with the predictions of `rows` of `x` (for `old`'s request) replaced."""
+    def _run_rows(self, model: LoadedModel, rows: list[int], old: _Scores, now: float,
+                  version: int, cur: list[int], slot: int) -> _Scores:
+        """`old` with the predictions of `rows` replaced (for `old`'s request, route slot
+        `slot`, at inflight `cur`)."""
         if not rows:  # the lists are shared: nothing changes them in place
             return _Scores(now, version, old.a, old.b, cur, old.pen, old.slope_stamp,
                            old.refreshes, old.request)
@@ -772,11 +781,12 @@ class OnnxLatency:
         # Row counts rounded up to a power of two (padded with the last row), so a few
         # input arrays stay bound to the model.
         size = 1 << (k - 1).bit_length()
-        buf = self._part.get(size)
-        if buf is None:
-            buf = self._part[size] = np.zeros((size, N_FEATURES), dtype=np.float32)
-        np.take(x, rows + [rows[-1]] * (size - k), axis=0, out=buf)
-        buf[:, :N_REQUEST] = old.request
+        part = self._part.get(size)
+        if part is None:
+            buf = np.zeros((size, N_FEATURES), dtype=np.float32)
+            part = self._part[size] = (buf, flat_view(buf))
+        buf, flat = part
+        self._features.copy_rows(flat, rows + [rows[-1]] * (size - k), old.request, cur, slot)
         pred = model.predict(buf)
         if model.ratio:
             np.multiply(pred, buf[:, ROUTE_COST], out=pred)
@@ -788,9 +798,8 @@ class OnnxLatency:
         penalty = self.options.failure_penalty_ms
         if penalty:
             pen = pen.copy()
-            err = buf[:, ERROR_RATE].tolist()
             for j, i in enumerate(rows):
-                pen[i] = err[j] * penalty
+                pen[i] = flat[j * N_FEATURES + ERROR_RATE] * penalty
         return _Scores(now, version, a, old.b, cur, pen, old.slope_stamp, old.refreshes,
                        old.request)
 
@@ -872,5 +881,5 @@ class _Scores:
     refreshes: int  # the feature matrix's full refreshes as of the run
     # The request columns every row was predicted for: requests of one class can differ
     # (body size within its bucket), and partial runs reuse these so that all rows of
-    # one class stay priced for the same request.
-    request: np.ndarray
+    # one class stay priced for the same request. A flat float32 view.
+    request: memoryview[float]

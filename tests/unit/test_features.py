@@ -14,6 +14,7 @@ from policies.features import (
     FEATURE_NAMES,
     INFLIGHT,
     N_FEATURES,
+    N_REQUEST,
     OTHER_SLOT,
     ROUTE0,
     ROUTE_EWMA,
@@ -24,6 +25,7 @@ from policies.features import (
     SchemaError,
     build,
     check_schema,
+    flat_view,
 )
 from proxy.state import Backend, Cluster, Outcome
 
@@ -106,11 +108,15 @@ def test_request_columns() -> None:
     assert np.all(x[:, ROUTE0 + 1] == 1.0) and x[:, ROUTE0:ROUTE0 + 8].sum() == len(x)
 
 
-def test_fast_path_matches_rebuild() -> None:
+def four_backends(refresh_s: float) -> tuple[Clock, Cluster, FeatureMatrix, Any]:
+    """Four backends and a matrix over them for route classes api and static."""
     clock = Clock()
     cluster = make_cluster(clock, 4)
-    fm = FeatureMatrix(["api", "static"], clock, refresh_s=0.25)
-    ready = cluster.ready()
+    return clock, cluster, FeatureMatrix(["api", "static"], clock, refresh_s), cluster.ready()
+
+
+def test_fast_path_matches_rebuild() -> None:
+    clock, cluster, fm, ready = four_backends(refresh_s=0.25)
     rng = np.random.default_rng(0)
     for step in range(60):
         b = f"b{step % 4}"
@@ -167,3 +173,32 @@ def test_observed_updates_the_fast_columns() -> None:
     for name in ("ewma_ms", "recent_ms", "route_ewma_ms", "route_missing", "error_rate",
                  "consecutive_failures", "route_cost_ms"):
         assert x[1, col(name)] == pytest.approx(fresh[1, col(name)], rel=1e-5), name
+
+
+def test_copied_rows_equal_prepared_ones_for_another_request() -> None:
+    """copy_rows (partial rescores) writes, element by element, the rows prepare() would:
+    for a request other than the matrix's last one, at the inflight it is given."""
+    _, cluster, fm, ready = four_backends(refresh_s=1000.0)
+    rng = np.random.default_rng(1)
+    for step in range(40):
+        b = f"b{step % 4}"
+        record(cluster, b, float(rng.uniform(0.001, 0.05)), route=("api", "static")[step % 2],
+               status=500 if step % 7 == 0 else 200)
+    fm.prepare(ready, RequestInfo(route_class="api"))
+    with cluster.track(cluster.get("b1")), cluster.track(cluster.get("b1")), \
+            cluster.track(cluster.get("b3")):
+        record(cluster, "b2", 0.03, route="static")
+        fm.observed(cluster.get("b2"), "static")
+        requests = [RequestInfo(method="POST", route_class="static", body_size=700),
+                    RequestInfo(route_class="api"), RequestInfo(route_class="other")]
+        for req, other in zip(requests, requests[1:] + requests[:1], strict=True):
+            expected = fm.prepare(ready, req).copy()
+            inflight = [s.inflight for s in ready]
+            request = flat_view(expected[0, :N_REQUEST].copy())
+            with cluster.track(cluster.get("b0")), cluster.track(cluster.get("b3")):
+                # The matrix now holds another request's columns and other inflights.
+                fm.prepare(ready, other)
+            rows = [3, 1, 2, 0, 1]
+            out = np.full((len(rows), N_FEATURES), -1.0, dtype=np.float32)
+            fm.copy_rows(flat_view(out), rows, request, inflight, fm.slots.slot(req.route_class))
+            np.testing.assert_array_equal(out, expected[rows])
