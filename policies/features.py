@@ -356,28 +356,29 @@ class FeatureMatrix:
         i = self._row_of.get(view.id)
         if i is None or self._ready is None or i >= self._n or self._ready[i] is not view:
             return
-        row = self.matrix[i]
+        flat, o = self._flat, i * N_FEATURES  # element writes: see _alloc
         ewma_ms = min(view.ewma_s() * 1e3, LATENCY_CAP_MS)
-        row[EWMA] = ewma_ms
+        flat[o + EWMA] = ewma_ms
         window = getattr(view, "window", None)
         if window is not None:
-            last = window.latencies_s()[-RECENT_N:]
+            last = window.last_latencies_s(RECENT_N)
             if last:
-                row[RECENT] = min(sum(last) / len(last) * 1e3, LATENCY_CAP_MS)
-        row[ERROR_RATE] = view.error_rate()
-        row[CONSECUTIVE] = min(float(view.consecutive_failures), FAILURES_CAP)
+                flat[o + RECENT] = min(sum(last) / len(last) * 1e3, LATENCY_CAP_MS)
+        flat[o + ERROR_RATE] = view.error_rate()
+        flat[o + CONSECUTIVE] = min(float(view.consecutive_failures), FAILURES_CAP)
         if view.last_error_at is not None:
-            row[SINCE_ERROR] = _since_error_s(view.last_error_at, self._clock())
+            flat[o + SINCE_ERROR] = _since_error_s(view.last_error_at, self._clock())
         per_class: Mapping[str, float] | None = getattr(view, "route_ewma_s", None)
         value_s = per_class.get(route_class) if per_class else None
         if value_s is not None:
             slot = self.slots.slot(route_class)
             if slot != OTHER_SLOT:  # "other" mixes classes: left to the full refresh
-                self._route_ms[i, slot] = min(value_s * 1e3, LATENCY_CAP_MS)
-                self._route_missing[i, slot] = 0.0
+                r = i * ROUTE_SLOTS + slot
+                self._route_flat[r] = min(value_s * 1e3, LATENCY_CAP_MS)
+                self._missing_flat[r] = 0.0
                 if slot == self._slot:
-                    row[ROUTE_EWMA] = self._route_ms[i, slot]
-                    row[ROUTE_MISSING] = 0.0
+                    flat[o + ROUTE_EWMA] = self._route_flat[r]
+                    flat[o + ROUTE_MISSING] = 0.0
 
     def _rebuild(self, ready: Sequence[BackendView]) -> None:
         n = len(ready)

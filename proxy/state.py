@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import NamedTuple
 
 Clock = Callable[[], float]
@@ -150,6 +151,12 @@ class OutcomeWindow:
 
     def latencies_s(self) -> Sequence[float]:
         return tuple(self._latency_s)
+
+    def last_latencies_s(self, n: int) -> list[float]:
+        """The last `n` latencies, oldest first (without copying the whole window)."""
+        last = list(islice(reversed(self._latency_s), n))
+        last.reverse()
+        return last
 
     def percentile_s(self, q: float) -> float:
         """Nearest-rank percentile of recent latencies; NaN when empty."""
