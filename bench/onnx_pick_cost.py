@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -40,15 +41,25 @@ from policies.features import N_FEATURES, schema_metadata
 from proxy.state import Outcome
 
 ROUTES = ("search", "render", "api")
+TARGET_P50_US = 20.0  # issue 5: pick cost p50 with TARGET_BACKENDS backends
+TARGET_BACKENDS = 16
 
 
 def synthetic_model(kind: str, path: Path) -> Path:
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+
     from train.latency import make_candidate, to_onnx
 
     rng = np.random.default_rng(0)
     x = rng.random((3000, N_FEATURES), dtype=np.float32) * 10
     y = x @ rng.random(N_FEATURES) + rng.normal(0, 1, 3000)
-    model = make_candidate(kind, seed=0).fit(x, y)
+    # One thread: OpenMP's spinning workers made this fit ~10x slower while another
+    # process held the second core. Only the graph's shape and size matter for timing,
+    # not how well it fits.
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = make_candidate(kind, seed=0).fit(x, y)
     path.write_bytes(to_onnx(model, {**schema_metadata(ROUTES), "foretell.target": "latency_ms",
                                      "foretell.model_kind": kind}))
     return path
@@ -132,9 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         cell = f"{obs_p50:.1f}" if obs_p50 is not None else "-"
         print(f"| {name} | {p50:.1f} | {p99:.1f} | {mean:.1f} | {cell} |")
     print("\nper request: pick + observe, one outcome per pick (µs)")
-    print("| policy | p50 | mean |\n|---|---|---|")
+    judged = args.backends == TARGET_BACKENDS
+    print(f"| policy | p50 | mean | p50 <= {TARGET_P50_US:g} µs |\n|---|---|---|---|")
     for name, p50, mean in per_request:
-        print(f"| {name} | {p50:.1f} | {mean:.1f} |")
+        verdict = ("yes" if p50 <= TARGET_P50_US else "no") if judged else \
+            f"- (judged at {TARGET_BACKENDS} backends)"
+        print(f"| {name} | {p50:.1f} | {mean:.1f} | {verdict} |")
     return 0
 
 
