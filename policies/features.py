@@ -297,7 +297,9 @@ class FeatureMatrix:
             if now - self._refreshed_at >= self.refresh_s:
                 self._refresh_all(now)
             inflight = self.inflight_now = [s.inflight for s in ready]
-            self._inflight[:] = inflight
+            # Capped as in write_backend_row (and so in telemetry and training).
+            self._inflight[:] = (inflight if max(inflight, default=0) <= INFLIGHT_CAP
+                                 else [min(v, INFLIGHT_CAP) for v in inflight])
         if (req.route_class, req.body_size, req.method) != self._req_key:
             self._write_request(req)
         # Derived costs: (ewma, route_ewma) * (inflight + 1), two numpy calls.
@@ -324,9 +326,10 @@ class FeatureMatrix:
             o, r = j * w, i * w
             out[o:o + w] = src[r:r + w]
             out[o:o + N_REQUEST] = request
-            queue = inflight[i] + 1
+            queue = min(inflight[i], INFLIGHT_CAP)
+            out[o + INFLIGHT] = queue
+            queue += 1
             route_ewma = route_ms[i * ROUTE_SLOTS + slot]
-            out[o + INFLIGHT] = inflight[i]
             out[o + ROUTE_EWMA] = route_ewma
             out[o + ROUTE_MISSING] = missing[i * ROUTE_SLOTS + slot]
             out[o + EWMA_COST] = src[r + EWMA] * queue

@@ -729,7 +729,8 @@ class OnnxLatency:
             pairs = self._pairs = np.zeros((2 * n, N_FEATURES), dtype=np.float32)
             self._level = pairs[:n]  # one view object, bound once
         level = self._level
-        pen = (x[:, ERROR_RATE] * penalty).tolist() if penalty else [0.0] * n
+        # In double, as _run_rows computes it for its rows.
+        pen = [e * penalty for e in x[:, ERROR_RATE].tolist()] if penalty else [0.0] * n
         if old is not None:  # the level only: n rows
             np.copyto(level, x)
             pred = model.predict(level)
@@ -773,7 +774,10 @@ class OnnxLatency:
     def _run_rows(self, model: LoadedModel, rows: list[int], old: _Scores, now: float,
                   version: int, cur: list[int], slot: int) -> _Scores:
         """`old` with the predictions of `rows` replaced (for `old`'s request, route slot
-        `slot`, at inflight `cur`)."""
+        `slot`, at inflight `cur`). onnxruntime, single-threaded, predicts a row the same
+        whatever the batch, so this equals a full run bit for bit; the numpy path of an
+        affine model can differ in the last bits (~1e-7 relative: BLAS blocks by row
+        count)."""
         if not rows:  # the lists are shared: nothing changes them in place
             return _Scores(now, version, old.a, old.b, cur, old.pen, old.slope_stamp,
                            old.refreshes, old.request)

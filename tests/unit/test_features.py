@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from policies.features import (
     EWMA,
     FEATURE_NAMES,
     INFLIGHT,
+    INFLIGHT_CAP,
     N_FEATURES,
     N_REQUEST,
     OTHER_SLOT,
@@ -202,3 +204,22 @@ def test_copied_rows_equal_prepared_ones_for_another_request() -> None:
             out = np.full((len(rows), N_FEATURES), -1.0, dtype=np.float32)
             fm.copy_rows(flat_view(out), rows, request, inflight, fm.slots.slot(req.route_class))
             np.testing.assert_array_equal(out, expected[rows])
+
+
+def test_inflight_above_the_cap_is_capped_alike_in_build_prepare_and_copied_rows() -> None:
+    """Telemetry (build) caps inflight; serving must feed the model the same value."""
+    clock, cluster, fm, ready = four_backends(refresh_s=1000.0)
+    req = RequestInfo(route_class="api")
+    fm.prepare(ready, req)  # built before the flood: prepare() must cap by itself
+    over = int(INFLIGHT_CAP) + 50
+    with ExitStack() as stack:
+        for _ in range(over):
+            stack.enter_context(cluster.track(cluster.get("b2")))
+        expected = build(ready, req, fm.slots, clock())
+        x = fm.prepare(ready, req).copy()
+        assert x[2, INFLIGHT] == INFLIGHT_CAP
+        np.testing.assert_array_equal(x, expected)
+        out = np.zeros((1, N_FEATURES), dtype=np.float32)
+        fm.copy_rows(flat_view(out), [2], flat_view(x[0, :N_REQUEST].copy()), fm.inflight_now,
+                     fm.slots.slot("api"))
+        np.testing.assert_array_equal(out[0], x[2])
