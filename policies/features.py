@@ -247,7 +247,8 @@ class FeatureMatrix:
     `refresh(backend)` (all of them) after a backend's outcome was recorded:
     between two full refreshes (`refreshes` counts them) only those calls
     change a row's backend columns, which lets a caller re-score just the rows
-    that changed.
+    that changed: `copy_rows` gives those rows as `prepare` would, without
+    updating the whole matrix (while `current_for(ready)`).
     """
 
     def __init__(self, route_classes: Sequence[str], clock: Clock = time.monotonic,
