@@ -73,7 +73,6 @@ from policies.features import (
     ERROR_RATE,
     EWMA,
     EWMA_COST,
-    FEATURE_NAMES,
     INFLIGHT,
     N_FEATURES,
     N_REQUEST,
@@ -133,7 +132,6 @@ MODEL_ACTIVE = Gauge(
     multiprocess_mode="min",
 )
 
-WINDOW_N = FEATURE_NAMES.index("window_n_log")
 
 # A rescore also predicts every backend at inflight + SLOPE_STEP, for the slope
 # (wider than 1 so a tree model's flat step still shows the queueing cost).
@@ -566,8 +564,9 @@ class OnnxLatency:
         started = time.thread_time_ns() if timed else 0
         try:
             if self._warming:
-                x = self._features.prepare(ready, req)
-                if float(np.expm1(x[:, WINDOW_N]).mean()) < self.options.min_history:
+                # Outcomes recorded per backend, read from the state itself: the matrix's
+                # window_n column would only move at its next full refresh (refresh_s).
+                if sum(s.requests for s in ready) < self.options.min_history * len(ready):
                     return self._fall_back(ready, req, WARMING_UP)
                 self._warming = False
             sc = self._scores_for(model, ready, req)

@@ -442,9 +442,11 @@ def test_fallback_routes_until_every_backend_has_history(tmp_path: Path) -> None
     ready = sim.cluster.ready()
     p.pick(ready, REQ)
     assert p.last_reason == WARMING_UP
-    sim.run(create("round_robin", {}, PolicyContext(clock=sim.clock)), 30)
-    sim.clock.t += 1.0  # past refresh_s: the policy's matrix re-reads every backend
+    sim.run(create("round_robin", {}, PolicyContext(clock=sim.clock)), 14)
     p.pick(ready, REQ)
+    assert p.last_reason == WARMING_UP  # 14 outcomes < 5 x 3 backends
+    sim.run(create("round_robin", {}, PolicyContext(clock=sim.clock)), 1)
+    p.pick(ready, REQ)  # at once, not at the matrix's next refresh
     assert p.last_reason is None
 
 
