@@ -58,7 +58,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -97,7 +97,8 @@ TARGETS = (TARGET, TARGET_RATIO)
 
 PREDICTION_ERROR = Histogram(
     "foretell_model_prediction_error_seconds",
-    "Absolute error of the latency model's prediction for the chosen backend",
+    "Absolute error of the latency model's prediction for the chosen backend (sampled: every "
+    "32nd outcome)",
     ["cluster", "mode"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
@@ -139,6 +140,9 @@ SLOPE_STEP = 2.0
 
 # Outcomes remembered for partial rescores (a class scored longer ago is run in full).
 OBSERVED_LOG_MAX = 1024
+
+# Outcomes per prediction-error observation (a power of two; see the metric's help).
+ERROR_SAMPLE_EVERY = 32
 
 # Picks after a (re)load not counted against the time budget (first runs are slow).
 WARMUP_PICKS = 64
@@ -445,6 +449,16 @@ class OnnxLatency:
         self._fallback_observe = getattr(self.fallback, "observe", None)
         self.last_propensity: float | None = None
         self.last_reason: str | None = None  # why the last pick fell back, None if it did not
+        # Options every pick or outcome reads, as plain attributes (the options are frozen).
+        self._time_every = options.pick_time_every
+        self._refresh_s = options.refresh_s
+        self._max_scored = options.max_scored
+        self._epsilon = options.epsilon
+        # Shadow mode records errors but corrects nothing (the model does not route).
+        self._residual_alpha = 0.0 if options.shadow else options.residual_alpha
+        self._clip_lo, self._clip_hi = 1.0 / options.residual_clip, options.residual_clip
+        # True while pick can go straight to the model: loaded, enabled, warm, not shadow.
+        self._plain = False
         self.model: LoadedModel | None = None
         self._features = FeatureMatrix(self._ctx_routes, ctx.clock, options.refresh_s)
         self._corr_of: dict[str, float] = {}
@@ -462,6 +476,7 @@ class OnnxLatency:
         self._load_error_reason = MISSING_FILE
         self._watched_key: tuple[int, int, int] | None = None
         self._warming = options.min_history > 0
+        self._update_plain()
         try:
             self._install(load_model(options.model_path))
         except ModelError as exc:
@@ -497,6 +512,7 @@ class OnnxLatency:
         self._disabled_until = -math.inf
         self._pick_ewma_us = 0.0
         self._picks = 0
+        self._update_plain()
         if old is not None:
             MODEL_INFO.remove(self.cluster, old.version, old.kind)
         MODEL_INFO.labels(self.cluster, model.version, model.kind).set(1)
@@ -545,6 +561,20 @@ class OnnxLatency:
         return chosen
 
     def pick(self, ready: Sequence[BackendView], req: RequestInfo) -> BackendView | None:
+        # Every request runs this: the usual case (the model routes, cached scores fresh)
+        # takes as few steps as it can, everything else is in _pick_other.
+        if not (self._plain and ready):
+            return self._pick_other(ready, req)
+        self._picks = picks = self._picks + 1
+        if picks % self._time_every == 0:
+            return self._timed(self._choose, ready, req)
+        try:
+            return self._choose(ready, req)
+        except Exception as exc:  # the model must never fail a request
+            return self._inference_failed(ready, req, exc)
+
+    def _pick_other(self, ready: Sequence[BackendView], req: RequestInfo) -> BackendView | None:
+        """A pick while no ready backend, no model, the model disabled, warming up, or shadow."""
         model = self.model
         if not ready:
             self.last_propensity = None
@@ -557,67 +587,114 @@ class OnnxLatency:
             self._disabled_until = -math.inf
             self._pick_ewma_us = 0.0
             MODEL_ACTIVE.labels(self.cluster).set(1)
-        self._picks += 1
-        # Sampled, in thread CPU time: what a pick costs, not how long another process
-        # held the core (a shared machine must not trip the budget).
-        timed = self._picks % self.options.pick_time_every == 0
-        started = time.thread_time_ns() if timed else 0
+        if self._warming:
+            # Outcomes recorded per backend, read from the state itself: the matrix's
+            # window_n column would only move at its next full refresh (refresh_s).
+            if sum(s.requests for s in ready) < self.options.min_history * len(ready):
+                return self._fall_back(ready, req, WARMING_UP)
+            self._warming = False
+        self._update_plain()
+        self._picks = picks = self._picks + 1
+        choose = self._shadow_choose if self.options.shadow else self._choose
+        if picks % self._time_every == 0:
+            return self._timed(choose, ready, req)
         try:
-            if self._warming:
-                # Outcomes recorded per backend, read from the state itself: the matrix's
-                # window_n column would only move at its next full refresh (refresh_s).
-                if sum(s.requests for s in ready) < self.options.min_history * len(ready):
-                    return self._fall_back(ready, req, WARMING_UP)
-                self._warming = False
-            sc = self._scores_for(model, ready, req)
-        except Exception as exc:  # the model must never fail a request
-            log.exception("cluster %s: inference failed (%s); falling back for %.0f s",
-                          self.cluster, exc, self.options.cooldown_s)
-            self._disable(INFERENCE_ERROR)
-            return self._fall_back(ready, req, INFERENCE_ERROR)
-        a, b, cur, pen, corr = sc.a, sc.b, sc.cur, sc.pen, self._corr_rows
-        if self.options.shadow:
-            chosen = self._fall_back(ready, req, SHADOW)
-            if chosen is not None:
-                j = self._row_of.get(chosen.id)
-                if j is not None and ready[j] is chosen:
-                    self._remember(req, chosen.id, a[j] + b[j] * (chosen.inflight - cur[j]))
+            return choose(ready, req)
+        except Exception as exc:
+            return self._inference_failed(ready, req, exc)
+
+    def _shadow_choose(self, ready: Sequence[BackendView], req: RequestInfo) -> BackendView | None:
+        """The fallback's choice, remembering what the model predicted for it."""
+        sc = self._scores_for(ready, req)
+        chosen = self._fall_back(ready, req, SHADOW)
+        if chosen is not None:
+            j = self._row_of.get(chosen.id)
+            if j is not None and ready[j] is chosen:
+                self._remember(req, chosen.id, sc.a[j] + sc.b[j] * (chosen.inflight - sc.cur[j]))
+        return chosen
+
+    def _update_plain(self) -> None:
+        """Whether pick can go straight to the model (see pick)."""
+        self._plain = (self.model is not None and self._disabled_until == -math.inf
+                       and not self._warming and not self.options.shadow)
+
+    def _inference_failed(self, ready: Sequence[BackendView], req: RequestInfo,
+                          exc: Exception) -> BackendView | None:
+        log.error("cluster %s: inference failed (%s); falling back for %.0f s",
+                  self.cluster, exc, self.options.cooldown_s, exc_info=exc)
+        self._disable(INFERENCE_ERROR)
+        return self._fall_back(ready, req, INFERENCE_ERROR)
+
+    def _timed(self, choose: Callable[[Sequence[BackendView], RequestInfo], BackendView | None],
+               ready: Sequence[BackendView], req: RequestInfo) -> BackendView | None:
+        """`choose`, timed in thread CPU time (every pick_time_every-th pick): what a pick
+        costs, not how long another process held the core (a shared machine must not trip
+        the budget)."""
+        started = time.thread_time_ns()
+        try:
+            chosen = choose(ready, req)
+        except Exception as exc:
+            return self._inference_failed(ready, req, exc)
+        elapsed_us = (time.thread_time_ns() - started) / 1e3
+        self._pick_hist.observe(elapsed_us / 1e6)
+        if self._picks <= WARMUP_PICKS:
             return chosen
+        # Clamped so one stall (GC, first run after a rebuild) cannot trip the budget alone.
+        sample = min(elapsed_us, 4.0 * self.options.budget_us)
+        self._pick_ewma_us += 0.05 * (sample - self._pick_ewma_us)
+        if self._pick_ewma_us > self.options.budget_us:
+            log.warning("cluster %s: picks take %.0f µs (budget %.0f µs); falling back "
+                        "for %.0f s", self.cluster, self._pick_ewma_us,
+                        self.options.budget_us, self.options.cooldown_s)
+            self._disable(OVER_BUDGET)
+        return chosen
+
+    def _choose(self, ready: Sequence[BackendView], req: RequestInfo) -> BackendView:
+        """The model's choice among `ready` (not empty), with exploration."""
+        body = req.body_size
+        key = (req.route_class, req.method, int(4.0 * math.log1p(body)) if body > 0 else 0)
+        sc = self._scores.get(key)
+        now = self._clock()
+        # Fresh (the slopes within refresh_s, nothing observed since or within the
+        # rescore gap): used as is; otherwise _scores_for decides what to rerun.
+        if sc is None or ready is not self._scores_ready or now - sc.slope_stamp >= self._refresh_s \
+                or (sc.version != self._version and now - sc.stamp >= self._rescore_gap_s):
+            sc = self._scores_for(ready, req)
+        a0, b, pen, corr = sc.a0, sc.b, sc.pen, self._corr_rows
         n = len(ready)
-        k = self.options.max_scored
+        k = self._max_scored
         best = 0
         best_score = math.inf
         # Plain Python: for a few to a few dozen backends cheaper than any numpy call.
-        for i in (self._rng.sample(range(n), k) if k and n > k else range(n)):
-            v = (a[i] + b[i] * (ready[i].inflight - cur[i])) * corr[i] + pen[i]
-            if v < best_score:
-                best, best_score = i, v
-        eps = self.options.epsilon
-        i = best
-        if eps > 0.0 and self._rng.random() < eps:
-            i = self._rng.randrange(n)
-        self.last_propensity = eps / n + (1.0 - eps) * (i == best) if eps > 0.0 else 1.0
+        if k and n > k:
+            for i in self._rng.sample(range(n), k):
+                v = (a0[i] + b[i] * ready[i].inflight) * corr[i] + pen[i]
+                if v < best_score:
+                    best, best_score = i, v
+        else:
+            for i, s in enumerate(ready):
+                v = (a0[i] + b[i] * s.inflight) * corr[i] + pen[i]
+                if v < best_score:
+                    best, best_score = i, v
+        eps = self._epsilon
+        if eps > 0.0:
+            i = self._rng.randrange(n) if self._rng.random() < eps else best
+            self.last_propensity = eps / n + (1.0 - eps) * (i == best)
+        else:
+            i = best
+            self.last_propensity = 1.0
         chosen = ready[i]
         self.last_reason = None
-        self._remember(req, chosen.id, a[i] + b[i] * (chosen.inflight - cur[i]))
-        if timed:
-            elapsed_us = (time.thread_time_ns() - started) / 1e3
-            self._pick_hist.observe(elapsed_us / 1e6)
-            if self._picks <= WARMUP_PICKS:
-                return chosen
-            # Clamped so one stall (GC, first run after a rebuild) cannot trip the budget alone.
-            sample = min(elapsed_us, 4.0 * self.options.budget_us)
-            self._pick_ewma_us += 0.05 * (sample - self._pick_ewma_us)
-            if self._pick_ewma_us > self.options.budget_us:
-                log.warning("cluster %s: picks take %.0f µs (budget %.0f µs); falling back "
-                            "for %.0f s", self.cluster, self._pick_ewma_us,
-                            self.options.budget_us, self.options.cooldown_s)
-                self._disable(OVER_BUDGET)
+        pending = self._pending
+        if len(pending) > 65536:  # attempts that never reported back
+            pending.clear()
+        pending[id(req)] = (chosen.id, a0[i] + b[i] * chosen.inflight)
         return chosen
 
     def _disable(self, reason: str) -> None:
         self._disabled_until = self._clock() + self.options.cooldown_s
         self._disabled_reason = reason
+        self._plain = False
         MODEL_ACTIVE.labels(self.cluster).set(0)
 
     def _reset_scores(self) -> None:
@@ -642,9 +719,10 @@ class OnnxLatency:
         self._observed_rows: list[int] = []
         self._log_base = 0
 
-    def _scores_for(self, model: LoadedModel, ready: Sequence[BackendView],
-                    req: RequestInfo) -> _Scores:
+    def _scores_for(self, ready: Sequence[BackendView], req: RequestInfo) -> _Scores:
         """Cached predictions for this request class, recomputed when stale."""
+        model = self.model
+        assert model is not None, "scores asked for without a model"
         if ready is not self._scores_ready:
             # Another ready list (health change, or a retry's subset): rows move.
             self._scores.clear()
@@ -735,8 +813,9 @@ class OnnxLatency:
             pred = model.predict(level)
             if model.ratio:
                 np.multiply(pred, level[:, ROUTE_COST], out=pred)
-            return _Scores(now, version, pred.tolist(), old.b, cur, pen, old.slope_stamp,
-                           refreshes, flat_view(x[0, :N_REQUEST].copy()))
+            a = pred.tolist()
+            return _Scores(now, version, a, old.b, cur, pen, old.slope_stamp,
+                           refreshes, flat_view(x[0, :N_REQUEST].copy()), _at_zero(a, old.b, cur))
         pairs[:n] = x
         pairs[n:] = x
         up = pairs[n:]
@@ -750,7 +829,7 @@ class OnnxLatency:
         a = p[:n]
         b = [max(0.0, (hi - lo) / SLOPE_STEP) for lo, hi in zip(a, p[n:], strict=True)]
         return _Scores(now, version, a, b, cur, pen, now, refreshes,
-                       flat_view(x[0, :N_REQUEST].copy()))
+                       flat_view(x[0, :N_REQUEST].copy()), _at_zero(a, b, cur))
 
     def _changed_rows(self, old: _Scores, cur: list[int], refreshes: int) -> list[int] | None:
         """Rows whose model input moved since `old` was scored: an outcome was observed
@@ -779,7 +858,7 @@ class OnnxLatency:
         count)."""
         if not rows:  # the lists are shared: nothing changes them in place
             return _Scores(now, version, old.a, old.b, cur, old.pen, old.slope_stamp,
-                           old.refreshes, old.request)
+                           old.refreshes, old.request, old.a0)
         k = len(rows)
         # Row counts rounded up to a power of two (padded with the last row), so a few
         # input arrays stay bound to the model.
@@ -795,16 +874,19 @@ class OnnxLatency:
             np.multiply(pred, buf[:, ROUTE_COST], out=pred)
         p = pred.tolist()
         a = old.a.copy()
+        a0 = old.a0.copy()
+        b = old.b
         for j, i in enumerate(rows):
             a[i] = p[j]
+            a0[i] = p[j] - b[i] * cur[i]
         pen = old.pen
         penalty = self.options.failure_penalty_ms
         if penalty:
             pen = pen.copy()
             for j, i in enumerate(rows):
                 pen[i] = flat[j * N_FEATURES + ERROR_RATE] * penalty
-        return _Scores(now, version, a, old.b, cur, pen, old.slope_stamp, old.refreshes,
-                       old.request)
+        return _Scores(now, version, a, b, cur, pen, old.slope_stamp, old.refreshes,
+                       old.request, a0)
 
     def _remember(self, req: RequestInfo, backend_id: str, pred_ms: float) -> None:
         if len(self._pending) > 65536:  # attempts that never reported back
@@ -813,30 +895,35 @@ class OnnxLatency:
 
     # -- feedback -------------------------------------------------------------------
     def observe(self, backend: BackendView, req: RequestInfo, outcome: Any) -> None:
+        if self._fallback_observe is not None:
+            self._fallback_observe(backend, req, outcome)
+        if self.model is None:  # nothing cached to keep up (a model starts afresh)
+            return
         bid = backend.id  # a property: read once (this runs for every request)
         # Its feature row is updated at the next rescore, not here.
         self._dirty[bid] = (backend, req.route_class)
-        self._version += 1
+        self._version = version = self._version + 1
         i = self._row_of.get(bid)
         log_rows = self._observed_rows
         log_rows.append(-1 if i is None else i)
         if len(log_rows) >= OBSERVED_LOG_MAX:  # older scores are rescored in full
             del log_rows[:OBSERVED_LOG_MAX // 2]
             self._log_base += OBSERVED_LOG_MAX // 2
-        if self._fallback_observe is not None:
-            self._fallback_observe(backend, req, outcome)
         pending = self._pending.pop(id(req), None)
         if pending is None or pending[0] != bid or outcome.error_kind is not None:
             return
         pred_ms = pending[1]
         observed_ms = outcome.latency_s * 1e3
-        if self._version % 8 == 0:  # sampled: a histogram observation costs ~2 µs
+        if version & (ERROR_SAMPLE_EVERY - 1) == 0:  # sampled: an observation costs ~2 µs
             self._err_hist.observe(abs(observed_ms - pred_ms) / 1e3)
-        alpha = self.options.residual_alpha
-        if alpha <= 0.0 or pred_ms <= 0.0 or self.options.shadow:
+        alpha = self._residual_alpha
+        if alpha <= 0.0 or pred_ms <= 0.0:
             return
-        clip = self.options.residual_clip
-        ratio = min(max(observed_ms / pred_ms, 1.0 / clip), clip)
+        ratio = observed_ms / pred_ms
+        if ratio > self._clip_hi:
+            ratio = self._clip_hi
+        elif ratio < self._clip_lo:
+            ratio = self._clip_lo
         old = self._corr_of.get(bid, 1.0)
         new = old + alpha * (ratio - old)
         self._corr_of[bid] = new
@@ -886,3 +973,9 @@ class _Scores:
     # (body size within its bucket), and partial runs reuse these so that all rows of
     # one class stay priced for the same request. A flat float32 view.
     request: memoryview[float]
+    # a - b * cur: a pick prices a backend at a0 + b * inflight_now (one step less).
+    a0: list[float]
+
+
+def _at_zero(a: list[float], b: list[float], cur: list[int]) -> list[float]:
+    return [x - y * c for x, y, c in zip(a, b, cur, strict=True)]

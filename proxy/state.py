@@ -180,6 +180,7 @@ class BackendState:
         "ewma",
         "health",
         "health_reason",
+        "id",
         "inflight",
         "last_error_at",
         "reported_load",
@@ -187,11 +188,16 @@ class BackendState:
         "route_ewma_s",
         "waiting",
         "waiting_since",
+        "weight",
         "window",
     )
 
     def __init__(self, backend: Backend, clock: Clock, decay_s: float = DEFAULT_DECAY_S) -> None:
         self.backend = backend
+        # Copies of the backend's (frozen) identity: read on every request, and an
+        # attribute costs less than a property.
+        self.id = backend.id
+        self.weight = backend.weight
         self._clock = clock
         self.inflight = 0
         self.ewma = PeakEwma(clock, decay_s)
@@ -217,14 +223,6 @@ class BackendState:
         # response, None when none is. A backend that stopped answering sends
         # no outcome, so its EWMA cannot rise; this age is what shows it.
         self.waiting_since: float | None = None
-
-    @property
-    def id(self) -> str:
-        return self.backend.id
-
-    @property
-    def weight(self) -> int:
-        return self.backend.weight
 
     def ewma_s(self) -> float:
         return self.ewma.read()

@@ -123,6 +123,21 @@ def test_model_routes_by_prediction(tmp_path: Path) -> None:
     assert p.last_propensity == 1.0 and p.last_reason is None
 
 
+def test_another_ready_list_is_priced_by_its_own_rows(tmp_path: Path) -> None:
+    """Cached scores are rows of one ready list: a list in another order (a retry's
+    subset, a health change) must not be priced with them."""
+    sim = Sim(n_backends=3)
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"))
+    ready = sim.cluster.ready()
+    b0, b1, b2 = ready
+    for _ in range(8):  # b0 fails everything: its failure penalty prices it out
+        with sim.cluster.track(b0) as t:
+            t.finish(Outcome(500, 0.001, None, 0, "fast"))
+    assert p.pick(ready, REQ) is b1  # scored for (b0, b1, b2); b1 before b2 on a tie
+    with sim.cluster.track(b1):  # b1 busy: b2 is the one left
+        assert p.pick((b2, b1, b0), REQ) is b2
+
+
 def test_missing_file_falls_back_then_loads_when_it_appears(tmp_path: Path) -> None:
     import asyncio
 
@@ -370,7 +385,8 @@ def test_a_partial_rescore_runs_only_the_changed_rows_and_matches_a_full_one(
         if old is not None:
             full = real(model, ready, req, now, old, partial=False)
             compared += 1
-            differed += got.a != full.a or got.cur != full.cur or got.pen != full.pen
+            differed += (got.a != full.a or got.a0 != full.a0 or got.cur != full.cur
+                         or got.pen != full.pen)
         return got
 
     p._run_model = checked  # type: ignore[method-assign]
