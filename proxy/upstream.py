@@ -367,6 +367,7 @@ class UpstreamResponse:
             self.close()
             return
         self._finished = True
+        del self._parser  # see close()
         conn.response = None
         self._upstream._pool(self.key, conn)
 
@@ -375,6 +376,10 @@ class UpstreamResponse:
         if self._finished:
             return
         self._finished = True
+        # The parser calls back into this response (bound methods): a reference cycle
+        # that only the cyclic GC would free, ~13 objects per request. Nothing feeds it
+        # once finished (the connection forgets its response).
+        del self._parser
         conn = self._conn
         conn.response = None
         writer = self._writer
