@@ -58,7 +58,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -567,7 +567,7 @@ class OnnxLatency:
             return self._pick_other(ready, req)
         self._picks = picks = self._picks + 1
         if picks % self._time_every == 0:
-            return self._timed(self._choose, ready, req)
+            return self._timed_choice(ready, req)
         try:
             return self._choose(ready, req)
         except Exception as exc:  # the model must never fail a request
@@ -594,24 +594,21 @@ class OnnxLatency:
                 return self._fall_back(ready, req, WARMING_UP)
             self._warming = False
         self._update_plain()
-        self._picks = picks = self._picks + 1
-        choose = self._shadow_choose if self.options.shadow else self._choose
-        if picks % self._time_every == 0:
-            return self._timed(choose, ready, req)
-        try:
-            return choose(ready, req)
-        except Exception as exc:
-            return self._inference_failed(ready, req, exc)
-
-    def _shadow_choose(self, ready: Sequence[BackendView], req: RequestInfo) -> BackendView | None:
-        """The fallback's choice, remembering what the model predicted for it."""
-        sc = self._scores_for(ready, req)
-        chosen = self._fall_back(ready, req, SHADOW)
-        if chosen is not None:
-            j = self._row_of.get(chosen.id)
-            if j is not None and ready[j] is chosen:
-                self._remember(req, chosen.id, sc.a[j] + sc.b[j] * (chosen.inflight - sc.cur[j]))
-        return chosen
+        if self.options.shadow:
+            # The fallback routes; the model's prediction for its choice is remembered.
+            # Not timed: the budget guards routing, which the model does not do here.
+            try:
+                sc = self._scores_for(ready, req)
+            except Exception as exc:
+                return self._inference_failed(ready, req, exc)
+            chosen = self._fall_back(ready, req, SHADOW)
+            if chosen is not None:
+                j = self._row_of.get(chosen.id)
+                if j is not None and ready[j] is chosen:
+                    self._remember(req, chosen.id, sc.a[j] + sc.b[j] * (chosen.inflight - sc.cur[j]))
+            return chosen
+        assert self._plain  # every condition above is cleared: the usual pick
+        return self.pick(ready, req)
 
     def _update_plain(self) -> None:
         """Whether pick can go straight to the model (see pick)."""
@@ -625,14 +622,13 @@ class OnnxLatency:
         self._disable(INFERENCE_ERROR)
         return self._fall_back(ready, req, INFERENCE_ERROR)
 
-    def _timed(self, choose: Callable[[Sequence[BackendView], RequestInfo], BackendView | None],
-               ready: Sequence[BackendView], req: RequestInfo) -> BackendView | None:
-        """`choose`, timed in thread CPU time (every pick_time_every-th pick): what a pick
+    def _timed_choice(self, ready: Sequence[BackendView], req: RequestInfo) -> BackendView | None:
+        """_choose, timed in thread CPU time (every pick_time_every-th pick): what a pick
         costs, not how long another process held the core (a shared machine must not trip
         the budget)."""
         started = time.thread_time_ns()
         try:
-            chosen = choose(ready, req)
+            chosen = self._choose(ready, req)
         except Exception as exc:
             return self._inference_failed(ready, req, exc)
         elapsed_us = (time.thread_time_ns() - started) / 1e3
@@ -899,7 +895,7 @@ class OnnxLatency:
             self._fallback_observe(backend, req, outcome)
         if self.model is None:  # nothing cached to keep up (a model starts afresh)
             return
-        bid = backend.id  # a property: read once (this runs for every request)
+        bid = backend.id
         # Its feature row is updated at the next rescore, not here.
         self._dirty[bid] = (backend, req.route_class)
         self._version = version = self._version + 1

@@ -219,6 +219,20 @@ def test_over_budget_falls_back(tmp_path: Path) -> None:
     assert p.last_reason is None
 
 
+def test_shadow_mode_is_not_switched_off_by_the_budget(tmp_path: Path) -> None:
+    """The budget guards routing; in shadow mode the fallback routes, so predictions (and
+    the error metric they feed) go on however slow the model is."""
+    sim = Sim(n_backends=4)
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"), budget_us=0.001, pick_time_every=1,
+               shadow=True)
+    ready = sim.cluster.ready()
+    reasons: Counter[str | None] = Counter()
+    for _ in range(200):
+        p.pick(ready, REQ)
+        reasons[p.last_reason] += 1
+    assert reasons == {SHADOW: 200}
+
+
 def test_exploration_propensities_sum_to_one(tmp_path: Path) -> None:
     sim = Sim(n_backends=4)
     p = policy(sim, inflight_model(tmp_path / "m.onnx"), seed=4, epsilon=0.2)
