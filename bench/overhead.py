@@ -13,7 +13,11 @@ share CPU 0. The backends are one nginx process serving a fixed 2-byte
 answer on 4 ports: the cheapest server available, so the backend is not the
 bottleneck (direct-to-backend runs several times faster than any proxy).
 CPU per request is the proxy processes' user+system time over the
-measured run divided by the requests wrk completed.
+measured run divided by the requests wrk completed. For foretell, the
+objects its cyclic garbage collector freed over the run (the
+`python_gc_objects_collected_total` counters on its admin /metrics) are
+divided the same way: garbage that reference counting cannot free costs
+collections, which scan every young object.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +63,7 @@ class Result:
     cpu_us_per_req: float | None
     requests: int
     errors: int
+    gc_objects_per_req: float | None = None  # foretell only: freed by the cyclic GC
 
 
 def _which(tool: str) -> str | None:
@@ -195,15 +201,32 @@ def _wrk(url: str, duration_s: float, connections: int) -> str:
     return done.stdout
 
 
+_GC_COLLECTED = re.compile(r"^python_gc_objects_collected_total\{[^}]*\} (\S+)$", re.MULTILINE)
+
+
+def gc_collected(metrics_url: str) -> float:
+    """Objects a Python process's cyclic GC has freed so far, all generations (from its
+    Prometheus text)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    values = _GC_COLLECTED.findall(text)
+    if not values:
+        raise OverheadError(f"{metrics_url}: no python_gc_objects_collected_total")
+    return sum(float(v) for v in values)
+
+
 def measure(name: str, proc: _Proc | None, url: str, duration_s: float,
-            connections: int) -> Result:
+            connections: int, metrics_url: str | None = None) -> Result:
     _wrk(url, WARMUP_S, connections)  # warm pools and caches
+    gc0 = gc_collected(metrics_url) if metrics_url else 0.0
     cpu0 = proc.cpu_s() if proc else 0.0
     out = _wrk(url, duration_s, connections)
     cpu1 = proc.cpu_s() if proc else 0.0
+    gc1 = gc_collected(metrics_url) if metrics_url else 0.0
     rps, p50, p99, total, errors = parse_wrk(out)
     cpu = (cpu1 - cpu0) / total * 1e6 if proc and total else None
-    return Result(name, rps, p50, p99, cpu, total, errors)
+    gc = (gc1 - gc0) / total if metrics_url and total else None
+    return Result(name, rps, p50, p99, cpu, total, errors, gc)
 
 
 def table(results: Sequence[Result], connections: int, duration_s: float, repeats: int = 1) -> str:
@@ -214,8 +237,8 @@ def table(results: Sequence[Result], connections: int, duration_s: float, repeat
              f"median of {repeats} interleaved round(s)",
              "",
              "| proxy | requests/s | p50 ms | p99 ms | proxy CPU µs/req | errors "
-             "| req/s ÷ nginx | CPU/req ÷ nginx | CPU/req ÷ minimal |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| req/s ÷ nginx | CPU/req ÷ nginx | CPU/req ÷ minimal | cyclic GC objects/req |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         cpu = "—" if r.cpu_us_per_req is None else f"{r.cpu_us_per_req:.1f}"
         rr = f"{r.rps / nginx.rps:.3f}" if nginx else "—"
@@ -223,8 +246,9 @@ def table(results: Sequence[Result], connections: int, duration_s: float, repeat
               if nginx and nginx.cpu_us_per_req and r.cpu_us_per_req else "—")
         cm = (f"{r.cpu_us_per_req / minimal.cpu_us_per_req:.2f}"
               if minimal and minimal.cpu_us_per_req and r.cpu_us_per_req else "—")
+        gc = "—" if r.gc_objects_per_req is None else f"{r.gc_objects_per_req:.2f}"
         lines.append(f"| {r.name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {cpu} "
-                     f"| {r.errors} | {rr} | {cr} | {cm} |")
+                     f"| {r.errors} | {rr} | {cr} | {cm} | {gc} |")
     return "\n".join(lines)
 
 
@@ -260,10 +284,12 @@ def paired_ratios(runs: Mapping[str, Sequence[Result]], base: str) -> str:
 def median_result(runs: Sequence[Result]) -> Result:
     """Field-wise median of repeated runs of one proxy."""
     cpus = [r.cpu_us_per_req for r in runs if r.cpu_us_per_req is not None]
+    gcs = [r.gc_objects_per_req for r in runs if r.gc_objects_per_req is not None]
     return Result(runs[0].name, statistics.median(r.rps for r in runs),
                   statistics.median(r.p50_ms for r in runs), statistics.median(r.p99_ms for r in runs),
                   statistics.median(cpus) if cpus else None,
-                  sum(r.requests for r in runs), sum(r.errors for r in runs))
+                  sum(r.requests for r in runs), sum(r.errors for r in runs),
+                  statistics.median(gcs) if gcs else None)
 
 
 def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connections: int = 32,
@@ -290,9 +316,12 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
     def one(name: str, cmd: Sequence[str]) -> None:
         print(f"overhead: {name} ...", file=sys.stderr, flush=True)
         p = start(name, cmd, PROXY_CPU, proxy_port)
+        # Only foretell has an admin port (its /metrics counts GC work).
+        metrics_url = f"http://127.0.0.1:{admin_port}/metrics" if name.startswith("foretell ") else None
         try:
             runs.setdefault(name, []).append(
-                measure(name, p, f"http://127.0.0.1:{proxy_port}/", duration_s, connections))
+                measure(name, p, f"http://127.0.0.1:{proxy_port}/", duration_s, connections,
+                        metrics_url))
         finally:
             p.stop()
             procs.remove(p)

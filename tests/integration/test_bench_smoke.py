@@ -59,3 +59,26 @@ def test_cli_rejects_unknown_scenario_and_policy(capsys: pytest.CaptureFixture[s
     assert "unknown scenario" in capsys.readouterr().err
     assert bench_main(["run", "--scenario", "skew", "--policies", "no_such_policy"]) == 2
     assert "no_such_policy" in capsys.readouterr().err
+
+
+async def test_overhead_reads_the_cyclic_gc_work_from_foretells_metrics(start_proxy) -> None:
+    """`bench overhead` divides what the proxy's cyclic GC freed by the requests: the
+    counter it reads moves by the cyclic garbage collected (here the test's own: the
+    proxy runs in this process)."""
+    import asyncio
+    import gc
+
+    from bench.overhead import gc_collected
+    from tests.support import proxy_config
+
+    proxy = await start_proxy(proxy_config({"a": "http://127.0.0.1:9"}))
+    url = proxy.admin_url + "/metrics"
+    gc.collect()
+    before = await asyncio.to_thread(gc_collected, url)
+    for generation in (0, 2):  # counted per generation: the sum is read
+        for _ in range(500):
+            cycle: list[object] = []
+            cycle.append(cycle)
+        gc.collect(generation)
+    after = await asyncio.to_thread(gc_collected, url)
+    assert after - before >= 1000

@@ -52,9 +52,12 @@ def test_parse_wrk_refuses_garbage() -> None:
 
 def test_table_gives_ratios_to_nginx() -> None:
     text = table([Result("nginx", 50000, 0.5, 1.0, 20.0, 500000, 0),
-                  Result("foretell round_robin", 5000, 5.0, 20.0, 200.0, 50000, 0)], 32, 10)
+                  Result("foretell round_robin", 5000, 5.0, 20.0, 200.0, 50000, 0, 13.0)], 32, 10)
     row = next(line for line in text.splitlines() if line.startswith("| foretell"))
     assert "| 0.100 | 10.0 |" in row
+    assert row.endswith("| 13.00 |")  # cyclic GC objects per request: foretell only
+    nginx = next(line for line in text.splitlines() if line.startswith("| nginx"))
+    assert nginx.endswith("| — |")
 
 
 def test_proxy_configs_name_every_backend_and_least_conn(tmp_path: Path) -> None:
