@@ -647,15 +647,7 @@ class OnnxLatency:
 
     def _choose(self, ready: Sequence[BackendView], req: RequestInfo) -> BackendView:
         """The model's choice among `ready` (not empty), with exploration."""
-        body = req.body_size
-        key = (req.route_class, req.method, int(4.0 * math.log1p(body)) if body > 0 else 0)
-        sc = self._scores.get(key)
-        now = self._clock()
-        # Fresh (the slopes within refresh_s, nothing observed since or within the
-        # rescore gap): used as is; otherwise _scores_for decides what to rerun.
-        if sc is None or ready is not self._scores_ready or now - sc.slope_stamp >= self._refresh_s \
-                or (sc.version != self._version and now - sc.stamp >= self._rescore_gap_s):
-            sc = self._scores_for(ready, req)
+        sc = self._scores_for(ready, req)
         a0, b, pen, corr = sc.a0, sc.b, sc.pen, self._corr_rows
         n = len(ready)
         k = self._max_scored
@@ -681,16 +673,13 @@ class OnnxLatency:
             self.last_propensity = 1.0
         chosen = ready[i]
         self.last_reason = None
-        pending = self._pending
-        if len(pending) > 65536:  # attempts that never reported back
-            pending.clear()
-        pending[id(req)] = (chosen.id, a0[i] + b[i] * chosen.inflight)
+        self._remember(req, chosen.id, a0[i] + b[i] * chosen.inflight)
         return chosen
 
     def _disable(self, reason: str) -> None:
         self._disabled_until = self._clock() + self.options.cooldown_s
         self._disabled_reason = reason
-        self._plain = False
+        self._update_plain()
         MODEL_ACTIVE.labels(self.cluster).set(0)
 
     def _reset_scores(self) -> None:
@@ -716,7 +705,21 @@ class OnnxLatency:
         self._log_base = 0
 
     def _scores_for(self, ready: Sequence[BackendView], req: RequestInfo) -> _Scores:
-        """Cached predictions for this request class, recomputed when stale."""
+        """Cached predictions for this request class, used as they are while fresh: for
+        this ready list, slopes younger than refresh_s (so the level is too), and no
+        outcome observed since or the rescore gap not over."""
+        body = req.body_size
+        key = (req.route_class, req.method, int(4.0 * math.log1p(body)) if body > 0 else 0)
+        sc = self._scores.get(key)
+        now = self._clock()
+        if sc is None or ready is not self._scores_ready or now - sc.slope_stamp >= self._refresh_s \
+                or (sc.version != self._version and now - sc.stamp >= self._rescore_gap_s):
+            sc = self._scores[key] = self._stale(ready, req, sc, now)
+        return sc
+
+    def _stale(self, ready: Sequence[BackendView], req: RequestInfo, sc: _Scores | None,
+               now: float) -> _Scores:
+        """New predictions for a class whose cached ones (`sc`, if any) are not fresh."""
         model = self.model
         assert model is not None, "scores asked for without a model"
         if ready is not self._scores_ready:
@@ -725,18 +728,11 @@ class OnnxLatency:
             self._scores_ready = ready
             self._row_of = {s.id: i for i, s in enumerate(ready)}
             self._corr_rows = [self._corr_of.get(s.id, 1.0) for s in ready]
-        body = req.body_size
-        key = (req.route_class, req.method, int(4.0 * math.log1p(body)) if body > 0 else 0)
-        sc = self._scores.get(key)
-        now = self._clock()
-        if sc is None or now - sc.slope_stamp >= self.options.refresh_s:
-            sc = self._scores[key] = self._rescore(model, ready, req, now, None,
-                                                   classes=len(self._scores) + (sc is None))
-        elif now - sc.stamp >= self.options.refresh_s or (
-                sc.version != self._version and now - sc.stamp >= self._rescore_gap_s):
-            sc = self._scores[key] = self._rescore(model, ready, req, now, sc,
-                                                   classes=len(self._scores))
-        return sc
+            sc = None
+        if sc is None or now - sc.slope_stamp >= self._refresh_s:
+            return self._rescore(model, ready, req, now, None,
+                                 classes=len(self._scores) + (sc is None))
+        return self._rescore(model, ready, req, now, sc, classes=len(self._scores))
 
     def _rescore(self, model: LoadedModel, ready: Sequence[BackendView], req: RequestInfo,
                  now: float, old: _Scores | None, *, classes: int) -> _Scores:
