@@ -366,15 +366,10 @@ class UpstreamResponse:
                                                 and writer.exception() is None))):
             self.close()
             return
-        self._finished = True
-        del self._parser  # see close()
-        conn.response = None
-        self._upstream._pool(self.key, conn)
+        self._upstream._pool(self.key, self._finish())
 
-    def close(self) -> None:
-        """Done with the response, connection closed. Safe to call more than once."""
-        if self._finished:
-            return
+    def _finish(self) -> _Connection:
+        """Mark the response done and detach it from its connection (returned)."""
         self._finished = True
         # The parser calls back into this response (bound methods): a reference cycle
         # that only the cyclic GC would free, ~13 objects per request. Nothing feeds it
@@ -382,6 +377,13 @@ class UpstreamResponse:
         del self._parser
         conn = self._conn
         conn.response = None
+        return conn
+
+    def close(self) -> None:
+        """Done with the response, connection closed. Safe to call more than once."""
+        if self._finished:
+            return
+        conn = self._finish()
         writer = self._writer
         if writer is not None:
             if not writer.done():
