@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fleet import free_ports, port_accepts
 from bench.process import stop_process, tree_cpu_s
@@ -201,18 +202,15 @@ def _wrk(url: str, duration_s: float, connections: int) -> str:
     return done.stdout
 
 
-_GC_COLLECTED = re.compile(r"^python_gc_objects_collected_total\{[^}]*\} (\S+)$", re.MULTILINE)
-
-
 def gc_collected(metrics_url: str) -> float:
     """Objects a Python process's cyclic GC has freed so far, all generations (from its
     Prometheus text)."""
     with urllib.request.urlopen(metrics_url, timeout=10) as resp:
         text = resp.read().decode()
-    values = _GC_COLLECTED.findall(text)
-    if not values:
-        raise OverheadError(f"{metrics_url}: no python_gc_objects_collected_total")
-    return sum(float(v) for v in values)
+    for family in text_string_to_metric_families(text):
+        if family.name == "python_gc_objects_collected":
+            return sum(sample.value for sample in family.samples)
+    raise OverheadError(f"{metrics_url}: no python_gc_objects_collected_total")
 
 
 def measure(name: str, proc: _Proc | None, url: str, duration_s: float,
@@ -313,11 +311,9 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
         p.wait_port(port)
         return p
 
-    def one(name: str, cmd: Sequence[str]) -> None:
+    def one(name: str, cmd: Sequence[str], metrics_url: str | None) -> None:
         print(f"overhead: {name} ...", file=sys.stderr, flush=True)
         p = start(name, cmd, PROXY_CPU, proxy_port)
-        # Only foretell has an admin port (its /metrics counts GC work).
-        metrics_url = f"http://127.0.0.1:{admin_port}/metrics" if name.startswith("foretell ") else None
         try:
             runs.setdefault(name, []).append(
                 measure(name, p, f"http://127.0.0.1:{proxy_port}/", duration_s, connections,
@@ -340,23 +336,26 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
         px_dir.mkdir()
         (px_dir / "nginx.conf").write_text(proxy_nginx_conf(px_dir, proxy_port, be_ports))
         (work / "haproxy.cfg").write_text(haproxy_conf(proxy_port, be_ports))
-        proxies: list[tuple[str, list[str]]] = [
+        # (name, command, its /metrics or None): only foretell has an admin port.
+        proxies: list[tuple[str, list[str], str | None]] = [
             ("nginx", [nginx_bin, "-p", str(px_dir), "-c", str(px_dir / "nginx.conf"),
-                       "-e", str(px_dir / "error.log")]),
-            ("haproxy", [haproxy_bin, "-db", "-f", str(work / "haproxy.cfg")]),
+                       "-e", str(px_dir / "error.log")], None),
+            ("haproxy", [haproxy_bin, "-db", "-f", str(work / "haproxy.cfg")], None),
             ("minimal (aiohttp+uvloop)",
              [sys.executable, "-m", "bench.minimal_proxy", "--port", str(proxy_port),
-              *[f"http://127.0.0.1:{p}" for p in be_ports]]),
+              *[f"http://127.0.0.1:{p}" for p in be_ports]], None),
         ]
+        foretell_metrics = f"http://127.0.0.1:{admin_port}/metrics"
         for pol in policies:
             cfg = work / f"foretell-{pol}.yaml"
             cfg.write_text(foretell_conf(proxy_port, admin_port, be_ports, policy_kind(pol),
                                          (policy_options or {}).get(pol)))
-            proxies.append((f"foretell {pol}", [sys.executable, "-m", "proxy", "--config", str(cfg)]))
+            proxies.append((f"foretell {pol}", [sys.executable, "-m", "proxy", "--config", str(cfg)],
+                            foretell_metrics))
         # Rounds interleave the proxies so slow drifts of a shared machine hit all alike.
         for _ in range(repeats):
-            for name, cmd in proxies:
-                one(name, cmd)
+            for name, cmd, metrics_url in proxies:
+                one(name, cmd, metrics_url)
     finally:
         for p in reversed(procs):
             p.stop()
