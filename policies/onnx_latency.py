@@ -95,10 +95,13 @@ TARGET = "latency_ms"
 TARGET_RATIO = "latency_ms_over_route_cost"
 TARGETS = (TARGET, TARGET_RATIO)
 
+# Outcomes per prediction-error observation (a power of two: a mask picks them).
+ERROR_SAMPLE_EVERY = 32
+
 PREDICTION_ERROR = Histogram(
     "foretell_model_prediction_error_seconds",
-    "Absolute error of the latency model's prediction for the chosen backend (sampled: every "
-    "32nd outcome)",
+    "Absolute error of the latency model's prediction for the chosen backend (sampled: "
+    f"outcomes numbered a multiple of {ERROR_SAMPLE_EVERY})",
     ["cluster", "mode"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
@@ -140,9 +143,6 @@ SLOPE_STEP = 2.0
 
 # Outcomes remembered for partial rescores (a class scored longer ago is run in full).
 OBSERVED_LOG_MAX = 1024
-
-# Outcomes per prediction-error observation (a power of two; see the metric's help).
-ERROR_SAMPLE_EVERY = 32
 
 # Picks after a (re)load not counted against the time budget (first runs are slow).
 WARMUP_PICKS = 64
