@@ -145,7 +145,7 @@ def _overhead(args: argparse.Namespace) -> int:
         return run_overhead(policies, duration_s=args.duration_s, connections=args.connections,
                             repeats=args.repeats, policy_options=options,
                             out=Path(args.out) if args.out else None,
-                            install=not args.no_install)
+                            install=not args.no_install, references=not args.no_references)
     except OverheadError as exc:
         print(f"bench overhead: {exc}", file=sys.stderr)
         return 1
@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--out", default=None, help="write the table (markdown) here too")
     ov.add_argument("--no-install", action="store_true",
                     help="do not apt-get missing tools (fail instead)")
+    ov.add_argument("--no-references", action="store_true",
+                    help="run foretell's policies only (no direct, nginx, haproxy, minimal proxy): "
+                         "shorter rounds, for comparing policies")
     ov.set_defaults(func=_overhead)
 
     ins = sub.add_parser("instructions", help="instructions per request under callgrind (noise-free)")

@@ -36,6 +36,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -49,6 +50,8 @@ PROXY_CPU = 1
 CLIENT_CPU = 0
 WARMUP_S = 2.0
 READY_TIMEOUT_S = 20.0
+
+T = TypeVar("T")
 
 
 class OverheadError(RuntimeError):
@@ -232,7 +235,7 @@ def table(results: Sequence[Result], connections: int, duration_s: float, repeat
     minimal = next((r for r in results if r.name.startswith("minimal")), None)
     lines = [f"wrk -t1 -c{connections} -d{duration_s:g}s; proxy pinned to CPU {PROXY_CPU}, "
              f"wrk and backends (nginx, static 200) on CPU {CLIENT_CPU}; "
-             f"median of {repeats} interleaved round(s)",
+             f"median of {repeats} interleaved round(s), each starting one proxy later",
              "",
              "| proxy | requests/s | p50 ms | p99 ms | proxy CPU µs/req | errors "
              "| req/s ÷ nginx | CPU/req ÷ nginx | CPU/req ÷ minimal | cyclic GC objects/req |",
@@ -290,10 +293,21 @@ def median_result(runs: Sequence[Result]) -> Result:
                   statistics.median(gcs) if gcs else None)
 
 
+def round_order(proxies: Sequence[T], round_index: int) -> list[T]:
+    """The order of one round: each round starts one proxy later than the one before, so
+    over len(proxies) rounds every proxy runs once in every position (a shared machine
+    that is slower early or late in a round does not always hit the same proxy)."""
+    k = round_index % len(proxies) if proxies else 0
+    return [*proxies[k:], *proxies[:k]]
+
+
 def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connections: int = 32,
                  out: Path | None = None, install: bool = True, repeats: int = 1,
-                 policy_options: dict[str, dict[str, object]] | None = None) -> int:
-    """`policy_options`: each policy name's final options (bench.variants.resolve)."""
+                 policy_options: dict[str, dict[str, object]] | None = None,
+                 references: bool = True) -> int:
+    """`policy_options`: each policy name's final options (bench.variants.resolve).
+    Without `references`, only foretell's policies run (no direct, nginx, haproxy or
+    minimal proxy): shorter rounds, so the runs compared are closer in time."""
     if (os.cpu_count() or 1) < 2:
         raise OverheadError("needs 2 CPUs: the proxy on one, wrk and backends on the other")
     ensure_tools(install)
@@ -329,22 +343,25 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
         (be_dir / "nginx.conf").write_text(backend_nginx_conf(be_dir, be_ports))
         start("backends", [nginx_bin, "-p", str(be_dir), "-c", str(be_dir / "nginx.conf"),
                            "-e", str(be_dir / "error.log")], CLIENT_CPU, be_ports[-1])
-        print("overhead: direct to one backend ...", file=sys.stderr, flush=True)
-        runs["direct (no proxy)"] = [measure("direct (no proxy)", None, f"http://127.0.0.1:{be_ports[0]}/",
-                                             duration_s, connections)]
-        px_dir = work / "nginx"
-        px_dir.mkdir()
-        (px_dir / "nginx.conf").write_text(proxy_nginx_conf(px_dir, proxy_port, be_ports))
-        (work / "haproxy.cfg").write_text(haproxy_conf(proxy_port, be_ports))
         # (name, command, its /metrics or None): only foretell has an admin port.
-        proxies: list[tuple[str, list[str], str | None]] = [
-            ("nginx", [nginx_bin, "-p", str(px_dir), "-c", str(px_dir / "nginx.conf"),
-                       "-e", str(px_dir / "error.log")], None),
-            ("haproxy", [haproxy_bin, "-db", "-f", str(work / "haproxy.cfg")], None),
-            ("minimal (aiohttp+uvloop)",
-             [sys.executable, "-m", "bench.minimal_proxy", "--port", str(proxy_port),
-              *[f"http://127.0.0.1:{p}" for p in be_ports]], None),
-        ]
+        proxies: list[tuple[str, list[str], str | None]] = []
+        if references:
+            print("overhead: direct to one backend ...", file=sys.stderr, flush=True)
+            runs["direct (no proxy)"] = [measure("direct (no proxy)", None,
+                                                 f"http://127.0.0.1:{be_ports[0]}/", duration_s,
+                                                 connections)]
+            px_dir = work / "nginx"
+            px_dir.mkdir()
+            (px_dir / "nginx.conf").write_text(proxy_nginx_conf(px_dir, proxy_port, be_ports))
+            (work / "haproxy.cfg").write_text(haproxy_conf(proxy_port, be_ports))
+            proxies += [
+                ("nginx", [nginx_bin, "-p", str(px_dir), "-c", str(px_dir / "nginx.conf"),
+                           "-e", str(px_dir / "error.log")], None),
+                ("haproxy", [haproxy_bin, "-db", "-f", str(work / "haproxy.cfg")], None),
+                ("minimal (aiohttp+uvloop)",
+                 [sys.executable, "-m", "bench.minimal_proxy", "--port", str(proxy_port),
+                  *[f"http://127.0.0.1:{p}" for p in be_ports]], None),
+            ]
         foretell_metrics = f"http://127.0.0.1:{admin_port}/metrics"
         for pol in policies:
             cfg = work / f"foretell-{pol}.yaml"
@@ -353,8 +370,8 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
             proxies.append((f"foretell {pol}", [sys.executable, "-m", "proxy", "--config", str(cfg)],
                             foretell_metrics))
         # Rounds interleave the proxies so slow drifts of a shared machine hit all alike.
-        for _ in range(repeats):
-            for name, cmd, metrics_url in proxies:
+        for r in range(repeats):
+            for name, cmd, metrics_url in round_order(proxies, r):
                 one(name, cmd, metrics_url)
     finally:
         for p in reversed(procs):
@@ -367,8 +384,9 @@ def run_overhead(policies: Sequence[str], *, duration_s: float = 10.0, connectio
     print(text)
     if out is not None:
         options = f" --policy-options {shlex.quote(json.dumps(policy_options))}" if policy_options else ""
+        no_refs = "" if references else " --no-references"
         out.write_text(f"# Proxy overhead\n\n`foretell bench overhead --policies "
                        f"{','.join(policies)} --duration-s {duration_s:g} "
-                       f"--connections {connections} --repeats {repeats}{options}`\n\n{text}\n")
+                       f"--connections {connections} --repeats {repeats}{no_refs}{options}`\n\n{text}\n")
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -1,4 +1,4 @@
-"""bench.overhead: wrk output parsing and the generated nginx / haproxy configs."""
+"""bench.overhead: wrk output parsing, the generated nginx / haproxy configs, the round order."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from bench.overhead import (
     paired_ratios,
     parse_wrk,
     proxy_nginx_conf,
+    round_order,
     table,
 )
 
@@ -99,3 +100,14 @@ def test_paired_ratios_are_taken_round_by_round() -> None:
     assert "| foretell b | 0.900 [0.800 to 0.950] | 1.10 [1.05 to 1.20] |" in text
     assert "direct" not in text  # one round only: nothing to pair
     assert paired_ratios({"foretell a": runs["foretell a"][:1]}, "foretell a") == ""
+
+
+def test_rounds_rotate_so_every_proxy_runs_in_every_position() -> None:
+    proxies = ["nginx", "haproxy", "foretell a", "foretell b"]
+    rounds = [round_order(proxies, r) for r in range(len(proxies))]
+    assert rounds[0] == proxies
+    for position in range(len(proxies)):
+        assert sorted(r[position] for r in rounds) == sorted(proxies)
+    assert all(sorted(r) == sorted(proxies) for r in rounds)
+    assert round_order(proxies, len(proxies)) == proxies
+    assert round_order([], 3) == []
