@@ -43,8 +43,12 @@ def _run(args: argparse.Namespace) -> int:
     from bench.variants import check_model_file
 
     try:
-        for plan in plans:
-            check_model_file(plan.policy, plan.policy_options)
+        checked = set()
+        for plan in plans:  # each distinct (policy, options) once: a load runs the model
+            key = (plan.policy, json.dumps(plan.policy_options, sort_keys=True, default=str))
+            if key not in checked:
+                checked.add(key)
+                check_model_file(plan.policy, plan.policy_options, load=True)
     except ValueError as exc:
         print(f"bench run: {plan.scenario.name}: {exc}", file=sys.stderr)
         return 2

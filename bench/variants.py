@@ -44,12 +44,15 @@ def for_scenario(value: Any, scenario: str) -> Any:
     return value
 
 
-def check_model_file(name: str, options: Mapping[str, Any], *, absolute: bool = False
-                     ) -> dict[str, Any]:
+def check_model_file(name: str, options: Mapping[str, Any], *, absolute: bool = False,
+                     load: bool = False) -> dict[str, Any]:
     """`options` for policy `name`, refused (ValueError) when it is an onnx_latency whose model
     file does not exist: the proxy would route with its fallback all along, and the
-    table would show the fallback under the learned policy's name. With `absolute`,
-    a relative model path is made absolute (for proxies started in another directory)."""
+    table would show the fallback under the learned policy's name. With `load`, also
+    when the file is not a model the proxy would load (corrupt, another schema); off
+    for the cost benches, whose `@nomodel` variants measure the fallback path on
+    purpose. With `absolute`, a relative model path is made absolute (for proxies
+    started in another directory)."""
     if policy_kind(name) != "onnx_latency":
         return dict(options)
     path = Path(str(options.get("model_path", "models/latency.onnx")))
@@ -58,6 +61,14 @@ def check_model_file(name: str, options: Mapping[str, Any], *, absolute: bool = 
     if not path.is_file():
         raise ValueError(f"{name}: model file {str(path)!r} does not exist (train one with "
                          "foretell train latency, or pass model_path in --policy-options)")
+    if load:
+        from policies.onnx_latency import ModelError, load_model
+
+        try:
+            load_model(path)
+        except ModelError as exc:
+            raise ValueError(f"{name}: the proxy would not load it, so its fallback would route "
+                             f"under this name: {exc}") from None
     return {**options, "model_path": str(path.resolve()) if absolute else str(path)}
 
 

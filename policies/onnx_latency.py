@@ -109,7 +109,9 @@ PICK_TIME = Histogram(
     "foretell_model_pick_seconds",
     "Time of one onnx_latency pick (features + inference + choice), sampled",
     ["cluster"],
-    buckets=(5e-6, 1e-5, 1.5e-5, 2e-5, 3e-5, 5e-5, 1e-4, 2.5e-4, 1e-3),
+    # Up to several times the default budget_us (1 ms): a pick that reruns the model with
+    # cold caches costs hundreds of µs, and the top buckets show how close picks come.
+    buckets=(5e-6, 1e-5, 1.5e-5, 2e-5, 3e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2),
 )
 FALLBACKS = Counter(
     "foretell_model_fallbacks_total",
@@ -459,6 +461,7 @@ class OnnxLatency:
         self._clip_lo, self._clip_hi = 1.0 / options.residual_clip, options.residual_clip
         # True while pick can go straight to the model: loaded, enabled, warm, not shadow.
         self._plain = False
+        self._active_shown: bool | None = None  # the value last set on the active gauge
         self.model: LoadedModel | None = None
         self._features = FeatureMatrix(self._ctx_routes, ctx.clock, options.refresh_s)
         self._corr_of: dict[str, float] = {}
@@ -484,7 +487,6 @@ class OnnxLatency:
             RELOADS.labels(self.cluster, "failed").inc()
             log.warning("cluster %s: %s; routing with %s until a valid model appears",
                         self.cluster, exc, options.fallback)
-            MODEL_ACTIVE.labels(self.cluster).set(0)
             self._watched_key = self._key_or_none()
 
     # -- model lifecycle ----------------------------------------------------------
@@ -516,7 +518,6 @@ class OnnxLatency:
         if old is not None:
             MODEL_INFO.remove(self.cluster, old.version, old.kind)
         MODEL_INFO.labels(self.cluster, model.version, model.kind).set(1)
-        MODEL_ACTIVE.labels(self.cluster).set(1)
         RELOADS.labels(self.cluster, "ok").inc()
         log.info("cluster %s: latency model %s (%s) loaded from %s",
                  self.cluster, model.version, model.kind, model.path)
@@ -536,7 +537,13 @@ class OnnxLatency:
     async def check_reload(self) -> bool:
         """Load the model file if it changed since the last look; True when a new model serves."""
         key = self._key_or_none()
+        if key is None and self._watched_key is not None:
+            # Deleted (or unreadable): nothing to load; say so once, keep what serves.
+            log.warning("cluster %s: model file %s is gone; %s", self.cluster,
+                        self.options.model_path,
+                        "keeping the current model" if self.model else "still on the fallback")
         if key is None or key == self._watched_key:
+            self._watched_key = key
             return False
         self._watched_key = key
         try:
@@ -586,7 +593,6 @@ class OnnxLatency:
                 return self._fall_back(ready, req, self._disabled_reason)
             self._disabled_until = -math.inf
             self._pick_ewma_us = 0.0
-            MODEL_ACTIVE.labels(self.cluster).set(1)
         if self._warming:
             # Outcomes recorded per backend, read from the state itself: the matrix's
             # window_n column would only move at its next full refresh (refresh_s).
@@ -611,9 +617,14 @@ class OnnxLatency:
         return self.pick(ready, req)
 
     def _update_plain(self) -> None:
-        """Whether pick can go straight to the model (see pick)."""
-        self._plain = (self.model is not None and self._disabled_until == -math.inf
-                       and not self._warming and not self.options.shadow)
+        """Whether pick can go straight to the model (see pick): exactly when the model
+        routes, which the active gauge shows (1), not the fallback (0: no model, disabled,
+        warming up, shadow)."""
+        self._plain = plain = (self.model is not None and self._disabled_until == -math.inf
+                               and not self._warming and not self.options.shadow)
+        if plain is not self._active_shown:
+            self._active_shown = plain
+            MODEL_ACTIVE.labels(self.cluster).set(1 if plain else 0)
 
     def _inference_failed(self, ready: Sequence[BackendView], req: RequestInfo,
                           exc: Exception) -> BackendView | None:
@@ -639,9 +650,10 @@ class OnnxLatency:
         sample = min(elapsed_us, 4.0 * self.options.budget_us)
         self._pick_ewma_us += 0.05 * (sample - self._pick_ewma_us)
         if self._pick_ewma_us > self.options.budget_us:
-            log.warning("cluster %s: picks take %.0f µs (budget %.0f µs); falling back "
-                        "for %.0f s", self.cluster, self._pick_ewma_us,
-                        self.options.budget_us, self.options.cooldown_s)
+            log.warning("cluster %s: picks take %.0f µs on average (samples clamped at 4x the "
+                        "budget; this one %.0f µs, budget %.0f µs); falling back for %.0f s",
+                        self.cluster, self._pick_ewma_us, elapsed_us, self.options.budget_us,
+                        self.options.cooldown_s)
             self._disable(OVER_BUDGET)
         return chosen
 
@@ -680,7 +692,6 @@ class OnnxLatency:
         self._disabled_until = self._clock() + self.options.cooldown_s
         self._disabled_reason = reason
         self._update_plain()
-        MODEL_ACTIVE.labels(self.cluster).set(0)
 
     def _reset_scores(self) -> None:
         self._scores: dict[tuple[str, str, int], _Scores] = {}

@@ -34,6 +34,10 @@ import numpy as np
 from policies.features import ERROR_RATE
 from train.dataset import Telemetry, decision_groups
 
+# Below either, the weighted estimates rest on too few decisions to trust (and say so).
+MIN_EFFECTIVE_SAMPLE = 100
+MIN_EFFECTIVE_SHARE = 0.02
+
 
 class EvaluateError(Exception):
     pass
@@ -69,7 +73,19 @@ class Estimate:
             f"new model, doubly robust   mean {self.dr_ms:8.3f} ms",
             f"agreement with the log     {self.match_rate:8.1%}   "
             f"effective sample size {self.effective_sample_size:.0f}",
+            *self.warnings(),
         ]
+
+    def warnings(self) -> list[str]:
+        """What makes these estimates unreliable, in words (empty when nothing does)."""
+        ess = self.effective_sample_size
+        if ess >= MIN_EFFECTIVE_SAMPLE and ess >= MIN_EFFECTIVE_SHARE * self.decisions:
+            return []
+        return [f"warning: the importance-weighted estimates (IPS, SNIPS, doubly robust) rest "
+                f"on ~{ess:.0f} of {self.decisions} decisions: the logged policy rarely chose "
+                "what the new model would. Log with more exploration (a larger epsilon) "
+                "before trusting them (the direct method uses no weights, but it is the "
+                "model's own prediction)"]
 
 
 def _weighted_quantile(y: np.ndarray, w: np.ndarray, q: float) -> float:

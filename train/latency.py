@@ -389,11 +389,18 @@ class TrainResult:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, never a mix."""
+    """Write `data` to `path` so readers see the old file or the new one, never a mix.
+
+    The file gets the mode a plain open() would give it (0666 less the umask), not
+    mkstemp's 0600: the proxy that reads a model may run as another user than the trainer.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -61,6 +61,18 @@ def test_cli_rejects_unknown_scenario_and_policy(capsys: pytest.CaptureFixture[s
     assert "no_such_policy" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_model_the_proxy_would_not_load(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Before any run: the table would show the fallback's routing under the model's name."""
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    options = json.dumps({"onnx_latency": {"model_path": str(bad)}})
+    assert bench_main(["run", "--scenario", "skew", "--quick", "--policies", "onnx_latency",
+                       "--policy-options", options, "--out", str(tmp_path / "out")]) == 2
+    assert "would not load it" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 async def test_overhead_reads_the_cyclic_gc_work_from_foretells_metrics(start_proxy) -> None:
     """`bench overhead` divides what the proxy's cyclic GC freed by the requests: the
     counter it reads moves by the cyclic garbage collected (here the test's own: the

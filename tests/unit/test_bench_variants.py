@@ -53,9 +53,12 @@ def test_a_learned_policy_without_its_model_file_is_refused(tmp_path: Path) -> N
         variants.check_model_file("onnx_latency@new", {"model_path": str(model)})
     with pytest.raises(ValueError, match="only filled in by bench run"):
         variants.check_model_file("onnx_latency", {"model_path": "models/{scenario}.onnx"})
-    model.write_bytes(b"x")  # existence only: the proxy validates the model itself
+    model.write_bytes(b"x")  # existence only (the cost benches' @nomodel variants)...
     assert variants.check_model_file("onnx_latency", {"model_path": str(model), "epsilon": 0.1}) == {
         "model_path": str(model), "epsilon": 0.1}
+    # ...unless asked to load it (bench run): a table row must be the model's routing.
+    with pytest.raises(ValueError, match=r"would not load it.*m\.onnx"):
+        variants.check_model_file("onnx_latency", {"model_path": str(model)}, load=True)
     assert variants.check_model_file("hcl", {"failure_penalty": 1.0}) == {"failure_penalty": 1.0}
 
 

@@ -191,6 +191,51 @@ async def test_reload_good_then_corrupt_keeps_old(tmp_path: Path) -> None:
     assert await p.check_reload() is False and p.model.version == "v2"
 
 
+async def test_a_deleted_model_file_is_logged_once_and_the_model_keeps_serving(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sim = Sim(n_backends=2)
+    path = inflight_model(tmp_path / "m.onnx")
+    p = policy(sim, path)
+    path.unlink()
+    for _ in range(3):
+        assert await p.check_reload() is False
+    gone = [r for r in caplog.records if "is gone" in r.getMessage()]
+    assert len(gone) == 1 and "keeping the current model" in gone[0].getMessage()
+    p.pick(sim.cluster.ready(), REQ)
+    assert p.model is not None and p.last_reason is None
+    inflight_model(path, version="v2")  # back: loaded as any new file
+    assert await p.check_reload() is True and p.model.version == "v2"
+
+
+def active(cluster: str = "t") -> float | None:
+    return REGISTRY.get_sample_value("foretell_model_active", {"cluster": cluster})
+
+
+def test_the_active_gauge_is_one_exactly_while_the_model_routes(tmp_path: Path) -> None:
+    sim = Sim(n_backends=3)
+    ready = sim.cluster.ready()
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"), shadow=True)
+    p.pick(ready, REQ)
+    assert p.last_reason == SHADOW and active() == 0.0
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"), min_history=1000)
+    p.pick(ready, REQ)
+    assert p.last_reason == "warming_up" and active() == 0.0
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"), budget_us=0.001, pick_time_every=1,
+               cooldown_s=10.0)
+    p.pick(ready, REQ)  # the first picks are not held to the budget
+    assert p.last_reason is None and active() == 1.0
+    for _ in range(100):
+        p.pick(ready, REQ)
+        if p.last_reason is not None:
+            assert p.last_reason == OVER_BUDGET and active() == 0.0
+    assert p.last_reason == OVER_BUDGET
+    sim.clock.t += 11.0
+    p.pick(ready, REQ)
+    assert p.last_reason is None and active() == 1.0
+    policy(sim, tmp_path / "missing.onnx")
+    assert active() == 0.0
+
+
 def test_inference_error_falls_back_for_cooldown(tmp_path: Path) -> None:
     sim = Sim(n_backends=3)
     p = policy(sim, fails_beyond_two_rows(tmp_path / "m.onnx"), cooldown_s=5.0)

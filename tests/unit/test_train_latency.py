@@ -145,6 +145,7 @@ def test_cli_latency_and_evaluate(telemetry_dir: Path, tmp_path: Path,
                        "--json", str(js)]) == 0
     printed = capsys.readouterr().out
     assert "doubly robust" in printed and "logged policy, actual" in printed
+    assert "warning" not in printed  # epsilon 0.3: enough decisions carry weight
     est = json.loads(js.read_text())
     # The logger explored (epsilon 0.3 over p2c): the model should look better than it.
     assert est["dr_ms"] < est["logged_mean_ms"]
@@ -213,3 +214,35 @@ def test_log_target_and_l1_boosting_export_with_parity(telemetry_dir: Path,
         if target.startswith("log_"):
             ops = [n.op_type for n in onnx.load(out).graph.node]
             assert ops[-2:] == ["Clip", "Exp"]
+
+
+def test_atomic_write_gives_the_umask_mode_not_mkstemps(tmp_path: Path) -> None:
+    """A proxy running as another user must be able to read what the trainer wrote."""
+    import os
+
+    from train.latency import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "m.onnx", b"x")
+        os.umask(0o077)
+        atomic_write(tmp_path / "private.onnx", b"y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.onnx").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "private.onnx"]
+
+
+def test_evaluate_warns_when_few_decisions_carry_the_weights() -> None:
+    from dataclasses import replace
+
+    from train.evaluate import Estimate
+
+    est = Estimate(decisions=4090, skipped_no_propensity=0, logged_mean_ms=10.0,
+                   logged_p50_ms=9.0, logged_p99_ms=30.0, ips_ms=8.0, snips_ms=8.0, dm_ms=8.5,
+                   dr_ms=8.1, match_rate=0.9, effective_sample_size=40.0, target_p50_ms=7.0,
+                   target_p99_ms=20.0)
+    assert any(line.startswith("warning:") and "~40 of 4090" in line for line in est.lines())
+    assert not replace(est, effective_sample_size=800.0).warnings()
+    assert replace(est, decisions=100_000, effective_sample_size=800.0).warnings()  # < 2%
