@@ -4,25 +4,64 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from proxy import metrics
+from proxy.config import Forecast
 from proxy.server import Proxy
 
 
-def metrics_registry() -> CollectorRegistry:
-    """With several workers, aggregate every worker's metrics files; else this process's."""
+def metrics_registry(forecast: Forecast | None = None) -> CollectorRegistry:
+    """With several workers, aggregate every worker's metrics files; else this process's.
+    `forecast`: the config whose replica recommendation is computed from the workers'
+    summed forecast (see fleet_replicas)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        registry.register(_FleetReplicas(multiprocess.MultiProcessCollector(None), forecast))
         return registry
     return REGISTRY
+
+
+def fleet_replicas(families: Iterable[Metric], forecast: Forecast | None) -> Iterator[Metric]:
+    """`families` with the recommended-replicas gauge computed from the summed forecast
+    rate of all workers instead of merged from each worker's own value: a worker sees
+    only its share of the load, and shares are uneven when a few keep-alive clients
+    land on one worker."""
+    if forecast is None or not forecast.enabled:
+        yield from families
+        return
+    # Imported only now: importing proxy.forecast creates its gauges, which a proxy
+    # without forecasting must not export.
+    from proxy.forecast import FORECAST_RPS_NAME, REPLICAS_HELP, REPLICAS_NAME, recommended_replicas
+
+    total_rps = None
+    for family in families:
+        if family.name == REPLICAS_NAME:
+            continue
+        if family.name == FORECAST_RPS_NAME and family.samples:
+            total_rps = sum(sample.value for sample in family.samples)
+        yield family
+    if total_rps is not None:
+        yield GaugeMetricFamily(REPLICAS_NAME, REPLICAS_HELP,
+                                value=recommended_replicas(total_rps, forecast))
+
+
+class _FleetReplicas:
+    """A registry collector: the workers' metrics, through fleet_replicas."""
+
+    def __init__(self, inner: Any, forecast: Forecast | None) -> None:
+        self._inner = inner
+        self._forecast = forecast
+
+    def collect(self) -> Iterator[Metric]:
+        return fleet_replicas(self._inner.collect(), self._forecast)
 
 
 def _ms(seconds: float) -> float | None:
@@ -76,8 +115,9 @@ def admin_app(get_proxy: Callable[[], Proxy], is_ready: Callable[[], bool]) -> w
 
     @routes.get("/metrics")
     async def _metrics(request: web.Request) -> web.Response:
-        refresh_gauges(get_proxy())
-        body = generate_latest(metrics_registry())
+        proxy = get_proxy()
+        refresh_gauges(proxy)
+        body = generate_latest(metrics_registry(proxy.runtime.config.forecast))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @routes.get("/live")

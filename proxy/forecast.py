@@ -21,10 +21,16 @@ and their interval must equal the config's. Without a file the forecast is
 the last interval's count (a=0, b=1, c=0). With `counts_path` set, every
 closed interval is appended as `interval_end_s,requests` (training data).
 
-Several workers: each counts its own requests. The rate gauge is a
-`livesum` (the model is linear, so the intercept is split across workers);
-the replica gauge is computed from this worker's rate times the number of
-workers (SO_REUSEPORT spreads connections evenly) and exported as `max`.
+Intervals end on wall-clock multiples of `interval_s`, in every worker alike.
+Several workers: each counts its own requests and forecasts its own share
+(the model is linear, so the intercept is split across them); the rate
+gauge is a `livesum`, the fleet's rate. The replica gauge must come from
+that sum, not from any one worker (a few keep-alive clients can load one
+worker far more than another), so /metrics replaces the workers' values
+with one computed from the summed rate (proxy/admin.py, `fleet_replicas`).
+Each worker appends its own line per interval to `counts_path`, with the
+same `interval_end_s`; `foretell train forecast` sums the lines of an
+interval.
 """
 
 from __future__ import annotations
@@ -49,11 +55,18 @@ log = logging.getLogger("foretell.forecast")
 FORMAT_NAME = "foretell-forecast"
 FORMAT_VERSION = 1
 
-FORECAST_RPS = Gauge("foretell_forecast_requests_per_second",
-                     "Forecast request rate for the next interval", multiprocess_mode="livesum")
-REPLICAS = Gauge("foretell_recommended_replicas",
-                 "Replicas needed for the forecast rate at the configured per-replica capacity",
-                 multiprocess_mode="max")
+FORECAST_RPS_NAME = "foretell_forecast_requests_per_second"
+REPLICAS_NAME = "foretell_recommended_replicas"
+REPLICAS_HELP = "Replicas needed for the forecast rate at the configured per-replica capacity"
+FORECAST_RPS = Gauge(FORECAST_RPS_NAME, "Forecast request rate for the next interval",
+                     multiprocess_mode="livesum")
+REPLICAS = Gauge(REPLICAS_NAME, REPLICAS_HELP, multiprocess_mode="max")
+
+
+def recommended_replicas(rps: float, config: Forecast) -> int:
+    """Replicas for a request rate: ceil(rps / capacity), within [min, max]."""
+    need = math.ceil(rps / config.capacity_rps_per_replica - 1e-9)
+    return min(max(need, config.min_replicas), config.max_replicas)
 
 
 class ForecastError(Exception):
@@ -111,11 +124,9 @@ class LoadForecaster:
     """Counts requests per interval and publishes the forecast and the replica count."""
 
     def __init__(self, config: Forecast, *, workers: int = 1,
-                 clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self.workers = max(1, workers)
-        self._clock = clock
         self._wall = wall
         if config.coefficients_path is not None:
             coef = load_coefficients(config.coefficients_path)
@@ -136,8 +147,9 @@ class LoadForecaster:
     def on_request(self) -> None:
         self.count += 1
 
-    def close_interval(self) -> None:
-        """End the current interval: shift history, update the forecast and the gauges."""
+    def close_interval(self, end_s: float | None = None) -> None:
+        """End the current interval (at wall time `end_s`, default now): shift history,
+        update the forecast and the gauges."""
         n, self.count = self.count, 0
         self.history = [n, self.history[0]]
         self.intervals += 1
@@ -145,25 +157,35 @@ class LoadForecaster:
         # The intercept is the whole fleet's; each worker publishes its share.
         requests = (c.a / self.workers) + c.b * self.history[0] + c.c * self.history[1]
         self.forecast_rps = max(0.0, requests / self.config.interval_s)
-        total_rps = self.forecast_rps * self.workers
-        need = math.ceil(total_rps / self.config.capacity_rps_per_replica - 1e-9)
-        self.replicas = min(max(need, self.config.min_replicas), self.config.max_replicas)
+        # This worker's view (exact with one worker); /metrics recomputes it from the sum.
+        self.replicas = recommended_replicas(self.forecast_rps * self.workers, self.config)
         FORECAST_RPS.set(self.forecast_rps)
         REPLICAS.set(self.replicas)
         if self.config.counts_path is not None:
+            end_s = self._wall() if end_s is None else end_s
             try:
                 with open(self.config.counts_path, "a") as f:
-                    f.write(f"{self._wall():.3f},{n}\n")
+                    f.write(f"{end_s:.3f},{n}\n")
             except OSError as exc:
                 log.error("forecast: cannot append to %s: %s", self.config.counts_path, exc)
 
-    async def _run(self) -> None:
+    def _next_end_s(self) -> float:
+        """The next wall-clock multiple of the interval: every worker's lines for one
+        interval carry the same end time (a process's first interval is a partial one)."""
         interval = self.config.interval_s
-        next_at = self._clock() + interval
+        return (math.floor(self._wall() / interval) + 1) * interval
+
+    async def _run(self) -> None:
+        end_s = self._next_end_s()
         while True:
-            await asyncio.sleep(max(0.0, next_at - self._clock()))
-            self.close_interval()
-            next_at += interval
+            await asyncio.sleep(max(0.0, end_s - self._wall()))
+            if self._wall() < end_s:
+                # Woke early: the wall clock was set back. Wait for the boundary, or for a
+                # nearer one if it moved by more than an interval.
+                end_s = min(end_s, self._next_end_s())
+                continue
+            self.close_interval(end_s)
+            end_s = self._next_end_s()  # skips boundaries the clock jumped over
 
     async def start(self) -> None:
         if self.config.enabled and self._task is None:

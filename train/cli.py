@@ -111,9 +111,13 @@ def _forecast(args: argparse.Namespace) -> int:
 
     progress = Progress(prefix="forecast")
     try:
+        counts: Any
         if args.counts:
-            counts = read_counts(args.counts)
-            progress(f"{len(counts)} intervals from {args.counts}")
+            counts = read_counts(args.counts, args.interval_s)
+            gaps = int((~counts.follows[1:]).sum())
+            progress(f"{len(counts.requests)} intervals of {args.interval_s:g} s from "
+                     f"{counts.lines} lines of {args.counts}"
+                     + (f"; {gaps} gap(s) in time, not fitted across" if gaps else ""))
         else:
             data = _load(args, progress)
             counts = counts_from_telemetry(data, args.interval_s)

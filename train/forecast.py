@@ -3,7 +3,11 @@
 Input, one of:
 - `--counts FILE`: lines `interval_end_s,requests` (what the proxy appends
   when `forecast.counts_path` is set; a header line and blank lines are
-  ignored). Intervals must be consecutive, of the configured length.
+  ignored). Lines that end in the same interval of `--interval-s` are summed
+  (each worker of a proxy writes its own), and only intervals that follow
+  one another are fitted: a gap (a restart, the proxy down) is not read as
+  one interval following another. Lines of a bare count, no time, are taken
+  as consecutive intervals.
 - `--data DIR`: telemetry; decisions (chosen records) are binned into
   intervals of `--interval-s` and divided by each file's sample rate. A
   sampled estimate: prefer counts when you have them.
@@ -15,6 +19,7 @@ rest validate, against the persistence forecast R(t) = R(t-1).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +32,19 @@ class ForecastTrainError(Exception):
     pass
 
 
-def read_counts(path: str | Path) -> np.ndarray:
+@dataclass(frozen=True)
+class Counts:
+    """Requests per interval in time order, and which of them follow their predecessor."""
+
+    requests: np.ndarray
+    follows: np.ndarray  # bool per interval: the one before it is the previous interval
+    lines: int  # lines read (several per interval with several workers)
+
+
+def read_counts(path: str | Path, interval_s: float) -> Counts:
     path = Path(path)
-    values = []
+    ends: list[float] = []
+    values: list[float] = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -37,11 +52,21 @@ def read_counts(path: str | Path) -> np.ndarray:
         parts = line.split(",")
         try:
             values.append(float(parts[-1]))
+            ends.append(float(parts[0]) if len(parts) > 1 else math.nan)
         except ValueError:
             if lineno == 1:  # a header
                 continue
             raise ForecastTrainError(f"{path}:{lineno}: not a count: {line!r}") from None
-    return np.asarray(values, dtype=np.float64)
+    r = np.asarray(values, dtype=np.float64)
+    t = np.asarray(ends, dtype=np.float64)
+    if len(r) == 0 or np.isnan(t).any():  # bare counts: consecutive, in file order
+        return Counts(r, np.ones(len(r), dtype=bool), len(r))
+    # Interval number of each line; rounding absorbs the jitter of unaligned writers.
+    index = np.rint((t - t.min()) / interval_s).astype(np.int64)
+    intervals, which = np.unique(index, return_inverse=True)
+    totals = np.bincount(which, weights=r)
+    follows = np.concatenate([[False], np.diff(intervals) == 1])
+    return Counts(totals, follows, len(r))
 
 
 def counts_from_telemetry(data: Telemetry, interval_s: float) -> np.ndarray:
@@ -56,12 +81,23 @@ def counts_from_telemetry(data: Telemetry, interval_s: float) -> np.ndarray:
     return counts[:-1] / max(rate, 1e-9) if len(counts) > 1 else counts / max(rate, 1e-9)
 
 
-def fit_forecast(counts: np.ndarray, interval_s: float,
+def fit_forecast(counts: np.ndarray | Counts, interval_s: float,
                  validation_fraction: float = 0.2) -> Coefficients:
-    r = np.asarray(counts, dtype=np.float64)
+    """Least squares over every interval whose two predecessors are the two intervals
+    before it (all of them for a plain array of consecutive counts)."""
+    if isinstance(counts, Counts):
+        r, follows = counts.requests, counts.follows
+    else:
+        r = np.asarray(counts, dtype=np.float64)
+        follows = np.ones(len(r), dtype=bool)
     if len(r) < 8:
         raise ForecastTrainError(f"need at least 8 intervals, got {len(r)}")
-    y, r1, r2 = r[2:], r[1:-1], r[:-2]
+    usable = follows[2:] & follows[1:-1]  # R(t), R(t-1), R(t-2) in a row
+    if usable.sum() < 6:
+        raise ForecastTrainError(
+            f"only {int(usable.sum())} intervals follow two intervals of {interval_s:g} s "
+            f"(of {len(r)}): are the counts {interval_s:g} s apart (--interval-s)?")
+    y, r1, r2 = r[2:][usable], r[1:-1][usable], r[:-2][usable]
     design = np.column_stack([np.ones_like(r1), r1, r2])
     n = len(y)
     split = max(3, min(n - 1, round(n * (1 - validation_fraction))))
@@ -70,6 +106,7 @@ def fit_forecast(counts: np.ndarray, interval_s: float,
     val_pred = design[split:] @ coef
     metrics = {
         "intervals": len(r),
+        "fitted_intervals": n,
         "train_intervals": split,
         "validation_mae_requests": float(np.mean(np.abs(val_pred - y[split:]))),
         "persistence_mae_requests": float(np.mean(np.abs(r1[split:] - y[split:]))),

@@ -11,7 +11,7 @@ import pytest
 from proxy.config import Forecast
 from proxy.forecast import FORECAST_RPS, REPLICAS, ForecastError, LoadForecaster, load_coefficients
 from train.cli import main as train_main
-from train.forecast import fit_forecast
+from train.forecast import ForecastTrainError, fit_forecast
 
 
 def ar2_counts(a: float, b: float, c: float, n: int, seed: int = 0) -> np.ndarray:
@@ -119,3 +119,59 @@ async def test_start_stop_closes_intervals() -> None:
     await asyncio.sleep(0.18)
     await f.stop()
     assert f.intervals >= 2
+
+
+def test_counts_of_several_workers_are_summed_and_gaps_not_fitted_across(tmp_path: Path) -> None:
+    from train.forecast import read_counts
+
+    rows = ar2_counts(10.0, 0.5, 0.4, 400, seed=2)
+    lines = []
+    for i, v in enumerate(rows):
+        end_s = 1000.0 + 5.0 * i + (3600.0 if i >= 200 else 0.0)  # an hour's gap at 200
+        lines.append(f"{end_s:.3f},{round(v) - 7}")  # one worker with most of the load
+        lines.append(f"{end_s + 0.04:.3f},7")  # another, writing a little later
+    path = tmp_path / "counts.csv"
+    path.write_text("\n".join(lines) + "\n")
+    counts = read_counts(path, 5.0)
+    assert counts.lines == 800 and len(counts.requests) == 400
+    np.testing.assert_allclose(counts.requests, np.round(rows))
+    assert not counts.follows[0] and not counts.follows[200] and counts.follows.sum() == 398
+    coef = fit_forecast(counts, 5.0)
+    assert coef.metrics is not None and coef.metrics["fitted_intervals"] == 396
+    assert coef.b == pytest.approx(0.5, abs=0.1)
+    with pytest.raises(ForecastTrainError, match=r"are the counts 2\.5 s apart"):
+        fit_forecast(read_counts(path, 2.5), 2.5)  # every other interval missing
+
+
+def test_replicas_come_from_the_summed_forecast_of_all_workers() -> None:
+    """One worker carries 14 req/s, another none: 3 replicas at 5 req/s each, where the
+    largest of the workers' own extrapolations (14 x 2 workers) would say 6."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from proxy.admin import fleet_replicas
+    from proxy.forecast import REPLICAS_NAME
+
+    cfg = Forecast(enabled=True, interval_s=2.0, capacity_rps_per_replica=5.0)
+    families = [GaugeMetricFamily("foretell_forecast_requests_per_second", "", value=14.0),
+                GaugeMetricFamily(REPLICAS_NAME, "", value=6.0),
+                GaugeMetricFamily("foretell_other", "", value=1.0)]
+    out = list(fleet_replicas(families, cfg))
+    replicas = [f for f in out if f.name == REPLICAS_NAME]
+    assert len(replicas) == 1 and replicas[0].samples[0].value == 3
+    assert [f.name for f in out][:2] == ["foretell_forecast_requests_per_second", "foretell_other"]
+    disabled = list(fleet_replicas(families, Forecast()))
+    assert disabled == families  # untouched without forecasting
+
+
+async def test_intervals_end_on_wall_clock_multiples(tmp_path: Path) -> None:
+    import asyncio
+
+    counts = tmp_path / "counts.csv"
+    f = LoadForecaster(Forecast(enabled=True, interval_s=0.05, counts_path=counts))
+    await f.start()
+    await asyncio.sleep(0.18)
+    await f.stop()
+    ends = [float(line.split(",")[0]) for line in counts.read_text().splitlines()]
+    assert len(ends) >= 2
+    for end_s in ends:  # written with 3 decimals
+        assert end_s == pytest.approx(round(end_s / 0.05) * 0.05, abs=1e-3)
