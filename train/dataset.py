@@ -114,13 +114,15 @@ def _valid_decisions(rec: np.ndarray, report: FileReport) -> np.ndarray:
     mark(~np.isfinite(lat) | (lat < 0) | (lat > MAX_LATENCY_S), "bad latency")
     p = rec["propensity"]
     mark(~np.isnan(p) & ((p <= 0) | (p > 1)), "propensity outside (0, 1]")
-    chosen_per = np.bincount(inverse, weights=rec["chosen"].astype(np.float64), minlength=len(ids))
-    dec_bad = chosen_per != 1
-    mark(dec_bad[inverse], "not exactly one chosen")
+    # Incomplete first: a decision cut off by a truncated file usually lacks its chosen
+    # record too, and is reported as what it is.
     n_ready = np.zeros(len(ids), dtype=np.int64)
     n_ready[inverse] = rec["n_ready"]
     incomplete = counts != n_ready
     mark(incomplete[inverse], "incomplete decision")
+    chosen_per = np.bincount(inverse, weights=rec["chosen"].astype(np.float64), minlength=len(ids))
+    dec_bad = chosen_per != 1
+    mark(dec_bad[inverse], "not exactly one chosen")
     keep: np.ndarray = ~bad[inverse]
     return keep
 
