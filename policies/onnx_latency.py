@@ -537,15 +537,13 @@ class OnnxLatency:
     async def check_reload(self) -> bool:
         """Load the model file if it changed since the last look; True when a new model serves."""
         key = self._key_or_none()
-        if key is None and self._watched_key is not None:
-            # Deleted (or unreadable): nothing to load; say so once, keep what serves.
-            log.warning("cluster %s: model file %s is gone; %s", self.cluster,
-                        self.options.model_path,
-                        "keeping the current model" if self.model else "still on the fallback")
-        if key is None or key == self._watched_key:
-            self._watched_key = key
+        if key == self._watched_key:
             return False
         self._watched_key = key
+        if key is None:  # deleted (or unreadable) since the last look: said once
+            log.warning("cluster %s: model file %s is gone; %s", self.cluster,
+                        self.options.model_path, self._what_serves())
+            return False
         try:
             model = await asyncio.to_thread(load_model, self.options.model_path)
         except ModelError as exc:
@@ -553,10 +551,13 @@ class OnnxLatency:
             if self.model is None:
                 self._load_error_reason = exc.reason
             log.error("cluster %s: model reload refused, %s: %s", self.cluster,
-                      "keeping the current model" if self.model else "still on the fallback", exc)
+                      self._what_serves(), exc)
             return False
         self._install(model)
         return True
+
+    def _what_serves(self) -> str:
+        return "keeping the current model" if self.model else "still on the fallback"
 
     # -- routing -----------------------------------------------------------------
     def _fall_back(self, ready: Sequence[BackendView], req: RequestInfo,
@@ -611,7 +612,7 @@ class OnnxLatency:
             if chosen is not None:
                 j = self._row_of.get(chosen.id)
                 if j is not None and ready[j] is chosen:
-                    self._remember(req, chosen.id, sc.a[j] + sc.b[j] * (chosen.inflight - sc.cur[j]))
+                    self._remember(req, chosen.id, sc.a0[j] + sc.b[j] * chosen.inflight)
             return chosen
         assert self._plain  # every condition above is cleared: the usual pick
         return self.pick(ready, req)

@@ -180,8 +180,9 @@ class LoadForecaster:
         while True:
             await asyncio.sleep(max(0.0, end_s - self._wall()))
             if self._wall() < end_s:
-                # Woke early: the wall clock was set back. Wait for the boundary, or for a
-                # nearer one if it moved by more than an interval.
+                # Before the boundary (the loop's timer and the wall clock disagree, or the
+                # clock was set back): wait again, for a nearer boundary if it moved back
+                # by more than an interval.
                 end_s = min(end_s, self._next_end_s())
                 continue
             self.close_interval(end_s)

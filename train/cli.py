@@ -111,7 +111,6 @@ def _forecast(args: argparse.Namespace) -> int:
 
     progress = Progress(prefix="forecast")
     try:
-        counts: Any
         if args.counts:
             counts = read_counts(args.counts, args.interval_s)
             gaps = int((~counts.follows[1:]).sum())
@@ -121,7 +120,7 @@ def _forecast(args: argparse.Namespace) -> int:
         else:
             data = _load(args, progress)
             counts = counts_from_telemetry(data, args.interval_s)
-            progress(f"{len(counts)} intervals of {args.interval_s:g} s from telemetry "
+            progress(f"{len(counts.requests)} intervals of {args.interval_s:g} s from telemetry "
                      "(sampled counts scaled by 1/sample_rate)")
         coef = fit_forecast(counts, args.interval_s, args.validation_fraction)
     except (OSError, DatasetError, ForecastTrainError) as exc:

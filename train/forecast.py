@@ -40,6 +40,12 @@ class Counts:
     follows: np.ndarray  # bool per interval: the one before it is the previous interval
     lines: int  # lines read (several per interval with several workers)
 
+    @classmethod
+    def consecutive(cls, requests: np.ndarray, lines: int | None = None) -> Counts:
+        """Counts of intervals that follow one another, in order."""
+        r = np.asarray(requests, dtype=np.float64)
+        return cls(r, np.ones(len(r), dtype=bool), len(r) if lines is None else lines)
+
 
 def read_counts(path: str | Path, interval_s: float) -> Counts:
     path = Path(path)
@@ -51,16 +57,18 @@ def read_counts(path: str | Path, interval_s: float) -> Counts:
             continue
         parts = line.split(",")
         try:
-            values.append(float(parts[-1]))
-            ends.append(float(parts[0]) if len(parts) > 1 else math.nan)
+            value = float(parts[-1])
+            end_s = float(parts[0]) if len(parts) > 1 else math.nan
         except ValueError:
             if lineno == 1:  # a header
                 continue
             raise ForecastTrainError(f"{path}:{lineno}: not a count: {line!r}") from None
+        values.append(value)
+        ends.append(end_s)
     r = np.asarray(values, dtype=np.float64)
     t = np.asarray(ends, dtype=np.float64)
     if len(r) == 0 or np.isnan(t).any():  # bare counts: consecutive, in file order
-        return Counts(r, np.ones(len(r), dtype=bool), len(r))
+        return Counts.consecutive(r)
     # Interval number of each line; rounding absorbs the jitter of unaligned writers.
     index = np.rint((t - t.min()) / interval_s).astype(np.int64)
     intervals, which = np.unique(index, return_inverse=True)
@@ -69,7 +77,7 @@ def read_counts(path: str | Path, interval_s: float) -> Counts:
     return Counts(totals, follows, len(r))
 
 
-def counts_from_telemetry(data: Telemetry, interval_s: float) -> np.ndarray:
+def counts_from_telemetry(data: Telemetry, interval_s: float) -> Counts:
     chosen = data.chosen()
     if len(chosen) == 0:
         raise ForecastTrainError("no decisions in the telemetry")
@@ -78,18 +86,15 @@ def counts_from_telemetry(data: Telemetry, interval_s: float) -> np.ndarray:
     bins = np.floor((t - t.min()) / interval_s).astype(np.int64)
     counts = np.bincount(bins).astype(np.float64)
     # The last bin is usually partial: drop it.
-    return counts[:-1] / max(rate, 1e-9) if len(counts) > 1 else counts / max(rate, 1e-9)
+    kept = counts[:-1] if len(counts) > 1 else counts
+    return Counts.consecutive(kept / max(rate, 1e-9), lines=len(chosen))
 
 
-def fit_forecast(counts: np.ndarray | Counts, interval_s: float,
+def fit_forecast(counts: Counts, interval_s: float,
                  validation_fraction: float = 0.2) -> Coefficients:
     """Least squares over every interval whose two predecessors are the two intervals
-    before it (all of them for a plain array of consecutive counts)."""
-    if isinstance(counts, Counts):
-        r, follows = counts.requests, counts.follows
-    else:
-        r = np.asarray(counts, dtype=np.float64)
-        follows = np.ones(len(r), dtype=bool)
+    before it."""
+    r, follows = counts.requests, counts.follows
     if len(r) < 8:
         raise ForecastTrainError(f"need at least 8 intervals, got {len(r)}")
     usable = follows[2:] & follows[1:-1]  # R(t), R(t-1), R(t-2) in a row

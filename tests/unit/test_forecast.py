@@ -11,7 +11,7 @@ import pytest
 from proxy.config import Forecast
 from proxy.forecast import FORECAST_RPS, REPLICAS, ForecastError, LoadForecaster, load_coefficients
 from train.cli import main as train_main
-from train.forecast import ForecastTrainError, fit_forecast
+from train.forecast import Counts, ForecastTrainError, fit_forecast
 
 
 def ar2_counts(a: float, b: float, c: float, n: int, seed: int = 0) -> np.ndarray:
@@ -24,7 +24,7 @@ def ar2_counts(a: float, b: float, c: float, n: int, seed: int = 0) -> np.ndarra
 
 def test_fit_recovers_coefficients() -> None:
     counts = ar2_counts(20.0, 0.6, 0.3, 3000)
-    coef = fit_forecast(counts, interval_s=10.0)
+    coef = fit_forecast(Counts.consecutive(counts), interval_s=10.0)
     assert coef.a == pytest.approx(20.0, rel=0.1)
     assert coef.b == pytest.approx(0.6, abs=0.03)
     assert coef.c == pytest.approx(0.3, abs=0.03)
