@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import signal
 import time
@@ -176,3 +177,31 @@ async def test_two_workers_share_the_port_and_metrics(backends: Backends, run_pr
     # each worker counted some: worker 0 alone saw fewer than all of them
     worker0 = sum(b["requests"] for b in snapshot["clusters"]["default"]["backends"])
     assert 0 < worker0 < total
+
+
+async def test_two_workers_recommend_replicas_from_their_summed_forecast(backends: Backends,
+                                                                        run_proxy) -> None:
+    """One keep-alive client loads one worker only: the replica gauge comes from the
+    workers' summed forecast rate, not from a worker extrapolating its own share."""
+    urls = {"a": await backends.start("a")}
+    capacity = 5.0
+    proc = run_proxy(proxy_config(urls, workers=2, forecast={
+        "enabled": True, "interval_s": 0.5, "capacity_rps_per_replica": capacity}))
+    await _wait_ready(proc)
+    parent = psutil.Process(proc.proc.pid)
+    deadline = time.monotonic() + 20
+    while len(parent.children()) < 2:
+        assert time.monotonic() < deadline, proc.log()
+        await asyncio.sleep(0.1)
+    async with aiohttp.ClientSession() as client:  # one connection: one worker
+        stop = time.monotonic() + 1.5
+        while time.monotonic() < stop:
+            async with client.get(proc.url + "/echo") as resp:
+                assert resp.status == 200
+        # Scraped while the last closed interval still holds the load.
+        text = await (await client.get(proc.admin_url + "/metrics")).text()
+    rps = float(re.search(r"^foretell_forecast_requests_per_second (\S+)$", text,
+                          re.M).group(1))  # type: ignore[union-attr]
+    replicas = re.findall(r"^foretell_recommended_replicas (\S+)$", text, re.M)
+    assert rps > 4 * capacity, text  # enough load that twice it would need more replicas
+    assert [float(r) for r in replicas] == [math.ceil(rps / capacity - 1e-9)]
