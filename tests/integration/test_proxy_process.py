@@ -149,15 +149,21 @@ async def test_sigterm_drains_inflight_requests(backends: Backends, run_proxy) -
             pass
 
 
-async def test_two_workers_share_the_port_and_metrics(backends: Backends, run_proxy) -> None:
-    urls = {"a": await backends.start("a")}
-    proc = run_proxy(proxy_config(urls, workers=2))
+async def _two_workers_up(proc: ProxyProcess) -> psutil.Process:
+    """The proxy's main process, once it is ready and both its workers exist."""
     await _wait_ready(proc)
     parent = psutil.Process(proc.proc.pid)
     deadline = time.monotonic() + 20
     while len(parent.children()) < 2:
         assert time.monotonic() < deadline, proc.log()
         await asyncio.sleep(0.1)
+    return parent
+
+
+async def test_two_workers_share_the_port_and_metrics(backends: Backends, run_proxy) -> None:
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls, workers=2))
+    parent = await _two_workers_up(proc)
     await asyncio.sleep(1.0)  # both workers bound
     total = 200
     # New connection per request so the kernel spreads them over both workers.
@@ -187,12 +193,7 @@ async def test_two_workers_recommend_replicas_from_their_summed_forecast(backend
     capacity = 5.0
     proc = run_proxy(proxy_config(urls, workers=2, forecast={
         "enabled": True, "interval_s": 0.5, "capacity_rps_per_replica": capacity}))
-    await _wait_ready(proc)
-    parent = psutil.Process(proc.proc.pid)
-    deadline = time.monotonic() + 20
-    while len(parent.children()) < 2:
-        assert time.monotonic() < deadline, proc.log()
-        await asyncio.sleep(0.1)
+    await _two_workers_up(proc)
     async with aiohttp.ClientSession() as client:  # one connection: one worker
         stop = time.monotonic() + 1.5
         while time.monotonic() < stop:
