@@ -32,8 +32,10 @@ throughput; below that, predictions stay fresh. With `max_scored`, the
 argmin is taken over a random subset of that size (P2C-style).
 
 `correction` is an online EWMA of observed/predicted latency per backend
-(drift between retrainings) and the penalty keeps a backend that
-fails fast from looking fast. The lowest score wins; with probability
+(drift between retrainings) that relaxes toward the fleet's EWMA while the
+backend has no outcomes (`residual_relax_s`), and the penalty keeps a backend
+that fails fast from looking fast. `describe()` (the admin's /backends)
+shows these terms per cached request class and backend. The lowest score wins; with probability
 `epsilon` a uniformly random backend is chosen instead. `last_propensity`
 is P(chosen | this decision) = epsilon/n + (1-epsilon)*[chosen is the best]
 (conditional on the sampled subset when there is one), which is what
@@ -402,6 +404,13 @@ class OnnxLatency:
         # Weight of one observation in the observed/predicted correction (0 = off).
         residual_alpha: float = Field(0.02, ge=0, le=1)
         residual_clip: float = Field(4.0, ge=1)
+        # Time constant with which a backend's correction relaxes toward the fleet's (the
+        # EWMA of observed/predicted over every backend's outcomes), 0 = never. Only the
+        # backends the model picks see outcomes; without this a backend it stopped picking
+        # kept the correction of its last outcomes for good, and one whose model bias was
+        # shared by the whole fleet but learned only on the picked one herded all traffic
+        # there (docs/learning.md). As long as PeakEwma's decay: an idle backend is tried again.
+        residual_relax_s: float = Field(10.0, ge=0)
         # Fall back while the smoothed pick time (thread CPU, sampled) exceeds this, for
         # cooldown_s.
         # A guard against pathological models, not a tuning knob: at bench rates nearly
@@ -465,6 +474,8 @@ class OnnxLatency:
         self.model: LoadedModel | None = None
         self._features = FeatureMatrix(self._ctx_routes, ctx.clock, options.refresh_s)
         self._corr_of: dict[str, float] = {}
+        self._corr_fleet = 1.0  # EWMA of observed/predicted over all backends' outcomes
+        self._relaxed_at = -math.inf
         self._reset_scores()
         self._pending: dict[int, tuple[str, float]] = {}
         self._pick_ewma_us = 0.0
@@ -507,6 +518,7 @@ class OnnxLatency:
         # Corrections are the old model's errors, not the new one's; predictions still in
         # flight are the old model's too.
         self._corr_of.clear()
+        self._corr_fleet = 1.0
         self._pending.clear()
         self._reset_scores()
         self.model = model
@@ -739,12 +751,30 @@ class OnnxLatency:
             self._scores.clear()
             self._scores_ready = ready
             self._row_of = {s.id: i for i, s in enumerate(ready)}
-            self._corr_rows = [self._corr_of.get(s.id, 1.0) for s in ready]
+            self._corr_rows = [self._corr_of.get(s.id, self._corr_fleet) for s in ready]
             sc = None
+        if now - self._relaxed_at >= self._refresh_s:
+            self._relax_corrections(ready, now)
         if sc is None or now - sc.slope_stamp >= self._refresh_s:
             return self._rescore(model, ready, req, now, None,
                                  classes=len(self._scores) + (sc is None))
         return self._rescore(model, ready, req, now, sc, classes=len(self._scores))
+
+    def _relax_corrections(self, ready: Sequence[BackendView], now: float) -> None:
+        """Move every backend's correction toward the fleet's for the time since the last
+        call: evidence ages, and a backend with none left gets the fleet's (a busy one is
+        held at its own by its outcomes, which come far faster than 1/residual_relax_s)."""
+        elapsed_s = now - self._relaxed_at
+        self._relaxed_at = now
+        relax_s = self.options.residual_relax_s
+        if relax_s <= 0.0 or not math.isfinite(elapsed_s) or not self._corr_of:
+            return
+        keep = math.exp(-elapsed_s / relax_s)
+        fleet = self._corr_fleet
+        corr_of = self._corr_of
+        for bid, c in corr_of.items():
+            corr_of[bid] = fleet + (c - fleet) * keep
+        self._corr_rows = [corr_of.get(s.id, fleet) for s in ready]
 
     def _rescore(self, model: LoadedModel, ready: Sequence[BackendView], req: RequestInfo,
                  now: float, old: _Scores | None, *, classes: int) -> _Scores:
@@ -928,7 +958,8 @@ class OnnxLatency:
             ratio = self._clip_hi
         elif ratio < self._clip_lo:
             ratio = self._clip_lo
-        old = self._corr_of.get(bid, 1.0)
+        old = self._corr_of.get(bid, self._corr_fleet)
+        self._corr_fleet += alpha * (ratio - self._corr_fleet)
         new = old + alpha * (ratio - old)
         self._corr_of[bid] = new
         if i is not None:
@@ -952,7 +983,35 @@ class OnnxLatency:
             "busy": self._busy,
             "rescore_gap_ms": round(self._effective_gap_s() * 1e3, 2),
             "correction": {k: round(v, 3) for k, v in self._corr_of.items()},
+            "fleet_correction": round(self._corr_fleet, 3),
+            "scores": self._explain(),
         }
+
+    def _explain(self) -> dict[str, object]:
+        """Why a pick goes where it goes: per cached request class (route, method, body
+        size bucket), per backend, the terms of its score at its inflight now (the
+        lowest wins; predictions are as of the class's last rescore, `age_ms` ago)."""
+        ready = self._scores_ready
+        if ready is None:
+            return {}
+        now = self._clock()
+        out: dict[str, object] = {}
+        for (route, method, body_bucket), sc in self._scores.items():
+            rows = {}
+            for i, s in enumerate(ready):
+                predicted_ms = sc.a0[i] + sc.b[i] * s.inflight
+                rows[s.id] = {
+                    "inflight": s.inflight,
+                    "predicted_ms": round(predicted_ms, 3),
+                    "per_inflight_ms": round(sc.b[i], 3),
+                    "correction": round(self._corr_rows[i], 3),
+                    "penalty_ms": round(sc.pen[i], 3),
+                    "score": round(predicted_ms * self._corr_rows[i] + sc.pen[i], 3),
+                }
+            body = f" body ~{math.expm1(body_bucket / 4.0):.0f} B" if body_bucket else ""
+            out[f"{route} {method}{body}"] = {
+                "age_ms": round((now - sc.stamp) * 1e3, 1), "backends": rows}
+        return out
 
     def __repr__(self) -> str:
         m = self.model

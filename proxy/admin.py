@@ -92,6 +92,11 @@ def backends_snapshot(proxy: Proxy) -> dict[str, Any]:
             entry["detectors"] = cr.checker.describe(state.id)
             entries.append(entry)
         clusters[name] = {"policy": cr.policy_name, "panic": cr.cluster.panic, "backends": entries}
+        # A learned policy says what it predicts and why it picks (onnx_latency: per
+        # request class and backend, the terms of each score).
+        describe = getattr(cr.policy, "describe", None)
+        if describe is not None:
+            clusters[name]["policy_state"] = describe()
     return {"worker": proxy_worker_id(), "clusters": clusters}
 
 

@@ -13,7 +13,7 @@ import aiohttp
 import numpy as np
 
 from proxy.telemetry import SUFFIX, read_telemetry
-from tests.support import Backends, proxy_config
+from tests.support import Backends, fetch_json, proxy_config
 from train.cli import main as train_main
 
 ROUTES = [{"name": "sleep", "path_prefix": "/sleep"}, {"name": "echo", "path_prefix": "/echo"}]
@@ -63,3 +63,10 @@ async def test_telemetry_train_and_serve(
         text = await resp.text()
     assert re.search(r'foretell_model_info\{.*kind="hgb".*\} 1\.0', text)
     assert re.search(r'foretell_model_active\{cluster="default"\} 1\.0', text)
+    # /backends explains the picks: per request class, each backend's score and its terms.
+    snapshot = await fetch_json(client, learned.admin_url + "/backends")
+    state = snapshot["clusters"]["default"]["policy_state"]
+    assert state["serving"] is True
+    terms = state["scores"]["echo GET"]["backends"]
+    assert set(terms) == {"a", "b", "c"}
+    assert all(t["predicted_ms"] > 0 and t["score"] > 0 for t in terms.values())

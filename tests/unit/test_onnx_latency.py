@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections import Counter
@@ -13,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 from prometheus_client import REGISTRY
 
-from policies.base import PolicyContext, RequestInfo
+from policies.base import BackendView, PolicyContext, RequestInfo
 from policies.features import EWMA, INFLIGHT, N_FEATURES, REQ_BODY, ROUTE0, schema_metadata
 from policies.onnx_latency import (
     FALLBACKS,
@@ -30,7 +31,7 @@ from policies.onnx_latency import (
     load_model,
 )
 from policies.registry import create
-from proxy.state import Outcome
+from proxy.state import Outcome, Tracker
 from tests.unit.learning_sim import ROUTES, Sim
 from train.latency import make_candidate, to_onnx
 
@@ -348,6 +349,93 @@ def test_residual_correction_tracks_observed_over_predicted(tmp_path: Path) -> N
     assert corr["b0"] == pytest.approx(1.2)
     assert corr["b1"] == pytest.approx(1.0)
     assert p.pick(ready, REQ) is ready[1]
+
+
+def test_an_unobserved_backends_correction_relaxes_toward_the_fleets(tmp_path: Path) -> None:
+    sim = Sim(n_backends=2)
+    p = policy(sim, linear_model(tmp_path / "m.onnx", np.zeros(N_FEATURES), bias=5.0),
+               residual_alpha=0.5, residual_relax_s=2.0)
+    ready = sim.cluster.ready()
+    b0 = p.pick(ready, REQ)  # a tie: the first
+    assert b0 is ready[0]
+    p.observe(b0, REQ, Outcome(200, 0.010, None, 0, "fast"))  # 2x predicted: 1.5, fleet 1.5
+    b1 = p.pick(ready, REQ)
+    assert b1 is ready[1]
+    # b1 starts from the fleet's 1.5 and answers at 0.5x: 1.0; the fleet moves alike.
+    p.observe(b1, REQ, Outcome(200, 0.0025, None, 0, "fast"))
+    assert p.describe()["correction"] == {"b0": 1.5, "b1": 1.0}
+    assert p.describe()["fleet_correction"] == 1.0
+    sim.clock.t += 2.0  # one time constant without an outcome
+    p.pick(ready, REQ)
+    corr = p.describe()["correction"]
+    assert isinstance(corr, dict)
+    assert corr["b0"] == pytest.approx(1.0 + 0.5 * math.exp(-1.0), abs=5e-4)  # shown rounded
+    assert corr["b1"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("relax_s", [0.0, 1.0])
+def test_a_recovered_backend_is_not_starved_by_its_old_correction(tmp_path: Path,
+                                                                  relax_s: float) -> None:
+    """b0 answers one request 3x slower than predicted, then as predicted. With three
+    requests in flight on b1 (scored 8 ms against b0's 5 ms x 2.0), only a correction
+    that relaxes lets b0 back in (an EWMA
+    moves only on outcomes, and a backend the model does not pick has none)."""
+    w = np.zeros(N_FEATURES)
+    w[INFLIGHT] = 1.0
+    sim = Sim(n_backends=2)
+    p = policy(sim, linear_model(tmp_path / "m.onnx", w, bias=5.0), residual_alpha=0.5,
+               residual_relax_s=relax_s)
+    ready = sim.cluster.ready()
+    # Both answer one request as predicted (b0 is busy when b1 is picked): corrections 1.0.
+    # (A request is one RequestInfo: the policy matches an outcome to its pick by it.)
+    r0, r1 = RequestInfo(route_class="fast"), RequestInfo(route_class="fast")
+    assert p.pick(ready, r0) is ready[0]
+    with sim.cluster.track(ready[0]) as t0:
+        assert p.pick(ready, r1) is ready[1]
+        with sim.cluster.track(ready[1]) as t1:
+            for b, r, t, latency_s in ((ready[0], r0, t0, 0.005), (ready[1], r1, t1, 0.005)):
+                t.finish(Outcome(200, latency_s, None, 0, "fast"))
+                p.observe(b, r, Outcome(200, latency_s, None, 0, "fast"))
+    first = p.pick(ready, REQ)
+    assert first is ready[0]
+    p.observe(first, REQ, Outcome(200, 0.015, None, 0, "fast"))  # b0's correction: 2.0
+    assert p.describe()["correction"] == {"b0": 2.0, "b1": 1.0}
+    in_flight: list[tuple[BackendView, RequestInfo, Tracker, float]] = []
+    picks = []
+    for _ in range(100):
+        sim.clock.t += 0.1
+        req = RequestInfo(route_class="fast")
+        b = p.pick(ready, req)
+        assert b is not None
+        picks.append(b.id)
+        tracker = sim.cluster.track(sim.cluster.get(b.id)).__enter__()
+        in_flight.append((b, req, tracker, (4.0 + b.inflight) / 1e3))  # as predicted
+        if len(in_flight) > 3:
+            done, done_req, t, latency_s = in_flight.pop(0)
+            outcome = Outcome(200, latency_s, None, 0, "fast")
+            t.finish(outcome)
+            t.__exit__(None, None, None)
+            p.observe(done, done_req, outcome)
+    if relax_s == 0.0:
+        assert "b0" not in picks
+    else:
+        assert picks[50:].count("b0") >= 15
+
+
+def test_describe_explains_each_score(tmp_path: Path) -> None:
+    sim = Sim(n_backends=3)
+    p = policy(sim, inflight_model(tmp_path / "m.onnx"))  # 1 ms + 10 ms per request in flight
+    ready = sim.cluster.ready()
+    with sim.cluster.track(ready[0]), sim.cluster.track(ready[0]):
+        chosen = p.pick(ready, REQ)
+        scores = p.describe()["scores"]
+        assert isinstance(scores, dict)
+        terms = scores["fast GET"]["backends"]
+        assert terms["b0"] == {"inflight": 2, "predicted_ms": pytest.approx(21.0),
+                               "per_inflight_ms": pytest.approx(10.0), "correction": 1.0,
+                               "penalty_ms": 0.0, "score": pytest.approx(21.0)}
+        assert chosen is not None
+        assert terms[chosen.id]["score"] == min(t["score"] for t in terms.values())
 
 
 async def test_a_reloaded_model_starts_without_the_old_models_corrections(tmp_path: Path) -> None:
