@@ -85,6 +85,10 @@ class LatencyOutlier(_Frozen):
     # the limit) reaches ratio x the fleet median p50: routing starves a slow
     # backend, so its window turns over slowly. 0 turns this rule off.
     recent_requests: int = Field(default=5, ge=0)
+    # Scale each sample by (fleet median) / (its route class's fleet median) before
+    # comparing, so a backend that gets the expensive requests (request-aware routing)
+    # is not taken for a slow one (health/latency.py).
+    route_adjusted: bool = True
 
 
 class Anomaly(_Frozen):

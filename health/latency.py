@@ -18,13 +18,26 @@ Two rules, both against the fleet (the median over judged backends):
   attempt counts as at most 2 x ratio slower, so three requests caught in a
   brief stall next to two ordinary ones do not decide alone (3 ln 8 < 5 ln 4).
 
+Like with like: under request-aware routing (onnx_latency) one backend may
+get the expensive route class and another the cheap one, and their latencies
+differ by the mix, not by health (the demo fleet, /render 6x /search: a
+render-serving backend was ejected as "4.9x fleet median"). So each sample is
+scaled by (fleet median of all samples) / (its route class's reference: the
+lower median over backends of their medians for the class) before anything
+is compared: a typical request of any class counts as a typical request. A
+class gets a reference only when at least two backends have 3 samples of it
+in the window (one backend's own samples would hide its own slowness); other
+samples are left as they are, as is every sample when the window holds a
+single class (nothing changes then).
+`route_adjusted: false` compares raw latencies.
+
 Requests still waiting count as censored observations: the oldest waiting
 attempt (BackendState.waiting_since, via `waiting_age_s`) will take at least
 its current age, so once that age passes the window limit it counts as a
 slow observation before it completes (a younger one is left out: it could
 still go either way). Only completed samples set the fleet reference.
 
-`observe` appends (time, latency) to a bounded deque; `evaluate` sorts.
+`observe` appends (time, latency, route class) to a bounded deque; `evaluate` sorts.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Callable
+from itertools import chain
 
 from health.base import Verdict
 from health.config import LatencyOutlier as LatencyConfig
@@ -43,6 +57,9 @@ WaitingAge = Callable[[str], float | None]
 
 # In the recent rule one attempt counts as at most this x ratio slower than the fleet.
 _CAP_FACTOR = 2.0
+# A backend's median for a route class counts toward the class's reference from this
+# many samples of the class in the window.
+_MIN_VOTE_SAMPLES = 3
 
 
 def nearest_rank(ordered: list[float], q: float) -> float:
@@ -59,7 +76,7 @@ class LatencyOutlier:
         self.config = config
         self._clock = clock
         self._waiting_age_s = waiting_age_s
-        self._samples: dict[str, deque[tuple[float, float]]] = {}
+        self._samples: dict[str, deque[tuple[float, float, str]]] = {}
 
     def observe(self, backend_id: str, outcome: Outcome) -> None:
         # Transport errors have no service time; the failure detectors own them.
@@ -68,25 +85,55 @@ class LatencyOutlier:
         samples = self._samples.get(backend_id)
         if samples is None:
             samples = self._samples[backend_id] = deque(maxlen=self.config.max_samples)
-        samples.append((self._clock(), outcome.latency_s))
+        samples.append((self._clock(), outcome.latency_s, outcome.route_class))
 
-    def _recent(self, now: float) -> dict[str, list[tuple[float, float]]]:
-        """Per backend: (finished at, latency) of samples inside the window, oldest first."""
+    def _recent(self, now: float) -> dict[str, list[tuple[float, float, str]]]:
+        """Per backend: (finished at, latency, route class) of samples inside the window,
+        oldest first."""
         horizon = now - self.config.window_s
         return {b: [s for s in samples if s[0] >= horizon] for b, samples in self._samples.items()}
 
     def quantiles(self, now: float) -> dict[str, tuple[int, float]]:
-        """Per backend: (samples in window, latency quantile in seconds; NaN if none)."""
+        """Per backend: (samples in window, raw latency quantile in seconds; NaN if none)."""
         out = {}
         for backend_id, recent in self._recent(now).items():
-            lat = sorted(lat for _, lat in recent)
+            lat = sorted(lat for _, lat, _ in recent)
             out[backend_id] = (len(lat), nearest_rank(lat, self.config.quantile) if lat else math.nan)
         return out
 
+    def route_factors(self, recent: dict[str, list[tuple[float, float, str]]]) -> dict[str, float]:
+        """Route class -> the factor that scales its samples to a typical request's latency
+        (fleet median of all samples / the class's reference); {} when nothing is adjusted.
+        A class's reference is the lower median over backends of each one's median for the
+        class: one vote per backend, so a sick backend that got most of a class (before
+        routing moved away from it) does not set the class's reference alone."""
+        if not self.config.route_adjusted:
+            return {}
+        per_class: dict[str, dict[str, list[float]]] = {}
+        for backend_id, samples in recent.items():
+            for _, lat, route_class in samples:
+                per_class.setdefault(route_class, {}).setdefault(backend_id, []).append(lat)
+        if len(per_class) < 2:
+            return {}
+        overall_s = statistics.median(lat for _, lat, _ in chain.from_iterable(recent.values()))
+        factors = {}
+        for route_class, by_backend in per_class.items():
+            votes = [statistics.median(lats) for lats in by_backend.values()
+                     if len(lats) >= _MIN_VOTE_SAMPLES]
+            if len(votes) >= 2:
+                reference_s = statistics.median_low(votes)
+                if reference_s > 0:
+                    factors[route_class] = overall_s / reference_s
+        return factors
+
     def evaluate(self, now: float) -> list[Verdict]:
         cfg = self.config
-        recent = self._recent(now)
-        q = {b: (len(s), nearest_rank(sorted(lat for _, lat in s), cfg.quantile) if s else math.nan)
+        raw = self._recent(now)
+        factors = self.route_factors(raw)
+        # (finished at, started at, latency scaled by its route class's factor)
+        recent = {b: [(t, t - lat, lat * factors.get(rc, 1.0)) for t, lat, rc in s]
+                  for b, s in raw.items()}
+        q = {b: (len(s), nearest_rank(sorted(lat for *_, lat in s), cfg.quantile) if s else math.nan)
              for b, s in recent.items()}
         judged = [v for n, v in q.values() if n >= cfg.min_requests]
         verdicts = []
@@ -99,22 +146,25 @@ class LatencyOutlier:
         fleet_s = statistics.median(judged)
         limit_s = max(fleet_s * cfg.ratio, fleet_s + cfg.min_excess_s)
         fleet_p50_s = statistics.median(
-            nearest_rank(sorted(lat for _, lat in s), 50.0) for s in recent.values()
+            nearest_rank(sorted(lat for *_, lat in s), 50.0) for s in recent.values()
             if len(s) >= cfg.min_requests)
-        label = f"p{cfg.quantile:g}"
+        adjusted = "route-adjusted " if factors else ""
         for backend_id, samples in recent.items():
-            # (started at, latency or its lower bound, censored)
-            obs = [(t - lat, lat, False) for t, lat in samples]
+            # (started at, latency or its lower bound, censored); a waiting attempt's
+            # route class is not known here, so its age is not adjusted.
+            obs = [(start, lat, False) for _, start, lat in samples]
             age_s = self._waiting_age_s(backend_id) if self._waiting_age_s is not None else None
             # A younger waiting attempt says nothing yet about the limit either way.
             if age_s is not None and age_s >= limit_s:
                 obs.append((now - age_s, age_s, True))
-            verdicts.append(self._judge(backend_id, obs, fleet_s, limit_s, fleet_p50_s, label))
+            verdicts.append(self._judge(backend_id, obs, fleet_s, limit_s, fleet_p50_s, adjusted))
         return verdicts
 
     def _judge(self, backend_id: str, obs: list[tuple[float, float, bool]], fleet_s: float,
-               limit_s: float, fleet_p50_s: float, label: str) -> Verdict:
+               limit_s: float, fleet_p50_s: float, adjusted: str) -> Verdict:
+        """`adjusted`: "route-adjusted " when latencies were scaled by route class, else ""."""
         cfg = self.config
+        label = f"{adjusted}p{cfg.quantile:g}"
         n = len(obs)
         window: Verdict | None = None
         if n >= cfg.min_requests:
@@ -139,7 +189,7 @@ class LatencyOutlier:
             recent_ratio = math.exp(log_ratio)
             detected = fleet_p50_s * recent_ratio >= recent_limit_s
             waiting = " incl. 1 still waiting" if any(c for *_, c in last) else ""
-            recent = (f"last {m} requests{waiting}: geometric mean {recent_ratio:.1f}x fleet "
+            recent = (f"last {m} requests{waiting}: {adjusted}geometric mean {recent_ratio:.1f}x fleet "
                       f"median p50 {fleet_p50_s * 1e3:.1f} ms ({'>=' if detected else '<'} "
                       f"{recent_limit_s / fleet_p50_s:.1f}x)")
             if detected:

@@ -4,6 +4,7 @@ import pytest
 
 from health.config import LatencyOutlier as Cfg
 from health.latency import LatencyOutlier, nearest_rank
+from proxy.state import Outcome
 from tests.unit.health_support import CONNECT, Clock, ok
 
 
@@ -175,3 +176,43 @@ def test_waiting_request_is_a_lower_bound_in_the_window_rule() -> None:
     v = {v.backend_id: v for v in d.evaluate(clock())}["b0"]
     assert v.detected
     assert v.reason.startswith("p90 80.1 ms over 33 samples (1 still waiting) = 4.0x fleet median")
+
+
+def _request_aware_fleet(d: LatencyOutlier, clock: Clock, steps: int,
+                         slow: dict[str, float] | None = None) -> None:
+    """Request-aware routing on the demo fleet's costs: b0 gets the renders (30 ms), b1
+    one render in five, b2 and b3 only searches (5 ms). `slow`: backend -> factor."""
+    factor = slow or {}
+    for step in range(steps):
+        clock.advance(0.05)
+        jitter = 1 + (step % 5) / 10
+        for backend_id, route in (("b0", "render"), ("b1", "render" if step % 5 == 0 else "search"),
+                                  ("b2", "search"), ("b3", "search")):
+            base_s = 0.030 if route == "render" else 0.005
+            d.observe(backend_id, Outcome(200, base_s * jitter * factor.get(backend_id, 1.0),
+                                          route_class=route))
+
+
+@pytest.mark.parametrize("route_adjusted", [True, False])
+def test_a_backend_given_the_expensive_route_is_not_an_outlier(route_adjusted: bool) -> None:
+    clock = Clock()
+    d = LatencyOutlier(Cfg(route_adjusted=route_adjusted), clock)
+    _request_aware_fleet(d, clock, 40)
+    out = {v.backend_id: v for v in d.evaluate(clock())}
+    # Raw, b0's last five (renders) are ~6x the fleet's median p50 (searches): ejected.
+    assert out["b0"].detected is not route_adjusted
+    assert not any(v.detected for b, v in out.items() if b != "b0")
+    if not route_adjusted:
+        assert out["b0"].reason.startswith("last 5 requests: geometric mean 5.7x fleet median p50")
+
+
+@pytest.mark.parametrize("sick", ["b0", "b2"])
+def test_a_slow_backend_is_found_whatever_route_it_serves(sick: str) -> None:
+    """b0 is the only backend that gets most renders: its own samples must not set the
+    render reference (b1's renders do: the lower median of the two backends' medians)."""
+    clock = Clock()
+    d = LatencyOutlier(Cfg(), clock)
+    _request_aware_fleet(d, clock, 40, slow={sick: 10.0})
+    out = {v.backend_id: v for v in d.evaluate(clock())}
+    assert [b for b, v in out.items() if v.detected] == [sick]
+    assert out[sick].reason.startswith("route-adjusted p90")
