@@ -16,10 +16,18 @@ Rules:
   non-finite feature, a latency that is negative/non-finite/absurd, a
   propensity outside (0, 1], not exactly one chosen record, or fewer records
   than its `n_ready` (cut off).
+
+`Telemetry.spans` says when some proxy process was recording: the files one
+process wrote (one worker's files from sequence number 1 of their names on,
+see proxy.telemetry) cover the time from their first record to their last;
+the time between two processes' files (a restart, days between runs) is
+not covered, so counting decisions per interval (train.forecast) does not
+read it as intervals without requests.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +38,9 @@ from policies.features import FEATURE_NAMES, SCHEMA_VERSION
 from proxy.telemetry import SUFFIX, TelemetryFormatError, read_telemetry
 
 MAX_LATENCY_S = 3600.0
+# The file's sequence number in its process (proxy.telemetry names files
+# telemetry-w{worker}-{ms}-{seq:05d}.ftel): 1 is the first file of a process.
+_SEQ = re.compile(r"-(\d+)" + re.escape(SUFFIX) + "$")
 
 
 class DatasetError(Exception):
@@ -89,6 +100,9 @@ class Telemetry:
     route_classes: list[str]
     sample_rates: list[float]
     report: LoadReport
+    # (start, end) epoch seconds when some proxy process was recording, merged and in
+    # order; empty: not known (one span over all records).
+    spans: list[tuple[float, float]] = field(default_factory=list)
 
     def chosen(self) -> np.ndarray:
         return self.records[self.records["chosen"] == 1]
@@ -172,6 +186,7 @@ def load_telemetry(directory: str | Path, *, skip_other_schemas: bool = False) -
             "or pass --skip-other-schemas to keep only the most common.")
     parts = []
     rates = []
+    file_spans: list[FileSpan] = []
     next_id = 0
     for fr, tf in loaded:
         if tuple(tf.header.get("route_classes", [])) != routes:
@@ -186,11 +201,50 @@ def load_telemetry(directory: str | Path, *, skip_other_schemas: bool = False) -
         next_id += int(inverse.max()) + 1 if len(kept) else 0
         parts.append(kept)
         rates.append(float(tf.header.get("sample_rate", 1.0)))
+        if len(kept):
+            seq = _SEQ.search(fr.path.name)
+            file_spans.append(FileSpan(
+                int(tf.header.get("worker_id", 0)), float(tf.header.get("created_at_s", 0.0)),
+                float(kept["time_s"].min()), float(kept["time_s"].max()),
+                # A renamed file cannot be placed in its process: it covers itself only.
+                starts_run=seq is None or int(seq.group(1)) == 1))
     records = np.concatenate(parts) if parts else np.zeros(0, dtype=loaded[0][1].records.dtype)
     if len(records) == 0:
         raise DatasetError(f"{directory}: no valid records\n" + "\n".join(report.lines()))
     order = np.lexsort((records["decision_id"], records["time_s"]))
-    return Telemetry(records[order], list(routes), rates, report)
+    return Telemetry(records[order], list(routes), rates, report, run_spans(file_spans))
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    worker_id: int
+    opened_s: float  # the header's created_at_s: orders one worker's files
+    first_s: float  # first and last decision kept
+    last_s: float
+    starts_run: bool  # the first file of a proxy process
+
+
+def run_spans(files: list[FileSpan]) -> list[tuple[float, float]]:
+    """When some process was recording: per worker, its files from one that starts a
+    run up to the next such file form one span; overlapping spans merge."""
+    spans: list[list[float]] = []
+    for worker_id in sorted({f.worker_id for f in files}):
+        current: list[float] | None = None
+        for f in sorted((f for f in files if f.worker_id == worker_id),
+                        key=lambda f: (f.opened_s, f.first_s)):
+            if current is None or f.starts_run:
+                current = [f.first_s, f.last_s]
+                spans.append(current)
+            else:
+                current[0] = min(current[0], f.first_s)
+                current[1] = max(current[1], f.last_s)
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def decision_groups(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

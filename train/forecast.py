@@ -9,8 +9,9 @@ Input, one of:
   one interval following another. Lines of a bare count, no time, are taken
   as consecutive intervals.
 - `--data DIR`: telemetry; decisions (chosen records) are binned into
-  intervals of `--interval-s` and divided by each file's sample rate. A
-  sampled estimate: prefer counts when you have them.
+  intervals of `--interval-s` and divided by each file's sample rate, only
+  while a proxy process was recording (the time between runs is a gap, as
+  with counts). A sampled estimate: prefer counts when you have them.
 
 Least squares on the first (1 - validation_fraction) of intervals; the
 rest validate, against the persistence forecast R(t) = R(t-1).
@@ -78,16 +79,29 @@ def read_counts(path: str | Path, interval_s: float) -> Counts:
 
 
 def counts_from_telemetry(data: Telemetry, interval_s: float) -> Counts:
+    """Decisions per interval of `interval_s` from the first, divided by the sample rate:
+    only intervals wholly inside a span when a proxy was recording (`Telemetry.spans`),
+    so a restart or the days between two runs are a gap, not intervals of zero requests
+    (and a span's partial first and last intervals are left out)."""
     chosen = data.chosen()
     if len(chosen) == 0:
         raise ForecastTrainError("no decisions in the telemetry")
     rate = float(np.mean(data.sample_rates)) if data.sample_rates else 1.0
     t = chosen["time_s"]
-    bins = np.floor((t - t.min()) / interval_s).astype(np.int64)
+    t0 = float(t.min())
+    bins = np.floor((t - t0) / interval_s).astype(np.int64)
     counts = np.bincount(bins).astype(np.float64)
-    # The last bin is usually partial: drop it.
-    kept = counts[:-1] if len(counts) > 1 else counts
-    return Counts.consecutive(kept / max(rate, 1e-9), lines=len(chosen))
+    covered = np.zeros(len(counts), dtype=bool)
+    for start_s, end_s in data.spans or [(t0, float(t.max()))]:
+        # Intervals lo .. hi - 1 lie wholly inside [start_s, end_s].
+        lo = math.ceil((start_s - t0) / interval_s - 1e-9)
+        hi = math.floor((end_s - t0) / interval_s + 1e-9)
+        covered[max(lo, 0):max(hi, 0)] = True
+    kept = np.flatnonzero(covered)
+    if len(kept) == 0:  # too short to hold a whole interval: keep what there is
+        kept = np.arange(len(counts))
+    follows = np.concatenate([[False], np.diff(kept) == 1])
+    return Counts(counts[kept] / max(rate, 1e-9), follows, len(chosen))
 
 
 def fit_forecast(counts: Counts, interval_s: float,

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from proxy.config import Forecast
+from policies.base import PolicyContext
+from policies.registry import create
+from proxy.config import Forecast, Telemetry
 from proxy.forecast import FORECAST_RPS, REPLICAS, ForecastError, LoadForecaster, load_coefficients
+from proxy.telemetry import TelemetryRecorder
+from tests.unit.learning_sim import ROUTES, Sim
 from train.cli import main as train_main
-from train.forecast import Counts, ForecastTrainError, fit_forecast
+from train.dataset import FileSpan, load_telemetry, run_spans
+from train.forecast import Counts, ForecastTrainError, counts_from_telemetry, fit_forecast
 
 
 def ar2_counts(a: float, b: float, c: float, n: int, seed: int = 0) -> np.ndarray:
@@ -175,3 +181,35 @@ async def test_intervals_end_on_wall_clock_multiples(tmp_path: Path) -> None:
     assert len(ends) >= 2
     for end_s in ends:  # written with 3 decimals
         assert end_s == pytest.approx(round(end_s / 0.05) * 0.05, abs=1e-3)
+
+
+async def test_telemetry_of_two_runs_an_hour_apart_leaves_the_hour_out(tmp_path: Path) -> None:
+    """Two proxy runs (each a new recorder: its files start again at sequence 1), 30 s of
+    16 req/s each, an hour apart: 2 x 29 whole 1 s intervals (each run's last one is
+    partial), not 3600 intervals of zero requests between them. (Times in sixteenths of
+    a second add up exactly in binary floating point.)"""
+    sim = Sim(seed=3, fail_rate_b0=0.0)
+    policy = create("round_robin", {}, PolicyContext(clock=sim.clock, route_classes=ROUTES))
+    for run in range(2):
+        sim.clock.t = 1000.0 + 3630.0 * run  # 30 s of requests, then an hour
+        rec = TelemetryRecorder(Telemetry(enabled=True, path=tmp_path, sample_rate=1.0), ROUTES,
+                                worker_id=0, rng=random.Random(run), clock=sim.clock,
+                                wall=sim.clock)
+        await rec.start()
+        sim.run(policy, 480, dt_s=0.0625, recorder=rec)
+        await rec.stop()
+    counts = counts_from_telemetry(load_telemetry(tmp_path), interval_s=1.0)
+    assert len(counts.requests) == 58
+    assert np.all(counts.requests == 16)
+    assert list(np.flatnonzero(~counts.follows)) == [0, 29]
+
+
+def test_a_process_covers_the_time_between_its_rotated_files() -> None:
+    spans = run_spans([
+        FileSpan(0, opened_s=0.0, first_s=0.0, last_s=10.0, starts_run=True),
+        # Rotated (sequence 2): the quiet 2 s before its first decision were recorded.
+        FileSpan(0, opened_s=12.0, first_s=12.0, last_s=20.0, starts_run=False),
+        FileSpan(0, opened_s=100.0, first_s=100.0, last_s=110.0, starts_run=True),  # restart
+        FileSpan(1, opened_s=5.0, first_s=5.0, last_s=25.0, starts_run=True),  # worker 1
+    ])
+    assert spans == [(0.0, 25.0), (100.0, 110.0)]
