@@ -23,8 +23,10 @@ Steps, each reported on the terminal:
    boosting fitted for squared error (`hgb`) and for absolute error (`hgb_l1`:
    the gate's metric is MAE, and a median beats a mean on skewed latencies);
    each is exported and its onnxruntime inference time measured
-   on 16 rows; the lowest validation MAE among those within
-   `max_inference_us` wins;
+   on 16 rows (median of 1,500 calls; the least of `TIMING_ROUNDS` such
+   measurements, interleaved over all candidates, so that a moment of a
+   busy machine does not decide); the lowest validation MAE among those
+   within `max_inference_us` wins;
    Each candidate is fitted for four targets (`target="auto"`): latency in
    ms, and ("ratio") latency divided by
    the route_cost_ms feature (this backend's latency EWMA for the route
@@ -347,6 +349,11 @@ def ort_predict(session: Any, x: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.float64).reshape(-1)
 
 
+# Each candidate's inference is timed once after its fit and again in this many rounds
+# minus one over all candidates (train_latency).
+TIMING_ROUNDS = 4
+
+
 def inference_us(session: Any, x16: np.ndarray, runs: int = 1500) -> float:
     """Median time of one 16-row call through the same IOBinding path the policy uses."""
     from policies.onnx_latency import LoadedModel
@@ -436,6 +443,7 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
              + f" [EWMA alpha {alpha}]")
     x16 = p.x[s:s + 16] if n - s >= 16 else np.resize(p.x[s:], (16, N_FEATURES))
     results: list[CandidateResult] = []
+    sessions: list[Any] = []
     yv = p.y_ms[s:]
     schema = schema_metadata(data.route_classes)
     for mode in targets:
@@ -453,12 +461,23 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
             err = mae(sk_ms(model, p.x[s:], mode), yv)
             onnx_bytes = to_onnx(model, {**schema, "foretell.target": TARGET_MODES[mode],
                                          "foretell.model_kind": kind}, log=is_log(mode))
-            cost = inference_us(ort_session(onnx_bytes), x16)
+            session = ort_session(onnx_bytes)
+            cost = inference_us(session, x16)
             herd = herding_rate(_ms_predictor(model, mode), p.x[s:])
             results.append(CandidateResult(kind, err, fit_s, cost, model, onnx_bytes, mode, herd))
+            sessions.append(session)
             progress(f"candidate {kind:6s} target {mode:11s}: validation MAE {err:.3f} ms, "
                      f"fit {fit_s:.1f} s, inference {cost:.1f} µs / 16 rows, "
                      f"faster-when-busier {herd:.1%}")
+    # A busy or throttled moment of this machine can slow one measurement for seconds and
+    # tip the choice against max_inference_us from one run to the next: each candidate's
+    # cost is the least of its measurements in rounds spread over all of them.
+    if len(results) > 1:
+        for _ in range(TIMING_ROUNDS - 1):
+            for r, session in zip(results, sessions, strict=True):
+                r.inference_us = min(r.inference_us, inference_us(session, x16))
+        progress(f"inference, least of {TIMING_ROUNDS} interleaved rounds (µs / 16 rows): "
+                 + ", ".join(f"{r.kind}/{r.target} {r.inference_us:.1f}" for r in results))
     sane = [r for r in results if r.herding <= MAX_HERDING_RATE]
     if not sane:
         raise TrainError("every candidate predicts busier backends to be faster on more than "
