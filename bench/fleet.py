@@ -236,7 +236,7 @@ def demo_fleet(ports: Sequence[int]) -> list[SimBackend]:
 # ---------------------------------------------------------------------------
 # The child process: one backend, one aiohttp server.
 
-class _Timeline:
+class Timeline:
     """Answers "what is going on at timeline second t" for one backend."""
 
     def __init__(self, events: Sequence[Event], rng: random.Random) -> None:
@@ -287,7 +287,7 @@ class _Server:
         self.spec = spec
         self.origin_s = origin_s
         self.rng = random.Random(spec.seed)
-        self.timeline = _Timeline(spec.events, random.Random(spec.seed + 7919))
+        self.timeline = Timeline(spec.events, random.Random(spec.seed + 7919))
         self.slots = asyncio.Semaphore(spec.slots)
         self.busy = 0
         self.crashed = False

@@ -32,6 +32,30 @@ as the mean absolute deviation around the median latency of each backend and
 route over all such rows (in-sample, so optimistic). Above the floor, it
 shows how much the machine (event-loop lag of the proxy, the load generator
 and the fleet sharing its cores) adds to every latency.
+
+Also printed, as an ESTIMATE and not a bound: the queueing-aware floor, the
+lowest MAE of a predictor that knows the row's backend, route class, event
+factor and the backend's inflight at decision time (the row's `inflight`
+feature), but not how far along the requests in flight are. Per row it is the
+mean absolute deviation around its median of wait + S, by Monte Carlo of the
+fleet's own backend (`slots` workers, FIFO: asyncio.Semaphore; S drawn by
+`ServiceTime.sample_ms`) holding `inflight` other requests. Its assumptions:
+- the proxy's inflight is everything at the backend (false with two proxies:
+  each sees only its own, so there the estimate is optimistic);
+- the min(inflight, slots) requests in service are at a random point of their
+  service (equilibrium residual: length-biased S, uniform position), the rest
+  wait ahead in FIFO order with fresh draws of S; requests in flight are of
+  the scenario's route mix (the policy's steering of routes ignored);
+- the event factor is the scripted one at the row's timeline second (the run
+  starts at its first decision: the load generator starts at the timeline
+  origin) and holds for every request involved; slowdowns are exact, a
+  bimodal backend is taken at each phase half the time with the phase known
+  (its switches are random: see `Timeline`), stalls are ignored;
+- network, proxy and machine time are noise-free (the idle-backend line shows
+  they are not), and, as above, failed rows are left out.
+So it is not a bound, and it can sit on either side of the true floor; it
+says how much of the gap between the EWMA and the service-noise floor is
+queueing that no inflight-only model can remove.
 """
 
 from __future__ import annotations
@@ -46,12 +70,28 @@ from typing import Any
 
 import numpy as np
 
-from bench.fleet import ServiceTime, SimBackend
+from bench.fleet import ServiceTime, SimBackend, Timeline
 from bench.runner import route_class_name
 from bench.scenarios import Scenario, get
 from policies.features import INFLIGHT, OTHER_SLOT, ROUTE0, ROUTE_SLOTS, RouteSlots
 
 MAD_SAMPLES = 400_000
+# Monte Carlo draws per queueing cell: the estimate's sampling error is ~0.3%.
+QUEUE_SAMPLES = 100_000
+QUEUE_SEED = 0
+# The bench leaves seconds between runs (fleet and proxy start, 1.2 s load lead);
+# a load run never pauses this long (largest gap in the collected runs: 0.13 s).
+RUN_GAP_S = 1.0
+
+
+@cache
+def service_draws_ms(service: ServiceTime) -> np.ndarray:
+    """MAD_SAMPLES draws of the fleet's own sampler (seed 0), shared by both figures."""
+    rng = random.Random(0)
+    s = np.fromiter((service.sample_ms(rng) for _ in range(MAD_SAMPLES)), dtype=np.float64,
+                    count=MAD_SAMPLES)
+    s.flags.writeable = False  # cached: shared by every caller
+    return s
 
 
 @cache
@@ -60,9 +100,7 @@ def mad_factor(service: ServiceTime) -> float:
 
     Lognormal with sigma 0.5: erf(0.5 / sqrt 2) = 0.383.
     """
-    rng = random.Random(0)
-    s = np.fromiter((service.sample_ms(rng) for _ in range(MAD_SAMPLES)), dtype=np.float64,
-                    count=MAD_SAMPLES)
+    s = service_draws_ms(service)
     mean = float(s.mean())
     return 0.0 if mean <= 0 else float(np.mean(np.abs(s - np.median(s)))) / mean
 
@@ -122,6 +160,103 @@ def floor_ms(scenario: Scenario, backend_ids: np.ndarray, x: np.ndarray,
     return out
 
 
+Mix = tuple[tuple[float, float], ...]  # ((service-time multiplier, weight), ...)
+
+
+@cache
+def queue_cell(service: ServiceTime, slots: int, own: float, others: Mix,
+               inflight: int) -> tuple[float, float]:
+    """(median, mean |L - median|) of the latency L = wait + S of a request sent to a
+    backend of `slots` FIFO workers holding `inflight` other requests, in units of the
+    service's sample mean. `own` is this request's service-time multiplier, `others`
+    the mix of the requests in flight. The first min(inflight, slots) are in service,
+    each with an equilibrium residual (the request in a busy slot at a random instant:
+    drawn in proportion to its length, at a uniform point of it); the rest queue ahead.
+    Deterministic: one seed for every cell, so cells differing only in inflight share
+    their draws (the estimate grows with inflight draw by draw, not only on average)."""
+    s = service_draws_ms(service)
+    mean = float(s.mean())
+    if mean <= 0:
+        return 0.0, 0.0
+    unit = s / mean
+    rng = np.random.default_rng(QUEUE_SEED)
+    n = QUEUE_SAMPLES
+    latency = own * unit[rng.integers(len(unit), size=n)]
+    mult = np.array([m for m, _ in others], dtype=np.float64)
+    weight = np.array([w for _, w in others], dtype=np.float64)
+    busy = min(inflight, slots)
+    free = np.zeros((n, slots))  # time until each worker is free for the next in line
+    if busy:
+        # A busy slot is more likely to hold a long request: length-biased in route and S.
+        m = rng.choice(mult, size=(n, busy), p=mult * weight / np.sum(mult * weight))
+        cum = np.cumsum(unit)
+        s_biased = unit[np.minimum(np.searchsorted(cum, rng.random((n, busy)) * cum[-1]),
+                                   len(unit) - 1)]
+        free[:, :busy] = m * s_biased * rng.random((n, busy))
+    rows = np.arange(n)
+    for _ in range(inflight - busy):
+        # FIFO: the first in line takes the first worker to free up.
+        j = np.argmin(free, axis=1)
+        free[rows, j] += (rng.choice(mult, size=n, p=weight / weight.sum())
+                          * unit[rng.integers(len(unit), size=n)])
+    latency += free.min(axis=1)
+    median = float(np.median(latency))
+    return median, float(np.mean(np.abs(latency - median)))
+
+
+def timeline_s(decided_s: np.ndarray, rows_s: np.ndarray) -> np.ndarray:
+    """Each row's second on its run's event timeline. Runs are told apart by gaps of
+    RUN_GAP_S in `decided_s` (every decision, failed ones too), and a run's timeline
+    starts at its first decision: the load generator starts at the timeline origin."""
+    t = np.sort(np.asarray(decided_s, dtype=np.float64))
+    starts = t[np.r_[0, np.nonzero(np.diff(t) > RUN_GAP_S)[0] + 1]]
+    run = np.maximum(np.searchsorted(starts, rows_s, side="right") - 1, 0)
+    out: np.ndarray = rows_s - starts[run]
+    return out
+
+
+def factor_mix(spec: SimBackend, t_s: float) -> Mix:
+    """((event factor, probability), ...) at timeline second t_s. Scripted slowdowns are
+    read from the fleet's own `Timeline`; a bimodal event's phase is random (switch
+    times drawn by the backend), so each of its two speeds counts half."""
+    fixed = [ev for ev in spec.events if ev.kind != "bimodal"]
+    base = Timeline(fixed, random.Random(0)).factor(t_s)
+    mix: Mix = ((base, 1.0),)
+    for ev in spec.events:
+        if ev.kind == "bimodal" and ev.active(t_s):
+            mix = tuple((f * g, w * 0.5) for f, w in mix for g in (1.0, ev.factor))
+    return mix
+
+
+def queue_estimate_ms(scenario: Scenario, backend_ids: np.ndarray, x: np.ndarray,
+                      route_classes: Sequence[str], t_s: np.ndarray) -> np.ndarray:
+    """Per row: the queueing-aware estimate (see the module docstring; not a bound)."""
+    specs: dict[str, SimBackend] = {b.id: b for b in scenario.backends}
+    paths = slot_paths(scenario, route_classes)
+    route_mix = scenario.route_mix()
+    slot = route_slot(x)
+    inflight = x[:, INFLIGHT].astype(np.int64)
+    out = np.empty(len(x), dtype=np.float64)
+    for i in range(len(x)):
+        raw_id = backend_ids[i]
+        bid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        spec = specs.get(bid)
+        if spec is None:
+            raise ValueError(f"backend {bid!r} of the telemetry is not in scenario {scenario.name} "
+                             f"({', '.join(specs)}): telemetry from another scenario?")
+        base_ms = spec.service.mean_ms
+        if base_ms <= 0:
+            out[i] = 0.0
+            continue
+        # As the service-noise floor: the cheapest path the row's route slot may stand for.
+        own = min(spec.mean_service_ms({p: 1.0}) for p in paths[slot[i]] or paths[-1]) / base_ms
+        others = tuple(sorted((spec.mean_service_ms({p: 1.0}) / base_ms, w)
+                              for p, w in route_mix.items()))
+        mad = queue_cell(spec.service, spec.slots, own, others, int(inflight[i]))[1]
+        out[i] = sum(w * f for f, w in factor_mix(spec, float(t_s[i]))) * mad * base_ms
+    return out
+
+
 @dataclass
 class FloorReport:
     rows: int
@@ -130,6 +265,7 @@ class FloorReport:
     model_ms: float | None
     idle_rows: int
     idle_ms: float
+    queue_ms: float | None = None
 
     def lines(self) -> list[str]:
         out = [f"validation rows              {self.rows}",
@@ -139,12 +275,21 @@ class FloorReport:
                f"idle-backend noise (MAE)     {self.idle_ms:8.3f} ms = "
                f"{self.idle_ms / self.ewma_ms:.2f}x the EWMA's ({self.idle_rows} rows with nothing "
                "in flight, all of the telemetry; in-sample, not a bound)"]
+        if self.queue_ms is not None:
+            out += [f"queueing-aware ESTIMATE      {self.queue_ms:8.3f} ms = "
+                    f"{self.queue_ms / self.ewma_ms:.2f}x the EWMA's (an estimate, not a bound: "
+                    "knows backend, route, event factor and inflight, not the ages in flight; "
+                    "FIFO slots, equilibrium residuals, one proxy; see the docstring)"]
         if self.model_ms is not None:
             gap = self.ewma_ms - self.floor_ms
             closed = (self.ewma_ms - self.model_ms) / gap if gap > 0 else float("nan")
             out += [f"model (MAE)                  {self.model_ms:8.3f} ms",
                     f"model ratio                  {self.model_ms / self.ewma_ms:8.2f}x the EWMA's",
                     f"reachable gap closed         {closed:8.1%}"]
+            if self.queue_ms is not None:
+                q_gap = self.ewma_ms - self.queue_ms
+                q_closed = (self.ewma_ms - self.model_ms) / q_gap if q_gap > 0 else float("nan")
+                out.append(f"gap closed to the ESTIMATE   {q_closed:8.1%}")
         return out
 
 
@@ -160,6 +305,8 @@ def measure(scenario: Scenario, data_dir: str, *, validation_fraction: float = 0
     s = p.split
     _, _, ewma_mae = baselines(p)
     floor = floor_ms(scenario, p.backend[s:], p.x[s:], data.route_classes)
+    t_s = timeline_s(data.chosen()["time_s"], p.time_s[s:])
+    queue = queue_estimate_ms(scenario, p.backend[s:], p.x[s:], data.route_classes, t_s)
     model_mae = None
     if model_path is not None:
         from train.evaluate import onnx_predictor
@@ -167,13 +314,15 @@ def measure(scenario: Scenario, data_dir: str, *, validation_fraction: float = 0
         predict, _ = onnx_predictor(model_path)
         model_mae = mae(predict(p.x[s:]), p.y_ms[s:])
     idle_rows, idle_ms = idle_noise_ms(p.backend, p.x, p.y_ms)
-    return FloorReport(len(p.y_ms) - s, float(floor.mean()), ewma_mae, model_mae, idle_rows, idle_ms)
+    return FloorReport(len(p.y_ms) - s, float(floor.mean()), ewma_mae, model_mae, idle_rows, idle_ms,
+                       float(queue.mean()))
 
 
 def add_parser(sub: Any) -> None:
     """Register `foretell bench mae-floor` on bench/cli.py's sub-parsers."""
     p = sub.add_parser("mae-floor", help="the lowest model MAE reachable on a run's telemetry "
-                                         "(service-time noise), beside the EWMA's")
+                                         "(service-time noise), beside the EWMA's, and a "
+                                         "queueing-aware estimate (not a bound)")
     p.add_argument("--scenario", required=True, help="the scenario the telemetry was collected on")
     p.add_argument("--data", required=True, help="telemetry directory (as for foretell train)")
     p.add_argument("--model", default=None, help="also score this model file")

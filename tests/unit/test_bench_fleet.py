@@ -18,7 +18,7 @@ from bench.fleet import (
     FleetError,
     ServiceTime,
     SimBackend,
-    _Timeline,
+    Timeline,
     demo_fleet,
     fleet_capacity_rps,
     free_ports,
@@ -56,7 +56,7 @@ def test_route_multiplier_uses_longest_prefix_and_capacity_follows() -> None:
 
 
 def test_timeline_events_at_exact_times() -> None:
-    tl = _Timeline((Event("slowdown", 1.0, 2.0, factor=4.0), Event("stall", 3.0, 3.5),
+    tl = Timeline((Event("slowdown", 1.0, 2.0, factor=4.0), Event("stall", 3.0, 3.5),
                     Event("fail", 4.0, 5.0, probability=0.5, status=502),
                     Event("flap", 6.0, 10.0, period_s=1.0)), random.Random(0))
     assert tl.factor(0.99) == 1.0
@@ -74,7 +74,7 @@ def test_timeline_events_at_exact_times() -> None:
 
 def test_bimodal_switches_within_declared_periods() -> None:
     ev = Event("bimodal", 0.0, 100.0, factor=3.0, min_period_s=0.05, period_s=0.5)
-    tl = _Timeline((ev,), random.Random(1))
+    tl = Timeline((ev,), random.Random(1))
     ts = [i * 0.001 for i in range(20_000)]
     factors = [tl.factor(t) for t in ts]
     assert set(factors) == {1.0, 3.0}

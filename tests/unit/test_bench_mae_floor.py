@@ -1,15 +1,26 @@
-"""bench/mae_floor.py: the service-noise floor behind the MAE gate."""
+"""bench/mae_floor.py: the service-noise floor behind the MAE gate, and the queueing-aware
+estimate beside it."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 
-from bench.fleet import ServiceTime
-from bench.mae_floor import floor_ms, idle_noise_ms, mad_factor
-from bench.scenarios import get
+from bench.fleet import Event, ServiceTime, SimBackend
+from bench.mae_floor import (
+    FloorReport,
+    factor_mix,
+    floor_ms,
+    idle_noise_ms,
+    mad_factor,
+    queue_cell,
+    queue_estimate_ms,
+    timeline_s,
+)
+from bench.scenarios import BASE_SERVICE, Scenario, get
 from policies.features import INFLIGHT, N_FEATURES, ROUTE0
 
 
@@ -68,3 +79,87 @@ def test_last_slot_stands_for_every_later_class_and_takes_the_cheapest() -> None
     assert out == pytest.approx([0.5 * k, 1.0 * k], rel=1e-6)
     with pytest.raises(ValueError, match="x2"):
         floor_ms(sc, np.array([b"b0"]), _rows([0]), ["api", "x2"])
+
+
+# The queueing-aware estimate (an estimate, not a bound).
+
+def _one(service: ServiceTime, slots: int, inflight: int) -> tuple[float, float]:
+    return queue_cell(service, slots, 1.0, ((1.0, 1.0),), inflight)
+
+
+def test_queue_estimate_without_a_wait_is_the_service_only_figure() -> None:
+    for service in (BASE_SERVICE, ServiceTime("exponential", mean_ms=10.0)):
+        for slots, inflight in ((1, 0), (2, 0), (2, 1), (8, 7)):
+            assert _one(service, slots, inflight)[1] == pytest.approx(mad_factor(service), rel=0.01)
+
+
+def test_queue_estimate_grows_with_inflight_and_is_deterministic() -> None:
+    mads = [_one(BASE_SERVICE, 2, k)[1] for k in range(1, 10)]
+    assert all(b > a for a, b in itertools.pairwise(mads))
+    assert mads[-1] > 1.5 * mad_factor(BASE_SERVICE)
+    queue_cell.cache_clear()
+    assert [_one(BASE_SERVICE, 2, k)[1] for k in range(1, 10)] == mads
+
+
+@pytest.mark.parametrize(("service", "slots", "inflight", "median", "mad"), [
+    # Constant D = 1: the one in service has U(0, 1) left, so L ~ U(1, 2) (or U(2, 3)).
+    (ServiceTime("constant", mean_ms=40.0), 1, 1, 1.5, 0.25),
+    (ServiceTime("constant", mean_ms=40.0), 1, 2, 2.5, 0.25),
+    # Two busy slots: L = 1 + min(U1, U2), a Beta(1, 2) with median 1 - 1/sqrt 2.
+    (ServiceTime("constant", mean_ms=40.0), 2, 2, 2.0 - 1.0 / math.sqrt(2),
+     1.0 / 3.0 - (1.0 - 1.0 / math.sqrt(2))
+     + 2.0 * ((1.0 - 1.0 / math.sqrt(2)) ** 2 - (1.0 - 1.0 / math.sqrt(2)) ** 3 / 3.0)),
+    # Exponential: a length-biased draw at a uniform point leaves Exp(1) (a fresh draw at a
+    # uniform point would leave a mean of 0.5), so L ~ Gamma(2, 1): median 1.6783.
+    (ServiceTime("exponential", mean_ms=10.0), 1, 1, 1.67835,
+     2.0 - 1.67835 + 2.0 * (1.67835 - 2.0 + math.exp(-1.67835) * (2.0 + 1.67835))),
+])
+def test_queue_cell_matches_hand_computed_queues(service: ServiceTime, slots: int, inflight: int,
+                                                 median: float, mad: float) -> None:
+    got_median, got_mad = _one(service, slots, inflight)
+    assert got_median == pytest.approx(median, rel=0.01)
+    assert got_mad == pytest.approx(mad, rel=0.02)
+
+
+def test_queue_cell_weights_the_routes_in_flight() -> None:
+    # One constant route costing 3 and one costing 0 in flight, half of the requests each: the
+    # busy slot holds the costly one (length bias), so L ~ 1 + U(0, 3).
+    c = ServiceTime("constant", mean_ms=10.0)
+    median, mad = queue_cell(c, 1, 1.0, ((0.0, 0.5), (3.0, 0.5)), 1)
+    assert (median, mad) == (pytest.approx(2.5, rel=0.01), pytest.approx(0.75, rel=0.02))
+
+
+def test_timeline_starts_each_run_at_its_first_decision() -> None:
+    # A new run after a pause of more than a second; within a run, pauses under it.
+    decided = np.array([100.0, 100.5, 101.2, 200.0, 200.9, 201.8, 202.7, 203.0])
+    assert timeline_s(decided, np.array([100.5, 101.2, 200.0, 203.0])) == pytest.approx(
+        [0.5, 1.2, 0.0, 3.0])
+
+
+def test_event_factor_from_the_scripted_timeline() -> None:
+    gray_b1 = get("gray").backends[1]  # 5x slower from 3 s
+    assert factor_mix(gray_b1, 2.9) == ((1.0, 1.0),)
+    assert factor_mix(gray_b1, 3.0) == ((5.0, 1.0),)
+    assert factor_mix(get("bimodal").backends[0], 1.0) == ((1.0, 0.5), (3.0, 0.5))
+
+
+def test_queue_estimate_on_tiny_telemetry() -> None:
+    b = SimBackend(id="b0", port=0, slots=1, service=ServiceTime("constant", mean_ms=40.0),
+                   events=(Event("slowdown", 5.0, 10.0, factor=2.0),))
+    sc = Scenario("tiny", "T0", "one constant backend, 2x from 5 s", (b,))
+    x = _rows([0, 0, 0, 0])
+    x[:, INFLIGHT] = [0, 1, 1, 2]
+    out = queue_estimate_ms(sc, np.array([b"b0"] * 4), x, ["default"],
+                            np.array([1.0, 1.0, 6.0, 6.0]))
+    # Idle: no noise; one ahead: U(0, 40) ms left, MAD 10 ms; at 2x: 20 ms.
+    assert out == pytest.approx([0.0, 10.0, 20.0, 20.0], rel=0.02, abs=1e-9)
+
+
+def test_report_prints_the_estimate_beside_the_floor() -> None:
+    r = FloorReport(rows=10, floor_ms=10.0, ewma_ms=20.0, model_ms=16.0, idle_rows=3,
+                    idle_ms=12.0, queue_ms=15.0)
+    text = "\n".join(r.lines())
+    assert "0.75x the EWMA's (an estimate, not a bound" in text
+    assert "reachable gap closed            40.0%" in text
+    assert "gap closed to the ESTIMATE      80.0%" in text
+    assert "ESTIMATE" not in "\n".join(FloorReport(10, 10.0, 20.0, None, 3, 12.0).lines())
