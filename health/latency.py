@@ -22,13 +22,15 @@ Like with like: under request-aware routing (onnx_latency) one backend may
 get the expensive route class and another the cheap one, and their latencies
 differ by the mix, not by health (the demo fleet, /render 6x /search: a
 render-serving backend was ejected as "4.9x fleet median"). So each sample is
-scaled by (fleet median of all samples) / (its route class's reference: the
-lower median over backends of their medians for the class) before anything
-is compared: a typical request of any class counts as a typical request. A
-class gets a reference only when at least two backends have 3 samples of it
-in the window (one backend's own samples would hide its own slowness); other
-samples are left as they are, as is every sample when the window holds a
-single class (nothing changes then).
+scaled by (the cheapest class's reference) / (its route class's reference;
+a reference is the lower median over backends of their medians for the
+class) before anything is compared: every request counts as one of the
+cheapest class, and times in verdicts marked "route-adjusted" are in those
+terms. A class gets a reference only when at least two backends have 3
+samples of it in the window (one backend's own samples would hide its own
+slowness); other samples are left as they are, as is every sample when fewer
+than two classes have one (nothing changes then). So a class that routing
+sends to one backend alone is still compared raw.
 `route_adjusted: false` compares raw latencies.
 
 Requests still waiting count as censored observations: the oldest waiting
@@ -46,7 +48,6 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Callable
-from itertools import chain
 
 from health.base import Verdict
 from health.config import LatencyOutlier as LatencyConfig
@@ -102,11 +103,13 @@ class LatencyOutlier:
         return out
 
     def route_factors(self, recent: dict[str, list[tuple[float, float, str]]]) -> dict[str, float]:
-        """Route class -> the factor that scales its samples to a typical request's latency
-        (fleet median of all samples / the class's reference); {} when nothing is adjusted.
-        A class's reference is the lower median over backends of each one's median for the
-        class: one vote per backend, so a sick backend that got most of a class (before
-        routing moved away from it) does not set the class's reference alone."""
+        """Route class -> the factor (<= 1) that scales its samples to the cheapest class's
+        latency (the cheapest class's reference / this class's); {} when nothing is
+        adjusted. A class's reference is the lower median over backends of each one's
+        median for the class: one vote per backend, so a sick backend that got most of a
+        class (before routing moved away from it) does not set the class's reference
+        alone. Factors <= 1 keep min_excess_s conservative: an adjusted excess is never
+        more than the raw one."""
         if not self.config.route_adjusted:
             return {}
         per_class: dict[str, dict[str, list[float]]] = {}
@@ -115,16 +118,16 @@ class LatencyOutlier:
                 per_class.setdefault(route_class, {}).setdefault(backend_id, []).append(lat)
         if len(per_class) < 2:
             return {}
-        overall_s = statistics.median(lat for _, lat, _ in chain.from_iterable(recent.values()))
-        factors = {}
+        references = {}
         for route_class, by_backend in per_class.items():
             votes = [statistics.median(lats) for lats in by_backend.values()
                      if len(lats) >= _MIN_VOTE_SAMPLES]
-            if len(votes) >= 2:
-                reference_s = statistics.median_low(votes)
-                if reference_s > 0:
-                    factors[route_class] = overall_s / reference_s
-        return factors
+            if len(votes) >= 2 and statistics.median_low(votes) > 0:
+                references[route_class] = statistics.median_low(votes)
+        if len(references) < 2:
+            return {}
+        cheapest_s = min(references.values())
+        return {route_class: cheapest_s / ref_s for route_class, ref_s in references.items()}
 
     def evaluate(self, now: float) -> list[Verdict]:
         cfg = self.config
@@ -150,10 +153,13 @@ class LatencyOutlier:
             if len(s) >= cfg.min_requests)
         adjusted = "route-adjusted " if factors else ""
         for backend_id, samples in recent.items():
-            # (started at, latency or its lower bound, censored); a waiting attempt's
-            # route class is not known here, so its age is not adjusted.
+            # (started at, latency or its lower bound, censored)
             obs = [(start, lat, False) for _, start, lat in samples]
             age_s = self._waiting_age_s(backend_id) if self._waiting_age_s is not None else None
+            if age_s is not None and factors:
+                # Its route class is not known here: scaled as the most expensive class's,
+                # so it stays a lower bound whatever the class.
+                age_s *= min(factors.values())
             # A younger waiting attempt says nothing yet about the limit either way.
             if age_s is not None and age_s >= limit_s:
                 obs.append((now - age_s, age_s, True))

@@ -207,7 +207,7 @@ def load_telemetry(directory: str | Path, *, skip_other_schemas: bool = False) -
                 int(tf.header.get("worker_id", 0)), float(tf.header.get("created_at_s", 0.0)),
                 float(kept["time_s"].min()), float(kept["time_s"].max()),
                 # A renamed file cannot be placed in its process: it covers itself only.
-                starts_run=seq is None or int(seq.group(1)) == 1))
+                seq=int(seq.group(1)) if seq else None))
     records = np.concatenate(parts) if parts else np.zeros(0, dtype=loaded[0][1].records.dtype)
     if len(records) == 0:
         raise DatasetError(f"{directory}: no valid records\n" + "\n".join(report.lines()))
@@ -221,23 +221,30 @@ class FileSpan:
     opened_s: float  # the header's created_at_s: orders one worker's files
     first_s: float  # first and last decision kept
     last_s: float
-    starts_run: bool  # the first file of a proxy process
+    seq: int | None  # number of the file in its process (1: the first), None if not known
 
 
 def run_spans(files: list[FileSpan]) -> list[tuple[float, float]]:
-    """When some process was recording: per worker, its files from one that starts a
-    run up to the next such file form one span; overlapping spans merge."""
+    """When some process was recording: per worker, files numbered one after the other
+    (1, 2, 3, ... of one process) form one span; a file that does not follow the one
+    before (the first of a process, or one after a file that was skipped or deleted)
+    starts another; overlapping spans merge. With several workers the union is kept:
+    while one worker restarts, the intervals the others cover undercount a little."""
     spans: list[list[float]] = []
     for worker_id in sorted({f.worker_id for f in files}):
         current: list[float] | None = None
+        previous: FileSpan | None = None
         for f in sorted((f for f in files if f.worker_id == worker_id),
                         key=lambda f: (f.opened_s, f.first_s)):
-            if current is None or f.starts_run:
+            follows = (previous is not None and previous.seq is not None and f.seq is not None
+                       and f.seq == previous.seq + 1)
+            if current is None or not follows:
                 current = [f.first_s, f.last_s]
                 spans.append(current)
             else:
                 current[0] = min(current[0], f.first_s)
                 current[1] = max(current[1], f.last_s)
+            previous = f
     merged: list[tuple[float, float]] = []
     for start, end in sorted(spans):
         if merged and start <= merged[-1][1]:

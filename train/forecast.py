@@ -98,8 +98,10 @@ def counts_from_telemetry(data: Telemetry, interval_s: float) -> Counts:
         hi = math.floor((end_s - t0) / interval_s + 1e-9)
         covered[max(lo, 0):max(hi, 0)] = True
     kept = np.flatnonzero(covered)
-    if len(kept) == 0:  # too short to hold a whole interval: keep what there is
-        kept = np.arange(len(counts))
+    if len(kept) == 0:
+        raise ForecastTrainError(
+            f"no whole interval of {interval_s:g} s inside a run of the telemetry "
+            f"({len(data.spans) or 1} run(s)): collect longer runs or lower --interval-s")
     follows = np.concatenate([[False], np.diff(kept) == 1])
     return Counts(counts[kept] / max(rate, 1e-9), follows, len(chosen))
 

@@ -472,7 +472,7 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
     # A busy or throttled moment of this machine can slow one measurement for seconds and
     # tip the choice against max_inference_us from one run to the next: each candidate's
     # cost is the least of its measurements in rounds spread over all of them.
-    if len(results) > 1:
+    if results:
         for _ in range(TIMING_ROUNDS - 1):
             for r, session in zip(results, sessions, strict=True):
                 r.inference_us = min(r.inference_us, inference_us(session, x16))

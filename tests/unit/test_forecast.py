@@ -206,10 +206,12 @@ async def test_telemetry_of_two_runs_an_hour_apart_leaves_the_hour_out(tmp_path:
 
 def test_a_process_covers_the_time_between_its_rotated_files() -> None:
     spans = run_spans([
-        FileSpan(0, opened_s=0.0, first_s=0.0, last_s=10.0, starts_run=True),
+        FileSpan(0, opened_s=0.0, first_s=0.0, last_s=10.0, seq=1),
         # Rotated (sequence 2): the quiet 2 s before its first decision were recorded.
-        FileSpan(0, opened_s=12.0, first_s=12.0, last_s=20.0, starts_run=False),
-        FileSpan(0, opened_s=100.0, first_s=100.0, last_s=110.0, starts_run=True),  # restart
-        FileSpan(1, opened_s=5.0, first_s=5.0, last_s=25.0, starts_run=True),  # worker 1
+        FileSpan(0, opened_s=12.0, first_s=12.0, last_s=20.0, seq=2),
+        FileSpan(0, opened_s=100.0, first_s=100.0, last_s=110.0, seq=1),  # restart
+        # Sequence 3 of that process, its 2 lost: the time between is not known.
+        FileSpan(0, opened_s=130.0, first_s=130.0, last_s=140.0, seq=3),
+        FileSpan(1, opened_s=5.0, first_s=5.0, last_s=25.0, seq=1),  # worker 1
     ])
-    assert spans == [(0.0, 25.0), (100.0, 110.0)]
+    assert spans == [(0.0, 25.0), (100.0, 110.0), (130.0, 140.0)]

@@ -179,14 +179,15 @@ def test_waiting_request_is_a_lower_bound_in_the_window_rule() -> None:
 
 
 def _request_aware_fleet(d: LatencyOutlier, clock: Clock, steps: int,
-                         slow: dict[str, float] | None = None) -> None:
+                         slow: dict[str, float] | None = None, b1_render_every: int = 5) -> None:
     """Request-aware routing on the demo fleet's costs: b0 gets the renders (30 ms), b1
     one render in five, b2 and b3 only searches (5 ms). `slow`: backend -> factor."""
     factor = slow or {}
     for step in range(steps):
         clock.advance(0.05)
         jitter = 1 + (step % 5) / 10
-        for backend_id, route in (("b0", "render"), ("b1", "render" if step % 5 == 0 else "search"),
+        b1_route = "render" if step % b1_render_every == 0 else "search"
+        for backend_id, route in (("b0", "render"), ("b1", b1_route),
                                   ("b2", "search"), ("b3", "search")):
             base_s = 0.030 if route == "render" else 0.005
             d.observe(backend_id, Outcome(200, base_s * jitter * factor.get(backend_id, 1.0),
@@ -216,3 +217,18 @@ def test_a_slow_backend_is_found_whatever_route_it_serves(sick: str) -> None:
     out = {v.backend_id: v for v in d.evaluate(clock())}
     assert [b for b, v in out.items() if v.detected] == [sick]
     assert out[sick].reason.startswith("route-adjusted p90")
+
+
+def test_an_ordinary_expensive_request_still_waiting_is_not_a_slow_one() -> None:
+    """Seven samples per backend (b1 renders every other request, so renders have two
+    voters): b0's render that has waited 45 ms (renders take 30-42 ms) would be the
+    largest of b0's eight observations, its p90, and past the limit in the cheapest
+    class's terms (4 x ~7 ms). Its class is unknown, so it is scaled as the most
+    expensive class's and stays an ordinary request."""
+    clock = Clock()
+    d = LatencyOutlier(Cfg(max_samples=7, min_requests=7), clock,
+                       waiting_age_s=lambda b: 0.045 if b == "b0" else None)
+    _request_aware_fleet(d, clock, 40, b1_render_every=2)
+    out = {v.backend_id: v for v in d.evaluate(clock())}
+    assert not any(v.detected for v in out.values()), out["b0"].reason
+    assert "route-adjusted p90" in out["b0"].reason

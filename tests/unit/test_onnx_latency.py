@@ -360,17 +360,18 @@ def test_an_unobserved_backends_correction_relaxes_toward_the_fleets(tmp_path: P
     assert b0 is ready[0]
     p.observe(b0, REQ, Outcome(200, 0.010, None, 0, "fast"))  # 2x predicted: 1.5, fleet 1.5
     b1 = p.pick(ready, REQ)
-    assert b1 is ready[1]
-    # b1 starts from the fleet's 1.5 and answers at 0.5x: 1.0; the fleet moves alike.
+    assert b1 is ready[1]  # still at the fleet's 1.0 of the first pick
+    # b1 answers at 0.5x: 0.75; the fleet moves from 1.5 to 1.0.
     p.observe(b1, REQ, Outcome(200, 0.0025, None, 0, "fast"))
-    assert p.describe()["correction"] == {"b0": 1.5, "b1": 1.0}
+    assert p.describe()["correction"] == {"b0": 1.5, "b1": 0.75}
     assert p.describe()["fleet_correction"] == 1.0
     sim.clock.t += 2.0  # one time constant without an outcome
     p.pick(ready, REQ)
     corr = p.describe()["correction"]
     assert isinstance(corr, dict)
-    assert corr["b0"] == pytest.approx(1.0 + 0.5 * math.exp(-1.0), abs=5e-4)  # shown rounded
-    assert corr["b1"] == pytest.approx(1.0)
+    # Shown rounded to 3 decimals.
+    assert corr["b0"] == pytest.approx(1.0 + 0.5 * math.exp(-1.0), abs=5e-4)
+    assert corr["b1"] == pytest.approx(1.0 - 0.25 * math.exp(-1.0), abs=5e-4)
 
 
 @pytest.mark.parametrize("relax_s", [0.0, 1.0])

@@ -251,23 +251,23 @@ def test_evaluate_warns_when_few_decisions_carry_the_weights() -> None:
 def test_a_slow_moment_while_timing_one_candidate_does_not_decide(
         telemetry_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each session's first timing comes out at 50 µs (a busy moment), later rounds at
-    its real cost: the least of the rounds counts, so both candidates stay eligible."""
+    5 µs: the least of the rounds counts, so both candidates stay eligible. (Fixed
+    timings: what is tested is the choice, not this machine's speed.)"""
     import train.latency as tl
 
-    real = tl.inference_us
     timed: set[int] = set()
 
     def first_one_slow(session: object, x16: np.ndarray, runs: int = 1500) -> float:
         if id(session) not in timed:
             timed.add(id(session))
             return 50.0
-        return real(session, x16, runs=200)  # type: ignore[arg-type]
+        return 5.0
 
     monkeypatch.setattr(tl, "inference_us", first_one_slow)
     lines: list[str] = []
     result = train_latency(load_telemetry(telemetry_dir), tmp_path / "m.onnx",
                            candidates=("ridge", "hgb"), target="latency",
                            max_inference_us=40.0, progress=lines.append)
-    assert all(r.inference_us < 40.0 for r in result.candidates)
+    assert [r.inference_us for r in result.candidates] == [5.0, 5.0]
     assert any(line.startswith(f"inference, least of {tl.TIMING_ROUNDS} interleaved rounds")
                for line in lines)
