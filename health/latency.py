@@ -26,11 +26,13 @@ scaled by (the cheapest class's reference) / (its route class's reference;
 a reference is the lower median over backends of their medians for the
 class) before anything is compared: every request counts as one of the
 cheapest class, and times in verdicts marked "route-adjusted" are in those
-terms. A class gets a reference only when at least two backends have 3
-samples of it in the window (one backend's own samples would hide its own
-slowness); other samples are left as they are, as is every sample when fewer
-than two classes have one (nothing changes then). So a class that routing
-sends to one backend alone is still compared raw.
+terms. A backend votes for a class's reference from 3 samples of it in the
+window; a class that routing sends to one backend alone (the learned policy
+does that with a class one backend is best at) is judged against that
+backend's own median: no fleet comparison for that class, but a sudden
+slowdown still shows in its last requests while the window's median lags.
+Samples of a class without a vote are left as they are, as is every sample
+when fewer than two classes have a reference (nothing changes then).
 `route_adjusted: false` compares raw latencies.
 
 Requests still waiting count as censored observations: the oldest waiting
@@ -108,8 +110,11 @@ class LatencyOutlier:
         adjusted. A class's reference is the lower median over backends of each one's
         median for the class: one vote per backend, so a sick backend that got most of a
         class (before routing moved away from it) does not set the class's reference
-        alone. Factors <= 1 keep min_excess_s conservative: an adjusted excess is never
-        more than the raw one."""
+        alone while another backend also serves it. A class routed to one backend alone
+        is judged against that backend's own median: no comparison for that class, but
+        a sudden slowdown still shows in its last requests (the recent rule) while the
+        window's median lags. Factors <= 1 keep min_excess_s conservative: an adjusted
+        excess is never more than the raw one."""
         if not self.config.route_adjusted:
             return {}
         per_class: dict[str, dict[str, list[float]]] = {}
@@ -122,7 +127,7 @@ class LatencyOutlier:
         for route_class, by_backend in per_class.items():
             votes = [statistics.median(lats) for lats in by_backend.values()
                      if len(lats) >= _MIN_VOTE_SAMPLES]
-            if len(votes) >= 2 and statistics.median_low(votes) > 0:
+            if votes and statistics.median_low(votes) > 0:
                 references[route_class] = statistics.median_low(votes)
         if len(references) < 2:
             return {}

@@ -232,3 +232,16 @@ def test_an_ordinary_expensive_request_still_waiting_is_not_a_slow_one() -> None
     out = {v.backend_id: v for v in d.evaluate(clock())}
     assert not any(v.detected for v in out.values()), out["b0"].reason
     assert "route-adjusted p90" in out["b0"].reason
+
+
+def test_a_class_one_backend_serves_alone_is_judged_against_its_own_median() -> None:
+    """b1 never renders: b0 is the renders' only voter. Its renders are typical renders
+    (not 6x the searches), and a sudden 10x slowdown still shows against the window."""
+    clock = Clock()
+    d = LatencyOutlier(Cfg(), clock)
+    _request_aware_fleet(d, clock, 40, b1_render_every=10**9)
+    assert not any(v.detected for v in d.evaluate(clock()))
+    _request_aware_fleet(d, clock, 5, slow={"b0": 10.0}, b1_render_every=10**9)
+    out = {v.backend_id: v for v in d.evaluate(clock())}
+    assert [b for b, v in out.items() if v.detected] == ["b0"]
+    assert "route-adjusted" in out["b0"].reason  # the window p90 or the last five
