@@ -112,9 +112,9 @@ class LatencyOutlier:
         class (before routing moved away from it) does not set the class's reference
         alone while another backend also serves it. A class routed to one backend alone
         is judged against that backend's own median: no comparison for that class, but
-        a sudden slowdown still shows in its last requests (the recent rule) while the
-        window's median lags. Factors <= 1 keep min_excess_s conservative: an adjusted
-        excess is never more than the raw one."""
+        a sudden slowdown still shows against the window's median, which lags. Factors
+        <= 1 keep min_excess_s conservative: an adjusted excess is never more than the
+        raw one."""
         if not self.config.route_adjusted:
             return {}
         per_class: dict[str, dict[str, list[float]]] = {}
