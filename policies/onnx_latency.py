@@ -145,6 +145,10 @@ MODEL_ACTIVE = Gauge(
 # (wider than 1 so a tree model's flat step still shows the queueing cost).
 SLOPE_STEP = 2.0
 
+# Requests of one route class and method share cached predictions while their body
+# sizes fall in one bucket: buckets per factor e of log1p(bytes).
+BODY_BUCKETS_PER_E = 4.0
+
 # Outcomes remembered for partial rescores (a class scored longer ago is run in full).
 OBSERVED_LOG_MAX = 1024
 
@@ -471,7 +475,7 @@ class OnnxLatency:
         self._clip_lo, self._clip_hi = 1.0 / options.residual_clip, options.residual_clip
         # True while pick can go straight to the model: loaded, enabled, warm, not shadow.
         self._plain = False
-        self._active_shown: bool | None = None  # the value last set on the active gauge
+        MODEL_ACTIVE.labels(ctx.cluster).set(0)  # _update_plain sets it on every change
         self.model: LoadedModel | None = None
         self._features = FeatureMatrix(self._ctx_routes, ctx.clock, options.refresh_s)
         self._corr_of: dict[str, float] = {}
@@ -607,13 +611,14 @@ class OnnxLatency:
                 return self._fall_back(ready, req, self._disabled_reason)
             self._disabled_until = -math.inf
             self._pick_ewma_us = 0.0
+            self._update_plain()
         if self._warming:
             # Outcomes recorded per backend, read from the state itself: the matrix's
             # window_n column would only move at its next full refresh (refresh_s).
             if sum(s.requests for s in ready) < self.options.min_history * len(ready):
                 return self._fall_back(ready, req, WARMING_UP)
             self._warming = False
-        self._update_plain()
+            self._update_plain()
         if self.options.shadow:
             # The fallback routes; the model's prediction for its choice is remembered.
             # Not timed: the budget guards routing, which the model does not do here.
@@ -634,11 +639,11 @@ class OnnxLatency:
         """Whether pick can go straight to the model (see pick): exactly when the model
         routes, which the active gauge shows (1), not the fallback (0: no model, disabled,
         warming up, shadow)."""
-        self._plain = plain = (self.model is not None and self._disabled_until == -math.inf
-                               and not self._warming and not self.options.shadow)
-        if plain is not self._active_shown:
-            self._active_shown = plain
+        plain = (self.model is not None and self._disabled_until == -math.inf
+                 and not self._warming and not self.options.shadow)
+        if plain is not self._plain:
             MODEL_ACTIVE.labels(self.cluster).set(1 if plain else 0)
+        self._plain = plain
 
     def _inference_failed(self, ready: Sequence[BackendView], req: RequestInfo,
                           exc: Exception) -> BackendView | None:
@@ -734,7 +739,8 @@ class OnnxLatency:
         this ready list, slopes younger than refresh_s (so the level is too), and no
         outcome observed since or the rescore gap not over."""
         body = req.body_size
-        key = (req.route_class, req.method, int(4.0 * math.log1p(body)) if body > 0 else 0)
+        key = (req.route_class, req.method,
+               int(BODY_BUCKETS_PER_E * math.log1p(body)) if body > 0 else 0)
         sc = self._scores.get(key)
         now = self._clock()
         if sc is None or ready is not self._scores_ready or now - sc.slope_stamp >= self._refresh_s \
@@ -774,14 +780,17 @@ class OnnxLatency:
         elapsed_s = now - self._relaxed_at
         self._relaxed_at = now
         relax_s = self.options.residual_relax_s
-        if relax_s <= 0.0 or not math.isfinite(elapsed_s) or not self._corr_of:
+        if relax_s <= 0.0 or not math.isfinite(elapsed_s):
             return
         keep = math.exp(-elapsed_s / relax_s)
         fleet = self._corr_fleet
         corr_of = self._corr_of
         for bid, c in corr_of.items():
             corr_of[bid] = fleet + (c - fleet) * keep
-        self._corr_rows = [corr_of.setdefault(s.id, fleet) for s in ready]
+        # Every ready backend has an entry since the ready list was set (_stale).
+        rows = self._corr_rows
+        for i, s in enumerate(ready):
+            rows[i] = corr_of[s.id]
 
     def _rescore(self, model: LoadedModel, ready: Sequence[BackendView], req: RequestInfo,
                  now: float, old: _Scores | None, *, classes: int) -> _Scores:
@@ -1015,7 +1024,7 @@ class OnnxLatency:
                     "penalty_ms": round(sc.pen[i], 3),
                     "score": round(predicted_ms * self._corr_rows[i] + sc.pen[i], 3),
                 }
-            body = (f" body bucket {body_bucket} (~{math.expm1(body_bucket / 4.0):.0f} B)"
+            body = (f" body bucket {body_bucket} (~{math.expm1(body_bucket / BODY_BUCKETS_PER_E):.0f} B)"
                     if body_bucket else "")
             out[f"{route} {method}{body}"] = {
                 "age_ms": round((now - sc.stamp) * 1e3, 1), "backends": rows}

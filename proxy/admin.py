@@ -16,7 +16,7 @@ from proxy.config import Forecast
 from proxy.server import Proxy
 
 
-def metrics_registry(forecast: Forecast | None = None) -> CollectorRegistry:
+def metrics_registry(forecast: Forecast) -> CollectorRegistry:
     """With several workers, aggregate every worker's metrics files; else this process's.
     `forecast`: the config whose replica recommendation is computed from the workers'
     summed forecast (see fleet_replicas)."""
@@ -29,12 +29,12 @@ def metrics_registry(forecast: Forecast | None = None) -> CollectorRegistry:
     return REGISTRY
 
 
-def fleet_replicas(families: Iterable[Metric], forecast: Forecast | None) -> Iterator[Metric]:
+def fleet_replicas(families: Iterable[Metric], forecast: Forecast) -> Iterator[Metric]:
     """`families` with the recommended-replicas gauge computed from the summed forecast
     rate of all workers instead of merged from each worker's own value: a worker sees
     only its share of the load, and shares are uneven when a few keep-alive clients
     land on one worker."""
-    if forecast is None or not forecast.enabled:
+    if not forecast.enabled:
         yield from families
         return
     # Imported only now: importing proxy.forecast creates its gauges, which a proxy
@@ -56,7 +56,7 @@ def fleet_replicas(families: Iterable[Metric], forecast: Forecast | None) -> Ite
 class _FleetReplicas:
     """A registry collector: the workers' metrics, through fleet_replicas."""
 
-    def __init__(self, inner: Any, forecast: Forecast | None) -> None:
+    def __init__(self, inner: Any, forecast: Forecast) -> None:
         self._inner = inner
         self._forecast = forecast
 

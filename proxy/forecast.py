@@ -60,6 +60,9 @@ REPLICAS_NAME = "foretell_recommended_replicas"
 REPLICAS_HELP = "Replicas needed for the forecast rate at the configured per-replica capacity"
 FORECAST_RPS = Gauge(FORECAST_RPS_NAME, "Forecast request rate for the next interval",
                      multiprocess_mode="livesum")
+# With several workers /metrics replaces this gauge with one computed from the summed
+# rate (proxy/admin.py, fleet_replicas); the mode only decides what a scraper of the
+# worker files without that wrapper would see.
 REPLICAS = Gauge(REPLICAS_NAME, REPLICAS_HELP, multiprocess_mode="max")
 
 
