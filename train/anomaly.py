@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from health.anomaly import FEATURE_NAMES, SCHEMA_VERSION, AnomalyModel, load_feature_rows
+from train.atomic import atomic_write
 
 DEFAULT_QUANTILE = 0.999
 MIN_ROWS = 50
@@ -73,20 +72,16 @@ def fit_and_export(rows: np.ndarray, output: Path, *, quantile: float = DEFAULT_
     }
     helper.set_model_props(onx, meta)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(onx.SerializeToString())
-        # Verify the file as the proxy will load it, before it replaces anything.
-        model = AnomalyModel(tmp)
-        diff = float(np.max(np.abs(model.score(x) - train_scores)))
+    diff = float("nan")
+
+    def parity(tmp: Path) -> None:
+        """The file as the proxy will load it scores like scikit-learn."""
+        nonlocal diff
+        diff = float(np.max(np.abs(AnomalyModel(tmp).score(x) - train_scores)))
         if diff > 1e-3:
             raise ValueError(f"ONNX scores differ from scikit-learn by {diff:.2e}; not exported")
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(output, onx.SerializeToString(), verify=parity)
     return Trained(output, len(x), threshold, quantile, diff)
 
 

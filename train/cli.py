@@ -100,6 +100,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _forecast(args: argparse.Namespace) -> int:
+    from train.atomic import atomic_write
     from train.dataset import DatasetError
     from train.forecast import (
         ForecastTrainError,
@@ -107,7 +108,7 @@ def _forecast(args: argparse.Namespace) -> int:
         fit_forecast,
         read_counts,
     )
-    from train.latency import Progress, atomic_write
+    from train.latency import Progress
 
     progress = Progress(prefix="forecast")
     try:

@@ -57,9 +57,7 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -79,6 +77,7 @@ from policies.features import (
     ROUTE_EWMA,
     schema_metadata,
 )
+from train.atomic import atomic_write
 from train.dataset import Telemetry
 
 TARGET = "latency_ms"
@@ -393,28 +392,6 @@ class TrainResult:
     parity_max_abs_ms: float
     metadata: dict[str, str]
     written: Path | None
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, never a mix.
-
-    The file gets the mode a plain open() would give it (0666 less the umask), not
-    mkstemp's 0600: the proxy that reads a model may run as another user than the trainer.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~umask)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def to_ms(raw: np.ndarray, x: np.ndarray, ratio: bool) -> np.ndarray:

@@ -76,6 +76,15 @@ def test_model_metadata_and_threshold(model_path: Path) -> None:
     assert 0.3 < m.threshold < 0.9
 
 
+def test_the_model_file_gets_the_umask_mode_not_mkstemps(model_path: Path) -> None:
+    """The proxy reading the model may run as another user (as for latency models)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert model_path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_fleet_features_are_relative_so_a_global_slowdown_is_not_anomalous() -> None:
     base = {f"b{i}": WindowStats(100, 0.01 * s, 0.02 * s, 0.03 * s, 0.0, 0.0, 2, 0.001, None)
             for i, s in enumerate(SPEEDS)}

@@ -220,7 +220,7 @@ def test_atomic_write_gives_the_umask_mode_not_mkstemps(tmp_path: Path) -> None:
     """A proxy running as another user must be able to read what the trainer wrote."""
     import os
 
-    from train.latency import atomic_write
+    from train.atomic import atomic_write
 
     old = os.umask(0o022)
     try:
