@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from health.base import Verdict
 from health.config import LatencyOutlier as LatencyConfig
@@ -69,6 +69,36 @@ def nearest_rank(ordered: list[float], q: float) -> float:
     """Nearest-rank percentile (0..100) of an ascending, non-empty list."""
     rank = min(len(ordered) - 1, max(0, math.ceil(q / 100.0 * len(ordered)) - 1))
     return ordered[rank]
+
+
+def route_factors(recent: Mapping[str, Sequence[tuple[float, float, str]]]) -> dict[str, float]:
+    """Route class -> the factor (<= 1) that scales its samples to the cheapest class's
+    latency (the cheapest class's reference / this class's), from per backend (finished
+    at, latency, route class) samples; {} when nothing is adjusted. A class's reference
+    is the lower median over backends of each one's median for the class: one vote per
+    backend, so a sick backend that got most of a class (before routing moved away from
+    it) does not set the class's reference alone while another backend also serves it.
+    A class routed to one backend alone is judged against that backend's own median: no
+    comparison for that class, but a sudden slowdown still shows against the window's
+    median, which lags. Factors <= 1 keep min_excess_s conservative: an adjusted excess
+    is never more than the raw one."""
+    per_class: dict[str, dict[str, list[float]]] = {}
+    for backend_id, samples in recent.items():
+        for _, lat, route_class in samples:
+            per_class.setdefault(route_class, {}).setdefault(backend_id, []).append(lat)
+    if len(per_class) < 2:
+        return {}
+    references = {}
+    for route_class, by_backend in per_class.items():
+        votes = [statistics.median(lats) for lats in by_backend.values()
+                 if len(lats) >= _MIN_VOTE_SAMPLES]
+        reference_s = statistics.median_low(votes) if votes else 0.0
+        if reference_s > 0:
+            references[route_class] = reference_s
+    if len(references) < 2:
+        return {}
+    cheapest_s = min(references.values())
+    return {route_class: cheapest_s / ref_s for route_class, ref_s in references.items()}
 
 
 class LatencyOutlier:
@@ -104,45 +134,16 @@ class LatencyOutlier:
             out[backend_id] = (len(lat), nearest_rank(lat, self.config.quantile) if lat else math.nan)
         return out
 
-    def route_factors(self, recent: dict[str, list[tuple[float, float, str]]]) -> dict[str, float]:
-        """Route class -> the factor (<= 1) that scales its samples to the cheapest class's
-        latency (the cheapest class's reference / this class's); {} when nothing is
-        adjusted. A class's reference is the lower median over backends of each one's
-        median for the class: one vote per backend, so a sick backend that got most of a
-        class (before routing moved away from it) does not set the class's reference
-        alone while another backend also serves it. A class routed to one backend alone
-        is judged against that backend's own median: no comparison for that class, but
-        a sudden slowdown still shows against the window's median, which lags. Factors
-        <= 1 keep min_excess_s conservative: an adjusted excess is never more than the
-        raw one."""
-        if not self.config.route_adjusted:
-            return {}
-        per_class: dict[str, dict[str, list[float]]] = {}
-        for backend_id, samples in recent.items():
-            for _, lat, route_class in samples:
-                per_class.setdefault(route_class, {}).setdefault(backend_id, []).append(lat)
-        if len(per_class) < 2:
-            return {}
-        references = {}
-        for route_class, by_backend in per_class.items():
-            votes = [statistics.median(lats) for lats in by_backend.values()
-                     if len(lats) >= _MIN_VOTE_SAMPLES]
-            if votes and statistics.median_low(votes) > 0:
-                references[route_class] = statistics.median_low(votes)
-        if len(references) < 2:
-            return {}
-        cheapest_s = min(references.values())
-        return {route_class: cheapest_s / ref_s for route_class, ref_s in references.items()}
-
     def evaluate(self, now: float) -> list[Verdict]:
         cfg = self.config
         raw = self._recent(now)
-        factors = self.route_factors(raw)
-        # (finished at, started at, latency scaled by its route class's factor)
-        recent = {b: [(t, t - lat, lat * factors.get(rc, 1.0)) for t, lat, rc in s]
+        factors = route_factors(raw) if cfg.route_adjusted else {}
+        # (started at, latency scaled by its route class's factor)
+        recent = {b: [(t - lat, lat * factors.get(rc, 1.0)) for t, lat, rc in s]
                   for b, s in raw.items()}
-        q = {b: (len(s), nearest_rank(sorted(lat for *_, lat in s), cfg.quantile) if s else math.nan)
-             for b, s in recent.items()}
+        ordered = {b: sorted(lat for _, lat in s) for b, s in recent.items()}
+        q = {b: (len(lat), nearest_rank(lat, cfg.quantile) if lat else math.nan)
+             for b, lat in ordered.items()}
         judged = [v for n, v in q.values() if n >= cfg.min_requests]
         verdicts = []
         if len(judged) < cfg.min_hosts:
@@ -154,20 +155,19 @@ class LatencyOutlier:
         fleet_s = statistics.median(judged)
         limit_s = max(fleet_s * cfg.ratio, fleet_s + cfg.min_excess_s)
         fleet_p50_s = statistics.median(
-            nearest_rank(sorted(lat for *_, lat in s), 50.0) for s in recent.values()
-            if len(s) >= cfg.min_requests)
+            nearest_rank(lat, 50.0) for lat in ordered.values() if len(lat) >= cfg.min_requests)
         adjusted = "route-adjusted " if factors else ""
         for backend_id, samples in recent.items():
             # (started at, latency or its lower bound, censored)
-            obs = [(start, lat, False) for _, start, lat in samples]
+            obs = [(start, lat, False) for start, lat in samples]
             age_s = self._waiting_age_s(backend_id) if self._waiting_age_s is not None else None
-            if age_s is not None and factors:
+            if age_s is not None:
                 # Its route class is not known here: scaled as the most expensive class's,
                 # so it stays a lower bound whatever the class.
-                age_s *= min(factors.values())
-            # A younger waiting attempt says nothing yet about the limit either way.
-            if age_s is not None and age_s >= limit_s:
-                obs.append((now - age_s, age_s, True))
+                bound_s = age_s * min(factors.values(), default=1.0)
+                # A younger waiting attempt says nothing yet about the limit either way.
+                if bound_s >= limit_s:
+                    obs.append((now - age_s, bound_s, True))
             verdicts.append(self._judge(backend_id, obs, fleet_s, limit_s, fleet_p50_s, adjusted))
         return verdicts
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from health.config import LatencyOutlier as Cfg
-from health.latency import LatencyOutlier, nearest_rank
+from health.latency import LatencyOutlier, nearest_rank, route_factors
 from proxy.state import Outcome
 from tests.unit.health_support import CONNECT, Clock, ok
 
@@ -235,13 +235,18 @@ def test_an_ordinary_expensive_request_still_waiting_is_not_a_slow_one() -> None
 
 
 def test_a_class_one_backend_serves_alone_is_judged_against_its_own_median() -> None:
-    """b1 never renders: b0 is the renders' only voter. Its renders are typical renders
-    (not 6x the searches), and a sudden 10x slowdown still shows against the window."""
+    """b1 renders one request in 20 (one or two in its window), fewer than the 3 samples
+    a vote takes: b0 is the renders' only voter. Its renders are typical renders (not 6x the
+    searches), and a sudden 10x slowdown still shows against the window."""
     clock = Clock()
     d = LatencyOutlier(Cfg(), clock)
-    _request_aware_fleet(d, clock, 40, b1_render_every=10**9)
+    _request_aware_fleet(d, clock, 40, b1_render_every=20)
     assert not any(v.detected for v in d.evaluate(clock()))
-    _request_aware_fleet(d, clock, 5, slow={"b0": 10.0}, b1_render_every=10**9)
+    # The render reference is b0's median (36 ms), not b1's single 30 ms render.
+    factors = route_factors(d._recent(clock()))
+    assert factors["search"] == 1.0
+    assert factors["render"] == pytest.approx(0.006 / 0.036)
+    _request_aware_fleet(d, clock, 5, slow={"b0": 10.0}, b1_render_every=20)
     out = {v.backend_id: v for v in d.evaluate(clock())}
     assert [b for b, v in out.items() if v.detected] == ["b0"]
     assert "route-adjusted" in out["b0"].reason  # the window p90 or the last five
