@@ -79,9 +79,6 @@ MAD_SAMPLES = 400_000
 # Monte Carlo draws per queueing cell: the estimate's sampling error is ~0.3%.
 QUEUE_SAMPLES = 100_000
 QUEUE_SEED = 0
-# The bench leaves seconds between runs (fleet and proxy start, 1.2 s load lead);
-# a load run never pauses this long (largest gap in the collected runs: 0.13 s).
-RUN_GAP_S = 1.0
 
 
 @cache
@@ -142,22 +139,30 @@ def idle_noise_ms(backend_ids: np.ndarray, x: np.ndarray, y_ms: np.ndarray) -> t
     return rows, (total / rows if rows else float("nan"))
 
 
-def floor_ms(scenario: Scenario, backend_ids: np.ndarray, x: np.ndarray,
-             route_classes: Sequence[str]) -> np.ndarray:
-    """Per row: the nominal service time's mean absolute deviation around its median."""
+def row_backends(scenario: Scenario, backend_ids: np.ndarray, x: np.ndarray,
+                 route_classes: Sequence[str]) -> tuple[list[SimBackend], np.ndarray]:
+    """Per row: the scenario's backend, and the mean service time in ms of the cheapest
+    path the row's route slot may stand for (a lower bound when a slot stands for several)."""
     specs: dict[str, SimBackend] = {b.id: b for b in scenario.backends}
     paths = slot_paths(scenario, route_classes)
-    slot = route_slot(x)
-    out = np.empty(len(x), dtype=np.float64)
-    for i, (raw_id, s) in enumerate(zip(backend_ids, slot, strict=True)):
+    rows: list[SimBackend] = []
+    mean_ms = np.empty(len(x), dtype=np.float64)
+    for i, (raw_id, s) in enumerate(zip(backend_ids, route_slot(x), strict=True)):
         bid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
         spec = specs.get(bid)
         if spec is None:
             raise ValueError(f"backend {bid!r} of the telemetry is not in scenario {scenario.name} "
                              f"({', '.join(specs)}): telemetry from another scenario?")
-        mean_ms = min(spec.mean_service_ms({path: 1.0}) for path in paths[s] or paths[-1])
-        out[i] = mad_factor(spec.service) * mean_ms
-    return out
+        rows.append(spec)
+        mean_ms[i] = min(spec.mean_service_ms({path: 1.0}) for path in paths[s] or paths[-1])
+    return rows, mean_ms
+
+
+def floor_ms(scenario: Scenario, backend_ids: np.ndarray, x: np.ndarray,
+             route_classes: Sequence[str]) -> np.ndarray:
+    """Per row: the nominal service time's mean absolute deviation around its median."""
+    specs, mean_ms = row_backends(scenario, backend_ids, x, route_classes)
+    return np.array([mad_factor(spec.service) for spec in specs]) * mean_ms
 
 
 Mix = tuple[tuple[float, float], ...]  # ((service-time multiplier, weight), ...)
@@ -204,12 +209,11 @@ def queue_cell(service: ServiceTime, slots: int, own: float, others: Mix,
     return median, float(np.mean(np.abs(latency - median)))
 
 
-def timeline_s(decided_s: np.ndarray, rows_s: np.ndarray) -> np.ndarray:
-    """Each row's second on its run's event timeline. Runs are told apart by gaps of
-    RUN_GAP_S in `decided_s` (every decision, failed ones too), and a run's timeline
-    starts at its first decision: the load generator starts at the timeline origin."""
-    t = np.sort(np.asarray(decided_s, dtype=np.float64))
-    starts = t[np.r_[0, np.nonzero(np.diff(t) > RUN_GAP_S)[0] + 1]]
+def timeline_s(run_starts_s: Sequence[float], rows_s: np.ndarray) -> np.ndarray:
+    """Each row's second on its run's event timeline: since the start of the run it falls
+    in (`Telemetry.spans`: a proxy process's first decision; the load generator starts at
+    the timeline origin)."""
+    starts = np.sort(np.asarray(run_starts_s, dtype=np.float64))
     run = np.maximum(np.searchsorted(starts, rows_s, side="right") - 1, 0)
     out: np.ndarray = rows_s - starts[run]
     return out
@@ -231,28 +235,18 @@ def factor_mix(spec: SimBackend, t_s: float) -> Mix:
 def queue_estimate_ms(scenario: Scenario, backend_ids: np.ndarray, x: np.ndarray,
                       route_classes: Sequence[str], t_s: np.ndarray) -> np.ndarray:
     """Per row: the queueing-aware estimate (see the module docstring; not a bound)."""
-    specs: dict[str, SimBackend] = {b.id: b for b in scenario.backends}
-    paths = slot_paths(scenario, route_classes)
+    specs, own_ms = row_backends(scenario, backend_ids, x, route_classes)
     route_mix = scenario.route_mix()
-    slot = route_slot(x)
     inflight = x[:, INFLIGHT].astype(np.int64)
     out = np.empty(len(x), dtype=np.float64)
-    for i in range(len(x)):
-        raw_id = backend_ids[i]
-        bid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-        spec = specs.get(bid)
-        if spec is None:
-            raise ValueError(f"backend {bid!r} of the telemetry is not in scenario {scenario.name} "
-                             f"({', '.join(specs)}): telemetry from another scenario?")
+    for i, spec in enumerate(specs):
         base_ms = spec.service.mean_ms
         if base_ms <= 0:
             out[i] = 0.0
             continue
-        # As the service-noise floor: the cheapest path the row's route slot may stand for.
-        own = min(spec.mean_service_ms({p: 1.0}) for p in paths[slot[i]] or paths[-1]) / base_ms
         others = tuple(sorted((spec.mean_service_ms({p: 1.0}) / base_ms, w)
                               for p, w in route_mix.items()))
-        mad = queue_cell(spec.service, spec.slots, own, others, int(inflight[i]))[1]
+        mad = queue_cell(spec.service, spec.slots, own_ms[i] / base_ms, others, int(inflight[i]))[1]
         out[i] = sum(w * f for f, w in factor_mix(spec, float(t_s[i]))) * mad * base_ms
     return out
 
@@ -305,7 +299,7 @@ def measure(scenario: Scenario, data_dir: str, *, validation_fraction: float = 0
     s = p.split
     _, _, ewma_mae = baselines(p)
     floor = floor_ms(scenario, p.backend[s:], p.x[s:], data.route_classes)
-    t_s = timeline_s(data.chosen()["time_s"], p.time_s[s:])
+    t_s = timeline_s([start for start, _ in data.spans] or [float(p.time_s[0])], p.time_s[s:])
     queue = queue_estimate_ms(scenario, p.backend[s:], p.x[s:], data.route_classes, t_s)
     model_mae = None
     if model_path is not None:
