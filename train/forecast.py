@@ -42,10 +42,10 @@ class Counts:
     lines: int  # lines read (several per interval with several workers)
 
     @classmethod
-    def consecutive(cls, requests: np.ndarray, lines: int | None = None) -> Counts:
-        """Counts of intervals that follow one another, in order."""
+    def consecutive(cls, requests: np.ndarray) -> Counts:
+        """Counts of intervals that follow one another, in order, one line each."""
         r = np.asarray(requests, dtype=np.float64)
-        return cls(r, np.ones(len(r), dtype=bool), len(r) if lines is None else lines)
+        return cls(r, np.ones(len(r), dtype=bool), len(r))
 
 
 def read_counts(path: str | Path, interval_s: float) -> Counts:
