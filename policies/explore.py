@@ -70,5 +70,14 @@ class Explore:
         if close is not None:
             close()
 
+    def describe(self) -> dict[str, object]:
+        """The admin's /backends policy_state: epsilon, and the base's own state when it
+        has one (onnx_latency wrapped in explore still explains its scores)."""
+        state: dict[str, object] = {"base": self.options.base, "epsilon": self.options.epsilon}
+        describe = getattr(self.base, "describe", None)
+        if describe is not None:
+            state["base_state"] = describe()
+        return state
+
     def __repr__(self) -> str:
         return f"Explore(base={self.options.base!r}, epsilon={self.options.epsilon})"

@@ -992,7 +992,9 @@ class OnnxLatency:
             "model_path": str(self.options.model_path),
             "model_version": m.version if m else None,
             "model_kind": m.kind if m else None,
-            "serving": m is not None and not self.options.shadow and self._disabled_until == -math.inf,
+            # Exactly when the model routes, like the active gauge (not while warming up).
+            "serving": self._plain,
+            "warming_up": self._warming,
             "fallback": self.options.fallback,
             "last_fallback_reason": self.last_reason,
             "pick_ewma_us": round(self._pick_ewma_us, 2),

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 from prometheus_client import REGISTRY
 
 from policies.base import BackendView, PolicyContext, RequestInfo
+from policies.explore import Explore
 from policies.features import EWMA, INFLIGHT, N_FEATURES, REQ_BODY, ROUTE0, schema_metadata
 from policies.onnx_latency import (
     FALLBACKS,
@@ -320,6 +321,21 @@ def test_explore_wrapper_propensities_sum_to_one() -> None:
     assert followed / n == pytest.approx(0.8, abs=0.02)
 
 
+def test_explore_forwards_the_base_policys_state(tmp_path: Path) -> None:
+    sim = Sim(n_backends=3)
+    ctx = PolicyContext(clock=sim.clock, rng=random.Random(1), cluster="t", route_classes=ROUTES)
+    model = str(inflight_model(tmp_path / "m.onnx"))
+    p = create("explore", {"base": "onnx_latency", "epsilon": 0.1,
+                           "base_options": {"model_path": model, "min_history": 0}}, ctx)
+    assert isinstance(p, Explore)
+    sim.run(p, 50)
+    state = p.describe()
+    assert state["base"] == "onnx_latency" and state["epsilon"] == 0.1
+    assert state["base_state"]["serving"] is True and state["base_state"]["scores"]
+    plain = create("explore", {"base": "round_robin"}, ctx)
+    assert isinstance(plain, Explore) and "base_state" not in plain.describe()
+
+
 def test_shadow_routes_with_fallback_and_records_error(tmp_path: Path) -> None:
     from policies.onnx_latency import PREDICTION_ERROR
 
@@ -609,9 +625,11 @@ def test_fallback_routes_until_every_backend_has_history(tmp_path: Path) -> None
     sim.run(create("round_robin", {}, PolicyContext(clock=sim.clock)), 14)
     p.pick(ready, REQ)
     assert p.last_reason == WARMING_UP  # 14 outcomes < 5 x 3 backends
+    assert p.describe()["serving"] is False and p.describe()["warming_up"] is True
     sim.run(create("round_robin", {}, PolicyContext(clock=sim.clock)), 1)
     p.pick(ready, REQ)  # at once, not at the matrix's next refresh
     assert p.last_reason is None
+    assert p.describe()["serving"] is True and p.describe()["warming_up"] is False
 
 
 def test_ratio_target_scales_route_cost(tmp_path: Path) -> None:
