@@ -3,7 +3,10 @@
 Every `interval_s` the detector summarises each backend's recent window
 (latency percentiles, error and timeout rates, inflight, probe RTT, reported
 load) *relative to the fleet's median*, so a load spike that slows everyone
-is not an anomaly, and scores all backends with one onnxruntime call. The
+is not an anomaly, and scores all backends with one onnxruntime call.
+Latencies are first scaled to the cheapest route class's terms
+(health.route_mix, `route_adjusted`), so a backend that request-aware routing
+gives the expensive requests does not look anomalous for its mix. The
 model is trained offline (`foretell train anomaly`, train/anomaly.py) and
 carries in its ONNX metadata the schema version, the feature names and the
 threshold chosen from training data; a model that does not match is refused.
@@ -27,6 +30,7 @@ import numpy as np
 
 from health.base import Verdict
 from health.config import Anomaly as AnomalyConfig
+from health.route_mix import route_factors
 from proxy.state import ERROR_TIMEOUT, Clock, Cluster, Outcome
 
 log = logging.getLogger("foretell.health")
@@ -197,7 +201,8 @@ class AnomalyDetector:
         self._clock = clock
         self._cluster = cluster
         self._probe_rtt = probe_rtt
-        self._samples: dict[str, deque[tuple[float, float, bool, bool]]] = {}
+        # (finished at, latency_s, failed, timed out, route class)
+        self._samples: dict[str, deque[tuple[float, float, bool, bool, str]]] = {}
         self._streak: dict[str, int] = {}
         self.scores: dict[str, float] = {}
         self._verdicts: list[Verdict] = []
@@ -214,7 +219,7 @@ class AnomalyDetector:
         if samples is None:
             samples = self._samples[backend_id] = deque(maxlen=_MAX_SAMPLES)
         samples.append((self._clock(), outcome.latency_s, outcome.failed,
-                        outcome.error_kind == ERROR_TIMEOUT))
+                        outcome.error_kind == ERROR_TIMEOUT, outcome.route_class))
 
     def forget(self, backend_id: str) -> None:
         self._samples.pop(backend_id, None)
@@ -240,10 +245,17 @@ class AnomalyDetector:
 
     def features(self, now: float) -> tuple[list[str], np.ndarray, dict[str, WindowStats]]:
         horizon = now - self.config.window_s
+        recent = {b: [s for s in samples if s[0] >= horizon] for b, samples in self._samples.items()}
+        # Route classes' references come from successful answers only: a fast failure
+        # says nothing about what the class costs.
+        factors = (route_factors({b: [(t, lat, rc) for t, lat, failed, _, rc in s if not failed]
+                                  for b, s in recent.items()})
+                   if self.config.route_adjusted else {})
         stats = {}
         for backend_id, state in self._cluster.states.items():
-            samples = self._samples.get(backend_id, ())
-            stats[backend_id] = window_stats(tuple(samples), horizon, state.inflight,
+            samples = [(t, lat * factors.get(rc, 1.0), failed, timed_out)
+                       for t, lat, failed, timed_out, rc in recent.get(backend_id, ())]
+            stats[backend_id] = window_stats(samples, horizon, state.inflight,
                                              self._probe_rtt(backend_id), state.reported_load)
         ids, rows = fleet_features(stats, self.config.min_requests)
         return ids, rows, stats

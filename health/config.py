@@ -108,6 +108,9 @@ class Anomaly(_Frozen):
     # Append each evaluation's feature rows (JSON lines) here: training data
     # for `foretell train anomaly`. Works without a model.
     record_path: Path | None = None
+    # Scale latencies to the cheapest route class's before the fleet comparison
+    # (health.route_mix), as the latency detector does.
+    route_adjusted: bool = True
 
 
 class Ejection(_Frozen):

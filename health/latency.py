@@ -19,20 +19,11 @@ Two rules, both against the fleet (the median over judged backends):
   brief stall next to two ordinary ones do not decide alone (3 ln 8 < 5 ln 4).
 
 Like with like: under request-aware routing (onnx_latency) one backend may
-get the expensive route class and another the cheap one, and their latencies
-differ by the mix, not by health (the demo fleet, /render 6x /search: a
-render-serving backend was ejected as "4.9x fleet median"). So each sample is
-scaled by (the cheapest class's reference) / (its route class's reference;
-a reference is the lower median over backends of their medians for the
-class) before anything is compared: every request counts as one of the
-cheapest class, and times in verdicts marked "route-adjusted" are in those
-terms. A backend votes for a class's reference from 3 samples of it in the
-window; a class that routing sends to one backend alone (the learned policy
-does that with a class one backend is best at) is judged against that
-backend's own median: no fleet comparison for that class, but a sudden
-slowdown still shows in its last requests while the window's median lags.
-Samples of a class without a vote are left as they are, as is every sample
-when fewer than two classes have a reference (nothing changes then).
+get the expensive route class and another the cheap one (the demo fleet,
+/render 6x /search: a render-serving backend was ejected as "4.9x fleet
+median"). So each sample is first scaled to the cheapest route class's terms
+(health.route_mix.route_factors, which says how a class's reference is
+chosen), and times in verdicts marked "route-adjusted" are in those terms.
 `route_adjusted: false` compares raw latencies.
 
 Requests still waiting count as censored observations: the oldest waiting
@@ -49,10 +40,11 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 
 from health.base import Verdict
 from health.config import LatencyOutlier as LatencyConfig
+from health.route_mix import route_factors
 from proxy.state import Clock, Outcome
 
 # backend id -> age in seconds of its oldest attempt still waiting for a response, or None.
@@ -60,45 +52,12 @@ WaitingAge = Callable[[str], float | None]
 
 # In the recent rule one attempt counts as at most this x ratio slower than the fleet.
 _CAP_FACTOR = 2.0
-# A backend's median for a route class counts toward the class's reference from this
-# many samples of the class in the window.
-_MIN_VOTE_SAMPLES = 3
 
 
 def nearest_rank(ordered: list[float], q: float) -> float:
     """Nearest-rank percentile (0..100) of an ascending, non-empty list."""
     rank = min(len(ordered) - 1, max(0, math.ceil(q / 100.0 * len(ordered)) - 1))
     return ordered[rank]
-
-
-def route_factors(recent: Mapping[str, Sequence[tuple[float, float, str]]]) -> dict[str, float]:
-    """Route class -> the factor (<= 1) that scales its samples to the cheapest class's
-    latency (the cheapest class's reference / this class's), from per backend (finished
-    at, latency, route class) samples; {} when nothing is adjusted. A class's reference
-    is the lower median over backends of each one's median for the class: one vote per
-    backend, so a sick backend that got most of a class (before routing moved away from
-    it) does not set the class's reference alone while another backend also serves it.
-    A class routed to one backend alone is judged against that backend's own median: no
-    comparison for that class, but a sudden slowdown still shows against the window's
-    median, which lags. Factors <= 1 keep min_excess_s conservative: an adjusted excess
-    is never more than the raw one."""
-    per_class: dict[str, dict[str, list[float]]] = {}
-    for backend_id, samples in recent.items():
-        for _, lat, route_class in samples:
-            per_class.setdefault(route_class, {}).setdefault(backend_id, []).append(lat)
-    if len(per_class) < 2:
-        return {}
-    references = {}
-    for route_class, by_backend in per_class.items():
-        votes = [statistics.median(lats) for lats in by_backend.values()
-                 if len(lats) >= _MIN_VOTE_SAMPLES]
-        reference_s = statistics.median_low(votes) if votes else 0.0
-        if reference_s > 0:
-            references[route_class] = reference_s
-    if len(references) < 2:
-        return {}
-    cheapest_s = min(references.values())
-    return {route_class: cheapest_s / ref_s for route_class, ref_s in references.items()}
 
 
 class LatencyOutlier:

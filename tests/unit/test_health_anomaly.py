@@ -111,6 +111,48 @@ def test_ten_times_slower_backend_scores_above_threshold(model_path: Path) -> No
     assert [b for b, v in verdicts.items() if v.detected] == ["b0"]
 
 
+def simulate_request_aware(det: AnomalyDetector, clock: Clock, rng: random.Random,
+                           seconds: float, slow: dict[str, float] | None = None) -> None:
+    """Eight equal backends; request-aware routing gives b0 the renders (6x a search's
+    cost), b1 every other render and a search otherwise, the rest searches only."""
+    slow = slow or {}
+    for step in range(int(seconds / 0.02)):
+        clock.advance(0.02)
+        for i in range(len(SPEEDS)):
+            b = f"b{i}"
+            route = "render" if i == 0 or (i == 1 and step % 2) else "search"
+            mean_s = (0.030 if route == "render" else 0.005) * slow.get(b, 1.0)
+            det.observe(b, Outcome(200, rng.expovariate(1 / mean_s), route_class=route))
+        det.evaluate(clock())
+
+
+@pytest.mark.parametrize("route_adjusted", [True, False])
+def test_a_backend_given_the_expensive_route_is_not_anomalous(model_path: Path,
+                                                             route_adjusted: bool) -> None:
+    clock = Clock()
+    det = AnomalyDetector(Anomaly(model_path=model_path, interval_s=0.2,
+                                  route_adjusted=route_adjusted), clock, cluster_of(clock),
+                          lambda _b: None)
+    simulate_request_aware(det, clock, random.Random(5), 10.0)
+    verdicts = {v.backend_id: v for v in det.evaluate(clock.advance(0.2))}
+    detected = sorted(b for b, v in verdicts.items() if v.detected)
+    # Raw, b0's renders are ~6x the fleet's searches (b1's half renders ~3.5x): anomalous
+    # for their mix alone.
+    assert detected == ([] if route_adjusted else ["b0", "b1"]), verdicts["b0"].reason
+
+
+def test_a_slow_render_backend_is_still_anomalous_route_adjusted(model_path: Path) -> None:
+    """b1's renders set the render reference, so b0 (most renders) 10x slower shows."""
+    clock = Clock()
+    det = AnomalyDetector(Anomaly(model_path=model_path, interval_s=0.2), clock,
+                          cluster_of(clock), lambda _b: None)
+    rng = random.Random(6)
+    simulate_request_aware(det, clock, rng, 10.0)
+    simulate_request_aware(det, clock, rng, 5.0, slow={"b0": 10.0})
+    verdicts = {v.backend_id: v for v in det.evaluate(clock.advance(0.2))}
+    assert [b for b, v in verdicts.items() if v.detected] == ["b0"]
+
+
 def test_missing_and_invalid_model_files_are_clear_errors(tmp_path: Path) -> None:
     clock = Clock()
     missing = tmp_path / "nope.onnx"

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from health.config import LatencyOutlier as Cfg
-from health.latency import LatencyOutlier, nearest_rank, route_factors
+from health.latency import LatencyOutlier, nearest_rank
+from health.route_mix import route_factors
 from proxy.state import Outcome
 from tests.unit.health_support import CONNECT, Clock, ok
 
