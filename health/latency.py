@@ -17,6 +17,12 @@ Two rules, both against the fleet (the median over judged backends):
   a lognormal's median, so it is judged against the fleet's median. Each
   attempt counts as at most 2 x ratio slower, so three requests caught in a
   brief stall next to two ordinary ones do not decide alone (3 ln 8 < 5 ln 4).
+  It judges a change: the geometric mean must also be 2x the median of the
+  backend's earlier samples in the window (when there are at least as many).
+  A backend that has always been ~3x the fleet is the window rule's to judge:
+  the geometric mean of five lognormal (sigma 0.5) samples of it passes 4x
+  one time in ten (ln(4/3) is 1.29 of its standard deviations), which
+  ejected the demo's 3x slower backend again and again.
 
 Like with like: under request-aware routing (onnx_latency) one backend may
 get the expensive route class and another the cheap one (the demo fleet,
@@ -52,6 +58,9 @@ WaitingAge = Callable[[str], float | None]
 
 # In the recent rule one attempt counts as at most this x ratio slower than the fleet.
 _CAP_FACTOR = 2.0
+# ...and the last attempts must be this many times slower than the backend's earlier
+# samples in the window (their median), when it has as many earlier as recent ones.
+_CHANGE_FACTOR = 2.0
 
 
 def nearest_rank(ordered: list[float], q: float) -> float:
@@ -150,7 +159,8 @@ class LatencyOutlier:
             if detected:
                 return window
         m = cfg.recent_requests
-        last = sorted(obs)[-m:] if m else []
+        by_start = sorted(obs)
+        last = by_start[-m:] if m else []
         recent = ""
         if m and len(last) == m and fleet_p50_s > 0:
             recent_limit_s = max(fleet_p50_s * cfg.ratio, fleet_p50_s + cfg.min_excess_s)
@@ -158,6 +168,14 @@ class LatencyOutlier:
             log_ratio = sum(min(cap, math.log(max(v, 1e-9) / fleet_p50_s)) for _, v, _ in last) / m
             recent_ratio = math.exp(log_ratio)
             detected = fleet_p50_s * recent_ratio >= recent_limit_s
+            # A change, not a steady state: the rule is for a backend whose window still
+            # holds its fast samples from before. One that has always been this slow is
+            # the window rule's to judge (its p90 over more samples), else the noise of
+            # five samples ejects a steadily 3x slower backend again and again.
+            earlier = sorted(v for _, v, _ in by_start[:-m])
+            if detected and len(earlier) >= m:
+                before_s = nearest_rank(earlier, 50.0)
+                detected = fleet_p50_s * recent_ratio >= _CHANGE_FACTOR * before_s
             waiting = " incl. 1 still waiting" if any(c for *_, c in last) else ""
             recent = (f"last {m} requests{waiting}: {adjusted}geometric mean {recent_ratio:.1f}x fleet "
                       f"median p50 {fleet_p50_s * 1e3:.1f} ms ({'>=' if detected else '<'} "

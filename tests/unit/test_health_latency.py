@@ -122,6 +122,25 @@ def test_recent_rule_geometric_mean_of_the_last_five_while_the_window_is_still_f
     assert seen[3].score == pytest.approx(6 ** 0.8)
 
 
+def test_recent_rule_needs_a_change_so_a_steadily_slower_backend_is_left_to_the_window() -> None:
+    """b7 has always been ~3x the fleet (30 ms); its last five happen to be slower
+    (geometric mean 4.1x the fleet p50, p90 3.8x): noise, not a change. The recent rule
+    wants them 2x b7's own earlier median (60 ms); the window rule judges b7 as it is."""
+    clock = Clock()
+    d = LatencyOutlier(Cfg(), clock)
+    for r in range(27):
+        clock.advance(0.02)
+        for i in range(7):
+            d.observe(f"b{i}", ok(FLEET_MS[r % 5] / 1e3))
+        d.observe("b7", ok(0.030))
+    for lat_ms in (36, 38, 40, 42, 50):
+        clock.advance(0.02)
+        d.observe("b7", ok(lat_ms / 1e3))
+    v = {v.backend_id: v for v in d.evaluate(clock())}["b7"]
+    assert not v.detected
+    assert v.reason.startswith("p90 38.0 ms over 32 samples = 1.9x fleet median 20.0 ms")
+
+
 def test_recent_rule_caps_each_request_so_a_brief_stall_does_not_decide() -> None:
     """Three requests caught in a 2 s stall count as 8x each: (8^3 x 1 x 1)^(1/5) = 3.5x < 4x."""
     clock = Clock()
@@ -199,13 +218,13 @@ def _request_aware_fleet(d: LatencyOutlier, clock: Clock, steps: int,
 def test_a_backend_given_the_expensive_route_is_not_an_outlier(route_adjusted: bool) -> None:
     clock = Clock()
     d = LatencyOutlier(Cfg(route_adjusted=route_adjusted), clock)
-    _request_aware_fleet(d, clock, 40)
+    _request_aware_fleet(d, clock, 40, b1_render_every=20)
     out = {v.backend_id: v for v in d.evaluate(clock())}
-    # Raw, b0's last five (renders) are ~6x the fleet's median p50 (searches): ejected.
+    # Raw, b0's p90 (renders) is ~6x the fleet's median p90 (searches): ejected.
     assert out["b0"].detected is not route_adjusted
     assert not any(v.detected for b, v in out.items() if b != "b0")
     if not route_adjusted:
-        assert out["b0"].reason.startswith("last 5 requests: geometric mean 5.7x fleet median p50")
+        assert out["b0"].reason.startswith("p90 42.0 ms over 32 samples = 6.0x fleet median")
 
 
 @pytest.mark.parametrize("sick", ["b0", "b2"])
