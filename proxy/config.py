@@ -226,6 +226,14 @@ class Telemetry(Frozen):
     # Records waiting for the writer beyond this are dropped (and counted).
     max_pending_rows: int = Field(200_000, ge=1)
 
+    @model_validator(mode="after")
+    def _file_fits_the_budget(self) -> Telemetry:
+        # Else every file is over the budget alone and deleted whole when it closes.
+        if self.max_file_bytes > self.max_total_bytes:
+            raise ValueError(f"max_file_bytes ({self.max_file_bytes}) must not exceed "
+                             f"max_total_bytes ({self.max_total_bytes})")
+        return self
+
 
 class Forecast(Frozen):
     """Next-interval load forecast, Load(t) = a + b*R(t-1) + c*R(t-2), as Prometheus gauges."""

@@ -58,6 +58,7 @@ import logging
 import math
 import queue
 import random
+import re
 import struct
 import threading
 import time
@@ -82,6 +83,19 @@ FORMAT_VERSION = 1
 SUFFIX = ".ftel"
 ALIGN = 64
 DECISION_WORKER_SHIFT = 40
+# telemetry-w{worker}-{opened at, ms since the epoch}-{seq:05d}.ftel; seq 1 is the
+# first file of a process.
+_FILE_NAME = re.compile(r"^telemetry-w(\d+)-(\d+)-(\d+)" + re.escape(SUFFIX) + "$")
+
+
+def file_name(worker_id: int, opened_ms: int, seq: int) -> str:
+    return f"telemetry-w{worker_id}-{opened_ms}-{seq:05d}{SUFFIX}"
+
+
+def parse_file_name(name: str) -> tuple[int, int, int] | None:
+    """(worker id, opened at ms, seq) of a telemetry file's name; None for another name."""
+    m = _FILE_NAME.match(name)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
 
 
 def record_dtype(n_features: int = N_FEATURES) -> np.dtype[Any]:
@@ -203,8 +217,7 @@ class _Writer:
         self.dir.mkdir(parents=True, exist_ok=True)
         now = self.wall()
         self._seq += 1
-        name = f"telemetry-w{self.worker_id}-{int(now * 1000)}-{self._seq:05d}{SUFFIX}"
-        self.current = self.dir / name
+        self.current = self.dir / file_name(self.worker_id, int(now * 1000), self._seq)
         self._file = open(self.current, "wb")  # noqa: SIM115 - kept open across writes
         head = encode_header(header_for(self.route_classes, self.worker_id,
                                         self.config.sample_rate, now))
@@ -217,8 +230,20 @@ class _Writer:
             self._open()
             self.enforce_budget()
         payload = batch.tobytes()
-        self._file.write(payload)
-        self._file.flush()
+        try:
+            self._file.write(payload)
+            self._file.flush()
+        except OSError:
+            # Part of the batch may be on disk (disk full): cut the file back to its last
+            # whole record, or every later record would start mid-record. If even that
+            # fails, the file ends here and the next batch opens a new one.
+            try:
+                self._file.truncate(self._size)
+                self._file.seek(self._size)
+            except OSError:
+                self._file.close()
+                self._file = None
+            raise
         self._size += len(payload)
         BYTES.inc(len(payload))
         ROWS.inc(len(batch))
@@ -232,19 +257,28 @@ class _Writer:
             self.enforce_budget()
 
     def enforce_budget(self) -> None:
-        """Delete the oldest *.ftel files until the directory fits max_total_bytes."""
+        """Delete the oldest *.ftel files until the directory fits max_total_bytes, but
+        never a worker's newest file: other workers share the directory, and the file
+        one of them writes now would be unlinked under it (its rows lost unseen). A
+        stopped worker's last file stays too: at most one file per worker id."""
         files: list[tuple[float, str, int, Path]] = []
+        newest: dict[int, tuple[int, int, str]] = {}  # worker -> (opened ms, seq, name)
         for p in self.dir.glob(f"*{SUFFIX}"):
             try:
                 st = p.stat()
             except FileNotFoundError:  # another worker deleted it
                 continue
             files.append((st.st_mtime, p.name, st.st_size, p))
+            parsed = parse_file_name(p.name)
+            if parsed is not None:
+                worker, opened_ms, seq = parsed
+                newest[worker] = max(newest.get(worker, (-1, -1, "")), (opened_ms, seq, p.name))
+        in_use = {name for _, _, name in newest.values()}
         total = sum(f[2] for f in files)
-        for _, _, size, p in sorted(files):
+        for _, name, size, p in sorted(files):
             if total <= self.config.max_total_bytes:
                 break
-            if p == self.current and self._file is not None:
+            if name in in_use or (p == self.current and self._file is not None):
                 continue
             try:
                 p.unlink()

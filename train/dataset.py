@@ -27,7 +27,6 @@ read it as intervals without requests.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from policies.features import FEATURE_NAMES, SCHEMA_VERSION
-from proxy.telemetry import SUFFIX, TelemetryFormatError, read_telemetry
+from proxy.telemetry import SUFFIX, TelemetryFormatError, parse_file_name, read_telemetry
 
 MAX_LATENCY_S = 3600.0
-# The file's sequence number in its process (proxy.telemetry names files
-# telemetry-w{worker}-{ms}-{seq:05d}.ftel): 1 is the first file of a process.
-_SEQ = re.compile(r"-(\d+)" + re.escape(SUFFIX) + "$")
 
 
 class DatasetError(Exception):
@@ -202,12 +198,12 @@ def load_telemetry(directory: str | Path, *, skip_other_schemas: bool = False) -
         parts.append(kept)
         rates.append(float(tf.header.get("sample_rate", 1.0)))
         if len(kept):
-            seq = _SEQ.search(fr.path.name)
+            named = parse_file_name(fr.path.name)
             file_spans.append(FileSpan(
                 int(tf.header.get("worker_id", 0)), float(tf.header.get("created_at_s", 0.0)),
                 float(kept["time_s"].min()), float(kept["time_s"].max()),
                 # A renamed file cannot be placed in its process: it covers itself only.
-                seq=int(seq.group(1)) if seq else None))
+                seq=named[2] if named else None))
     records = np.concatenate(parts) if parts else np.zeros(0, dtype=loaded[0][1].records.dtype)
     if len(records) == 0:
         raise DatasetError(f"{directory}: no valid records\n" + "\n".join(report.lines()))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from policies.base import RequestInfo
 from policies.features import FEATURE_NAMES, RouteSlots, build
@@ -19,6 +20,7 @@ from proxy.telemetry import (
     SUFFIX,
     TelemetryFormatError,
     TelemetryRecorder,
+    _Writer,
     read_telemetry,
 )
 from train.dataset import DatasetError, load_telemetry
@@ -162,3 +164,62 @@ async def test_malformed_rows_dropped_and_counted(tmp_path: Path) -> None:
 def test_no_files_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no telemetry files"):
         load_telemetry(tmp_path)
+
+
+def _rows(n: int, first_id: int) -> np.ndarray:
+    r = np.zeros(n, dtype=RECORD_DTYPE)
+    r["decision_id"] = np.arange(first_id, first_id + n)
+    r["n_ready"], r["chosen"], r["status"], r["propensity"] = 1, 1, 200, 1.0
+    r["latency_s"], r["backend"], r["time_s"] = 0.01, b"b0", 1e9
+    return r
+
+
+def test_a_workers_open_file_survives_another_workers_budget(tmp_path: Path) -> None:
+    """Workers share the directory; an idle worker's open file is the oldest there."""
+    row_bytes = RECORD_DTYPE.itemsize
+    cfg = config(tmp_path, max_file_bytes=64 * row_bytes, max_total_bytes=128 * row_bytes)
+    wall = iter(range(1_000_000, 2_000_000, 10)).__next__
+    idle = _Writer(cfg, [], 1, lambda: float(wall()))
+    idle.write(_rows(10, 1))
+    busy = _Writer(cfg, [], 0, lambda: float(wall()))
+    for i in range(8):  # rotates and enforces the budget several times
+        busy.write(_rows(40, 1000 + 40 * i))
+    assert idle.current is not None and idle.current.exists()
+    idle.write(_rows(5, 11))
+    idle.close()
+    busy.close()
+    assert len(read_telemetry(idle.current).records) == 15
+    assert sum(f.stat().st_size for f in tmp_path.glob(f"*{SUFFIX}")) \
+        <= cfg.max_total_bytes + cfg.max_file_bytes  # over only by the idle worker's file
+
+
+def test_a_write_that_fails_part_way_leaves_whole_records(tmp_path: Path) -> None:
+    """Disk full mid-batch: the file is cut back to its last whole record, so the rows
+    written once space is back read as they were written."""
+    w = _Writer(config(tmp_path), [], 0, lambda: 1e9)
+    w.write(_rows(100, 1))
+    real = w._file
+
+    class DiskFull:
+        def write(self, data: bytes) -> int:
+            real.write(bytes(data)[:1000])  # part of the batch reaches the disk
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    w._file = DiskFull()
+    with pytest.raises(OSError):
+        w.write(_rows(100, 101))
+    w._file = real
+    w.write(_rows(100, 201))
+    w.close()
+    assert w.current is not None
+    tf = read_telemetry(w.current)
+    assert tf.truncated_bytes == 0
+    assert tf.records["decision_id"].tolist() == [*range(1, 101), *range(201, 301)]
+
+
+def test_a_file_larger_than_the_whole_budget_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match=r"max_file_bytes .* must not exceed max_total_bytes"):
+        config(tmp_path, max_file_bytes=64 * 1024, max_total_bytes=16 * 1024)
