@@ -32,7 +32,8 @@ Record fields (`RECORD_DTYPE` for the current schema):
     chosen       u1    1 on the chosen backend's record
     n_ready      u2    candidates in this decision
     propensity   f4    P(chosen backend | decision) as the policy reported it;
-                       NaN when the policy is deterministic (no last_propensity)
+                       NaN when it reports none (no last_propensity); 1 for a
+                       pick without exploration (onnx_latency with epsilon 0)
     status       i2    HTTP status of the chosen attempt (0 = no response)
     error_kind   u1    0 none, then 1 + index in header["error_kinds"]
     latency_s    f4    latency of the chosen attempt

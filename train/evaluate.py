@@ -47,6 +47,8 @@ class EvaluateError(Exception):
 class Estimate:
     decisions: int
     skipped_no_propensity: int
+    # Decisions logged without exploration on which the new model picks another backend.
+    unsupported: int
     logged_mean_ms: float
     logged_p50_ms: float
     logged_p99_ms: float
@@ -78,14 +80,21 @@ class Estimate:
 
     def warnings(self) -> list[str]:
         """What makes these estimates unreliable, in words (empty when nothing does)."""
+        out = []
+        if self.unsupported:
+            out.append(f"warning: on {self.unsupported} of {self.decisions} decisions the "
+                       "logged policy did not explore (propensity 1) and the new model "
+                       "would choose another backend, whose outcome nobody saw: every "
+                       "estimate but the logged one is biased there. Log with exploration "
+                       "(epsilon > 0) on every decision")
         ess = self.effective_sample_size
-        if ess >= MIN_EFFECTIVE_SAMPLE and ess >= MIN_EFFECTIVE_SHARE * self.decisions:
-            return []
-        return [f"warning: the importance-weighted estimates (IPS, SNIPS, doubly robust) rest "
-                f"on ~{ess:.0f} of {self.decisions} decisions: the logged policy rarely chose "
-                "what the new model would. Log with more exploration (a larger epsilon) "
-                "before trusting them (the direct method uses no weights, but it is the "
-                "model's own prediction)"]
+        if ess < MIN_EFFECTIVE_SAMPLE or ess < MIN_EFFECTIVE_SHARE * self.decisions:
+            out.append(f"warning: the importance-weighted estimates (IPS, SNIPS, doubly "
+                       f"robust) rest on ~{ess:.0f} of {self.decisions} decisions: the "
+                       "logged policy rarely chose what the new model would. Log with more "
+                       "exploration (a larger epsilon) before trusting them (the direct "
+                       "method uses no weights, but it is the model's own prediction)")
+        return out
 
 
 def _weighted_quantile(y: np.ndarray, w: np.ndarray, q: float) -> float:
@@ -131,6 +140,17 @@ def off_policy(data: Telemetry, predict: Any, *, epsilon: float = 0.0,
             "estimates need logged exploration: collect with `kind: explore` or onnx_latency "
             "with epsilon > 0")
     agree = (chosen_rows == best)
+    # A propensity of 1: the logger did not explore on that decision (onnx_latency or
+    # explore with epsilon 0), so any other backend had probability 0. Where the new
+    # model picks another, its outcome is unobserved: IPS counts it as 0 ms, SNIPS drops
+    # it, DR takes the model's word for it. Biased, and the weights cannot show it.
+    deterministic = has_p & (p_log >= 1.0 - 1e-6)
+    if deterministic.sum() == has_p.sum():
+        raise EvaluateError(
+            "the logged policy never explored (propensity 1 on every decision): the "
+            "outcome of any other choice is unobserved, so off-policy estimates would be "
+            "biased; collect with `kind: explore` or onnx_latency with epsilon > 0")
+    unsupported = int((deterministic & ~agree).sum())
     pi = epsilon / sizes + (1.0 - epsilon) * agree
     keep = has_p
     w = pi[keep] / p_log[keep]
@@ -147,7 +167,7 @@ def off_policy(data: Telemetry, predict: Any, *, epsilon: float = 0.0,
     dr = dm + float(np.mean(w * (yk - pred_a)))
     ess = float(np.sum(w) ** 2 / np.sum(w ** 2)) if np.sum(w ** 2) > 0 else 0.0
     return Estimate(
-        decisions=int(keep.sum()), skipped_no_propensity=skipped,
+        decisions=int(keep.sum()), skipped_no_propensity=skipped, unsupported=unsupported,
         logged_mean_ms=float(np.mean(yk)), logged_p50_ms=float(np.quantile(yk, 0.5)),
         logged_p99_ms=float(np.quantile(yk, 0.99)), ips_ms=ips, snips_ms=snips, dm_ms=dm,
         dr_ms=dr, match_rate=float(np.mean(agree[keep])), effective_sample_size=ess,

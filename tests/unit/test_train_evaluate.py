@@ -62,3 +62,17 @@ def test_failure_penalty_and_cost() -> None:
 def test_needs_logged_propensities() -> None:
     with pytest.raises(EvaluateError, match="no propensities"):
         off_policy(logged(100, None), lambda x: x[:, EWMA])
+
+
+def test_a_logger_that_never_explored_is_refused_and_a_partial_one_warned() -> None:
+    """Propensity 1: the logger's choice was certain, other backends' outcomes unseen."""
+    with pytest.raises(EvaluateError, match="never explored"):
+        off_policy(logged(100, 1.0), lambda x: x[:, EWMA])
+    data = logged(1000, 0.25)
+    first = data.records["decision_id"] < 200
+    data.records["propensity"][first] = 1.0  # 200 decisions logged without exploring
+    est = off_policy(data, lambda x: x[:, EWMA])
+    chosen = data.records[first & (data.records["chosen"] == 1)]
+    assert est.unsupported == int((chosen["backend"] != b"b0").sum()) > 100
+    assert any(f"on {est.unsupported} of 1000 decisions" in w for w in est.warnings())
+    assert not off_policy(logged(1000, 0.25), lambda x: x[:, EWMA]).unsupported

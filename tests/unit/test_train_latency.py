@@ -239,7 +239,7 @@ def test_evaluate_warns_when_few_decisions_carry_the_weights() -> None:
 
     from train.evaluate import Estimate
 
-    est = Estimate(decisions=4090, skipped_no_propensity=0, logged_mean_ms=10.0,
+    est = Estimate(decisions=4090, skipped_no_propensity=0, unsupported=0, logged_mean_ms=10.0,
                    logged_p50_ms=9.0, logged_p99_ms=30.0, ips_ms=8.0, snips_ms=8.0, dm_ms=8.5,
                    dr_ms=8.1, match_rate=0.9, effective_sample_size=40.0, target_p50_ms=7.0,
                    target_p99_ms=20.0)
