@@ -717,7 +717,7 @@ class OnnxLatency:
         self._scores_ready: Sequence[BackendView] | None = None
         self._row_of: dict[str, int] = {}
         self._corr_rows: list[float] = []
-        self._dirty: dict[str, tuple[BackendView, str]] = {}
+        self._dirty: dict[tuple[str, str], BackendView] = {}  # (backend id, route class)
         self._version = 0  # outcomes observed; a cached score knows the count it saw
         self._rescore_cost_s = 0.0
         self._rescore_gap_s = self.options.rescore_s
@@ -834,7 +834,7 @@ class OnnxLatency:
         if self._dirty:
             # The columns an outcome moves most, for backends observed since the last
             # rescore (~1 µs each; the rest follows at the full refresh every refresh_s).
-            for view, route_class in self._dirty.values():
+            for (_, route_class), view in self._dirty.items():
                 fm.observed(view, route_class)
             self._dirty.clear()
         version = self._version
@@ -951,7 +951,8 @@ class OnnxLatency:
             return
         bid = backend.id
         # Its feature row is updated at the next rescore, not here.
-        self._dirty[bid] = (backend, req.route_class)
+        # Keyed by class too: each class observed since then has its route EWMA column.
+        self._dirty[(bid, req.route_class)] = backend
         self._version = version = self._version + 1
         i = self._row_of.get(bid)
         log_rows = self._observed_rows

@@ -16,7 +16,16 @@ from prometheus_client import REGISTRY
 
 from policies.base import BackendView, PolicyContext, RequestInfo
 from policies.explore import Explore
-from policies.features import EWMA, INFLIGHT, N_FEATURES, REQ_BODY, ROUTE0, schema_metadata
+from policies.features import (
+    EWMA,
+    INFLIGHT,
+    N_FEATURES,
+    REQ_BODY,
+    ROUTE0,
+    ROUTE_COST,
+    build,
+    schema_metadata,
+)
 from policies.onnx_latency import (
     FALLBACKS,
     INFERENCE_ERROR,
@@ -32,8 +41,8 @@ from policies.onnx_latency import (
     load_model,
 )
 from policies.registry import create
-from proxy.state import Outcome, Tracker
-from tests.unit.learning_sim import ROUTES, Sim
+from proxy.state import Backend, Cluster, Outcome, Tracker
+from tests.unit.learning_sim import ROUTES, FakeClock, Sim
 from train.latency import make_candidate, to_onnx
 
 REQ = RequestInfo(route_class="fast")
@@ -670,3 +679,41 @@ def test_log_target_linear_model_uses_numpy_path_matching_onnxruntime(tmp_path: 
     np.testing.assert_allclose(fast, loaded.predict_copy(rows), rtol=1e-4)
     np.testing.assert_allclose(fast, sk_ms(model, rows, "log_latency"), rtol=1e-4)
     assert np.all(np.isfinite(fast)) and fast.max() == pytest.approx(np.exp(LOG_MAX), rel=1e-5)
+
+
+def test_outcomes_of_two_classes_between_rescores_both_reach_the_features(tmp_path: Path) -> None:
+    """b1 answers a "fast" request slowly, then a "slow" one: the next rescore of "fast"
+    prices b1 with its new "fast" route EWMA, as telemetry's features.build sees it (the
+    feature update once kept only the last class a backend was observed for)."""
+    clock = FakeClock()
+    cluster = Cluster("c", [Backend(f"b{i}", f"http://h:{i}") for i in range(4)], clock=clock)
+    w = np.zeros(N_FEATURES)
+    w[ROUTE_COST] = 1.0
+    path = linear_model(tmp_path / "m.onnx", w, bias=0.0)
+    ctx = PolicyContext(clock=clock, rng=random.Random(0), cluster="c", route_classes=ROUTES)
+    p = create("onnx_latency", {"model_path": str(path), "min_history": 0, "rescore_s": 0.0}, ctx)
+    assert isinstance(p, OnnxLatency)
+    ready = cluster.ready()
+    fast, slow = RequestInfo(route_class="fast"), RequestInfo(route_class="slow")
+
+    def answer(state: BackendView, req: RequestInfo, ms: float) -> None:
+        with cluster.track(state) as t:  # type: ignore[arg-type]
+            out = Outcome(200, ms / 1e3, None, 0, req.route_class)
+            t.finish(out)
+            p.observe(state, req, out)
+
+    for s in ready:
+        answer(s, fast, 10.0)
+        answer(s, slow, 10.0)
+    clock.t += 1.0
+    p.pick(ready, fast)
+    p.pick(ready, slow)
+    clock.t += 0.01
+    answer(ready[1], fast, 200.0)
+    answer(ready[1], slow, 10.0)
+    clock.t += 0.01
+    p.pick(ready, fast)  # a partial rescore: b1's row is rerun
+    served = p._scores[("fast", "GET", 0)].a
+    logged = build(ready, fast, p._features.slots, clock())[:, ROUTE_COST].tolist()
+    assert served == pytest.approx(logged, rel=1e-6)
+    assert served[1] > 40.0
