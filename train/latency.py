@@ -40,7 +40,9 @@ Steps, each reported on the terminal:
    A candidate whose prediction *drops* when inflight grows (on more than 2% of
    validation rows, for +1/+4/+16 in flight) is rejected: it would herd
    traffic onto busy backends; gradient boosting is fitted with a monotone
-   constraint on inflight and the two queueing costs;
+   constraint on inflight and the two queueing costs for the latency targets
+   (a ratio target is divided by a cost that grows with inflight, so it may
+   rightly fall; the herding check judges its predictions in ms);
 6. refuse to write a model whose validation MAE is not below the EWMA
    predictor's (unless `force`);
 7. parity: onnxruntime and scikit-learn must agree on the validation set;
@@ -221,7 +223,10 @@ def baselines(p: Prepared) -> tuple[float, dict[str, float], float]:
     return alphas["ewma_per_backend"], result, result["ewma_per_backend"]
 
 
-def make_candidate(kind: str, seed: int) -> Any:
+def make_candidate(kind: str, seed: int, *, monotone: bool = True) -> Any:
+    """An unfitted candidate. `monotone`: gradient boosting may not predict less for more
+    in flight; only for targets that grow with latency (a ratio target is divided by
+    route_cost_ms, which grows with inflight: it may rightly fall)."""
     from sklearn.ensemble import HistGradientBoostingRegressor
     from sklearn.linear_model import Ridge
     from sklearn.neural_network import MLPRegressor
@@ -236,14 +241,21 @@ def make_candidate(kind: str, seed: int) -> Any:
             learning_rate_init=3e-3, random_state=seed))
     if kind in ("hgb", "hgb_l1"):
         # More requests in flight never make a backend faster: constrain it.
-        monotone = [0] * N_FEATURES
-        for col in (INFLIGHT, EWMA_COST, ROUTE_COST):
-            monotone[col] = 1
+        constraints = [0] * N_FEATURES
+        if monotone:
+            for col in (INFLIGHT, EWMA_COST, ROUTE_COST):
+                constraints[col] = 1
         loss = "absolute_error" if kind == "hgb_l1" else "squared_error"
         return HistGradientBoostingRegressor(loss=loss, max_iter=60, max_depth=4,
-                                             learning_rate=0.15, monotonic_cst=monotone,
+                                             learning_rate=0.15, monotonic_cst=constraints,
                                              random_state=seed)
     raise TrainError(f"unknown candidate {kind!r} (known: {', '.join(CANDIDATES)})")
+
+
+def candidate_for(kind: str, mode: str, seed: int) -> Any:
+    """The candidate the trainer fits for target `mode`: monotone in inflight only where
+    the target grows with latency."""
+    return make_candidate(kind, seed, monotone=not is_ratio(mode))
 
 
 def with_inflight(x: np.ndarray, extra: float) -> np.ndarray:
@@ -427,7 +439,7 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
         y_fit = fit_target(p.y_ms, route_cost, mode)
         for kind in candidates:
             t0 = time.perf_counter()
-            model = make_candidate(kind, seed)
+            model = candidate_for(kind, mode, seed)
             with warnings.catch_warnings():
                 # The MLP's iterations are capped on purpose (training time); not an error.
                 from sklearn.exceptions import ConvergenceWarning

@@ -271,3 +271,26 @@ def test_a_slow_moment_while_timing_one_candidate_does_not_decide(
     assert [r.inference_us for r in result.candidates] == [5.0, 5.0]
     assert any(line.startswith(f"inference, least of {tl.TIMING_ROUNDS} interleaved rounds")
                for line in lines)
+
+
+@pytest.mark.parametrize("mode", ["ratio", "log_ratio"])
+def test_a_ratio_target_is_not_forced_to_grow_with_inflight(mode: str) -> None:
+    """latency / route_cost_ms falls as inflight grows when queueing is sublinear: a
+    monotone constraint on inflight fought the target (validation MAE ~1.5-1.8x)."""
+    from policies.features import EWMA, EWMA_COST, INFLIGHT, N_FEATURES, ROUTE_COST, ROUTE_EWMA
+    from train.latency import RATIO_FLOOR_MS, candidate_for, fit_target, mae, sk_ms
+
+    rng = np.random.default_rng(0)
+    n, s = 20_000, 16_000
+    x = np.zeros((n, N_FEATURES), np.float32)
+    inflight = rng.integers(0, 12, n)
+    ewma = rng.uniform(5, 40, n)
+    x[:, INFLIGHT], x[:, EWMA], x[:, ROUTE_EWMA] = inflight, ewma, ewma
+    x[:, EWMA_COST] = x[:, ROUTE_COST] = ewma * (inflight + 1)
+    y = ewma * (1 + 0.3 * inflight) * rng.lognormal(0, 0.2, n)
+    route_cost = np.maximum(x[:, ROUTE_COST].astype(np.float64), RATIO_FLOOR_MS)
+    errors = {}
+    for m in ("latency", mode):
+        model = candidate_for("hgb", m, seed=0).fit(x[:s], fit_target(y, route_cost, m)[:s])
+        errors[m] = mae(sk_ms(model, x[s:], m), y[s:])
+    assert errors[mode] < 1.1 * errors["latency"], errors
