@@ -243,12 +243,19 @@ class UpstreamResponse:
             raise UpstreamBroken(f"unsupported transfer coding {coding!r}")
         if self._no_body:
             # llhttp does not know the request was HEAD: decide reuse from the headers.
-            self.will_close = _asks_close(headers, self._parser.get_http_version())
+            # A head that announces a body is not reused either: a backend that sends the
+            # body anyway, a moment after the head (a handler streaming a GET's answer to
+            # HEAD), would have it read as the next request's response, another client's.
+            # The cost: a new connection after such a HEAD.
+            self.will_close = (_asks_close(headers, self._parser.get_http_version())
+                               or bool(self.content_length) or coding is not None)
             self.content_length = 0
             self.complete = self._ended = True
         else:
             self.will_close = not self._parser.should_keep_alive()
             self.complete = status in (204, 304)
+            if status == 204 and (self.content_length or coding is not None):
+                self.will_close = True  # a body it must not have may still follow (see HEAD)
             # RFC 9112 §6.3: no length and not chunked means the body runs to the end of the connection.
             self._eof_body = not self.complete and self.content_length is None and coding is None
         if not self._head_waiter.done():
