@@ -172,6 +172,8 @@ class Route(Frozen):
 class Timeouts(Frozen):
     connect_s: float = Field(1.0, gt=0)
     per_try_s: float = Field(15.0, gt=0)
+    # All tries together, counted from the moment the request is complete (as Envoy's
+    # route timeout): a slow upload is bounded by client_body_idle_s, not by this.
     total_s: float = Field(30.0, gt=0)
     # Time a client has to send complete request headers (slowloris guard).
     client_header_s: float = Field(10.0, gt=0)

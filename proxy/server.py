@@ -53,14 +53,16 @@ class HeaderDeadline:
     few percent of the proxy's CPU. One timer handle and a flag are enough.
     """
 
-    __slots__ = ("_done", "_end_s", "_fired", "_handle", "_loop", "_task", "_timeout_s")
+    __slots__ = ("_budget_s", "_done", "_fired", "_handle", "_loop", "_task", "_timeout_s")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float, end_s: float, *,
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float, budget_s: float, *,
                  start: bool = True) -> None:
         self._loop = loop
         self._task = asyncio.current_task(loop)
         self._timeout_s = timeout_s
-        self._end_s = end_s  # the request's overall deadline (total_s), loop time
+        # What is left of total_s, counted from the start of the wait: an upload slower
+        # than total_s is the client's time, not a backend timeout.
+        self._budget_s = budget_s
         self._fired = False
         self._done = False
         self._handle: asyncio.TimerHandle | None = None
@@ -70,8 +72,7 @@ class HeaderDeadline:
     def start(self) -> None:
         if self._done or self._handle is not None:
             return
-        now = self._loop.time()
-        self._handle = self._loop.call_at(min(now + self._timeout_s, self._end_s), self._fire)
+        self._handle = self._loop.call_later(min(self._timeout_s, self._budget_s), self._fire)
 
     def _fire(self) -> None:
         if self._done:
@@ -300,7 +301,7 @@ class Proxy:
             # per_try_s (or what is left of total_s) bounds the wait for the
             # response headers once the request is sent; the response body then
             # has per_try_s as its idle timeout.
-            deadline = HeaderDeadline(self._loop, timeouts.per_try_s, started + remaining_s,
+            deadline = HeaderDeadline(self._loop, timeouts.per_try_s, remaining_s,
                                       start=body is None)
             try:
                 up = await cr.upstream.request(

@@ -47,6 +47,27 @@ async def test_client_body_failures_do_not_count_against_backends(backends: Back
     assert state.errors == 0
 
 
+async def test_an_upload_slower_than_total_s_is_not_a_backend_timeout(backends: Backends,
+                                                                      start_proxy) -> None:
+    """total_s counts from the end of the request: a 1.2 s upload under total_s 0.5 s gets
+    the backend's answer, and the backend is not blamed."""
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls, retries={"attempts": 1},
+                                           timeouts={"per_try_s": 0.5, "total_s": 0.5}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.worker.listen_port)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                 b"Connection: close\r\n\r\n")
+    for byte in b"abcd":
+        await asyncio.sleep(0.3)
+        writer.write(bytes([byte]))
+        await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+    state = proxy.worker.proxy.runtime.clusters["default"].cluster.get("a")
+    assert state.errors == 0
+
+
 async def test_absolute_form_target_is_forwarded_by_its_path(backends: Backends, start_proxy) -> None:
     urls = {"a": await backends.start("a")}
     proxy = await start_proxy(proxy_config(urls))
