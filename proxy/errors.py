@@ -17,17 +17,21 @@ UPSTREAM_ERROR_STATUS = "upstream_error_status"
 TIMEOUT = "upstream_timeout"
 BODY_TOO_LARGE = "request_body_too_large"
 HEADERS_TOO_LARGE = "request_headers_too_large"
+NOT_IMPLEMENTED = "not_implemented"
+VERSION_NOT_SUPPORTED = "http_version_not_supported"
 
 STATUS = {
     BAD_REQUEST: 400,
     NO_ROUTE: 404,
     BODY_TOO_LARGE: 413,
     HEADERS_TOO_LARGE: 431,
+    NOT_IMPLEMENTED: 501,
     CONNECT_FAILURE: 502,
     RESET: 502,
     UPSTREAM_ERROR_STATUS: 502,
     NO_BACKEND: 503,
     TIMEOUT: 504,
+    VERSION_NOT_SUPPORTED: 505,
 }
 
 

@@ -50,7 +50,11 @@ async def proxy_websocket(proxy: Proxy, cr: ClusterRuntime, request: BaseRequest
                 upstream = await session.ws_connect(url, headers=headers, protocols=protocols, autoping=False)
         except aiohttp.WSServerHandshakeError as exc:
             tracker.finish(Outcome(exc.status, loop_time() - started, None, 0, info.route_class))
-            return web.Response(status=exc.status, text="upstream refused the WebSocket upgrade\n",
+            # A refusal (403, 426, 500, ...) is passed on; a 101 without a valid handshake
+            # or a 2xx/3xx is no answer to an upgrade, and passed on it would tell the
+            # client the upgrade happened (a 101) or that a page came back: 502.
+            status = exc.status if exc.status >= 400 else 502
+            return web.Response(status=status, text="upstream refused the WebSocket upgrade\n",
                                 headers={errors.ERROR_HEADER: "upstream_refused_upgrade",
                                          "x-foretell-backend": state.id})
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
