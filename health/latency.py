@@ -18,7 +18,8 @@ Two rules, both against the fleet (the median over judged backends):
   attempt counts as at most 2 x ratio slower, so three requests caught in a
   brief stall next to two ordinary ones do not decide alone (3 ln 8 < 5 ln 4).
   It judges a change: the geometric mean must also be 2x the median of the
-  backend's earlier samples in the window (when there are at least as many).
+  backend's earlier samples (those kept, `max_samples`, even from before the
+  window; when there are at least as many).
   A backend that has always been ~3x the fleet is the window rule's to judge:
   the geometric mean of five lognormal (sigma 0.5) samples of it passes 4x
   one time in ten (ln(4/3) is 1.29 of its standard deviations), which
@@ -125,7 +126,12 @@ class LatencyOutlier:
         fleet_p50_s = statistics.median(
             nearest_rank(lat, 50.0) for lat in ordered.values() if len(lat) >= cfg.min_requests)
         adjusted = "route-adjusted " if factors else ""
+        horizon = now - cfg.window_s
         for backend_id, samples in recent.items():
+            # Kept samples older than the window: part of the recent rule's "before" (at
+            # low rates the window holds too few for a median of its own).
+            older = [lat * factors.get(rc, 1.0)
+                     for t, lat, rc in self._samples[backend_id] if t < horizon]
             # (started at, latency or its lower bound, censored)
             obs = [(start, lat, False) for start, lat in samples]
             age_s = self._waiting_age_s(backend_id) if self._waiting_age_s is not None else None
@@ -136,12 +142,14 @@ class LatencyOutlier:
                 # A younger waiting attempt says nothing yet about the limit either way.
                 if bound_s >= limit_s:
                     obs.append((now - age_s, bound_s, True))
-            verdicts.append(self._judge(backend_id, obs, fleet_s, limit_s, fleet_p50_s, adjusted))
+            verdicts.append(self._judge(backend_id, obs, older, fleet_s, limit_s, fleet_p50_s,
+                                        adjusted))
         return verdicts
 
-    def _judge(self, backend_id: str, obs: list[tuple[float, float, bool]], fleet_s: float,
-               limit_s: float, fleet_p50_s: float, adjusted: str) -> Verdict:
-        """`adjusted`: "route-adjusted " when latencies were scaled by route class, else ""."""
+    def _judge(self, backend_id: str, obs: list[tuple[float, float, bool]], older: list[float],
+               fleet_s: float, limit_s: float, fleet_p50_s: float, adjusted: str) -> Verdict:
+        """`older`: the backend's kept latencies from before the window (same scale as
+        `obs`). `adjusted`: "route-adjusted " when latencies were scaled by route class."""
         cfg = self.config
         label = f"{adjusted}p{cfg.quantile:g}"
         n = len(obs)
@@ -172,7 +180,7 @@ class LatencyOutlier:
             # holds its fast samples from before. One that has always been this slow is
             # the window rule's to judge (its p90 over more samples), else the noise of
             # five samples ejects a steadily 3x slower backend again and again.
-            earlier = sorted(v for _, v, _ in by_start[:-m])
+            earlier = sorted([*(v for _, v, _ in by_start[:-m]), *older])
             if detected and len(earlier) >= m:
                 before_s = nearest_rank(earlier, 50.0)
                 detected = fleet_p50_s * recent_ratio >= _CHANGE_FACTOR * before_s

@@ -141,6 +141,28 @@ def test_recent_rule_needs_a_change_so_a_steadily_slower_backend_is_left_to_the_
     assert v.reason.startswith("p90 38.0 ms over 32 samples = 1.9x fleet median 20.0 ms")
 
 
+@pytest.mark.parametrize(("before_ms", "detected"), [(30, False), (10, True)])
+def test_at_low_rates_the_change_is_judged_against_samples_from_before_the_window(
+        before_ms: int, detected: bool) -> None:
+    """b7 gets a request every 1.2 s: its five in the window are all it has there. Its
+    kept samples from before say whether they are a change: not when it has always been
+    ~3x the fleet (30 ms), yes when it used to answer in 10 ms."""
+    clock = Clock()
+    d = LatencyOutlier(Cfg(), clock)
+    for _ in range(20):  # 24 s of b7 at before_ms
+        clock.advance(1.2)
+        d.observe("b7", ok(before_ms / 1e3))
+    for lat_ms in (36, 38, 40, 42, 50):  # geometric mean 4.1x the fleet's p50
+        clock.advance(1.0)
+        d.observe("b7", ok(lat_ms / 1e3))
+    for r in range(32):  # the others, busy, inside the window
+        clock.advance(0.02)
+        for i in range(7):
+            d.observe(f"b{i}", ok(FLEET_MS[r % 5] / 1e3))
+    v = {v.backend_id: v for v in d.evaluate(clock())}["b7"]
+    assert v.detected is detected, v.reason
+
+
 def test_recent_rule_caps_each_request_so_a_brief_stall_does_not_decide() -> None:
     """Three requests caught in a 2 s stall count as 8x each: (8^3 x 1 x 1)^(1/5) = 3.5x < 4x."""
     clock = Clock()
