@@ -2,11 +2,11 @@
 
 Two things aiohttp's RequestHandler does not do by itself:
 - answer oversized header lines / too many headers with 431 (it says 400);
-- close a connection whose first request headers do not arrive in time
-  (slowloris). For later requests on a kept-alive connection aiohttp's
-  keep-alive timer (client_idle_s) already does it: it starts when a response
-  ends and partial data does not restart it, so the next head must be complete
-  by then.
+- close a connection whose request headers do not arrive in time
+  (slowloris): the first request's within client_header_s of the connection,
+  a later one's within client_header_s of its first byte (as HAProxy's
+  `timeout http-request`). aiohttp's keep-alive timer (client_idle_s) alone
+  would let a kept-alive connection drip a head for that long (75 s).
 """
 
 from __future__ import annotations
@@ -39,11 +39,24 @@ class ProxyRequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_overdue)
+        self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_overdue, 0)
 
-    def _headers_overdue(self) -> None:
+    def data_received(self, data: bytes) -> None:
+        heads = self._request_count
+        super().data_received(data)
+        if self._request_count != heads:  # a head arrived whole (the usual case: no timer)
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+        elif self._header_timer is None and not self._request_in_progress and not self._messages:
+            # Bytes of a head that is not complete yet, between requests.
+            self._header_timer = self._loop.call_later(self._header_timeout_s,
+                                                       self._headers_overdue, heads)
+
+    def _headers_overdue(self, heads: int) -> None:
+        """No head completed since the timer started (`heads` heads had then)."""
         self._header_timer = None
-        if self._request_count == 0:
+        if self._request_count == heads and not self._request_in_progress and not self._messages:
             self.force_close()
 
     def connection_lost(self, exc: BaseException | None) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import time
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from proxy.state import Health
@@ -191,11 +192,15 @@ async def test_slow_headers_are_cut_off(backends: Backends, start_proxy) -> None
     writer.close()
 
 
-async def test_slow_headers_of_a_later_request_are_cut_off_too(backends: Backends, start_proxy) -> None:
+@pytest.mark.parametrize("timeouts", [{"client_idle_s": 1.0},
+                                      {"client_header_s": 1.0, "client_idle_s": 60.0}])
+async def test_slow_headers_of_a_later_request_are_cut_off_too(
+        backends: Backends, start_proxy, timeouts: dict[str, float]) -> None:
     """On a kept-alive connection the next head must be complete within client_idle_s
-    of the previous response: dripping bytes does not restart that clock."""
+    of the previous response (dripping bytes does not restart that clock), and within
+    client_header_s of its first byte."""
     urls = {"a": await backends.start("a")}
-    proxy = await start_proxy(proxy_config(urls, timeouts={"client_idle_s": 1.0}))
+    proxy = await start_proxy(proxy_config(urls, timeouts=timeouts))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.worker.listen_port)
     writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
