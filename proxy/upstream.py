@@ -229,6 +229,8 @@ class UpstreamResponse:
             self._raw_headers = []
             self._head_bytes = 0
             return
+        if status > 599:  # RFC 9110 §15: three digits, 1xx to 5xx; passed on it breaks clients
+            raise UpstreamBroken(f"status {status} out of range")
         self.status = status
         headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
         self._raw_headers = []

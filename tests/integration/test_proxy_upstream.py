@@ -206,6 +206,19 @@ async def test_a_late_body_after_head_never_answers_another_request(start_proxy,
             assert await resp.read() == b"mine"
 
 
+async def test_a_status_above_599_is_a_502(start_proxy, client) -> None:
+    async def odd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async with serving(odd) as (_, url):
+        proxy = await start_proxy(proxy_config({"a": url}, retries={"attempts": 1}))
+        async with client.get(proxy.url + "/x") as resp:
+            assert resp.status == 502
+            assert resp.headers["x-foretell-error"] == "upstream_reset"
+
+
 async def test_oversized_response_head_is_a_502(start_proxy, client) -> None:
     async def huge_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
