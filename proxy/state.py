@@ -204,8 +204,9 @@ class BackendState:
         self.window = OutcomeWindow()
         self.requests = 0
         self.errors = 0
-        # Route class -> EWMA of successful latency for that class (bounded:
-        # route classes come from the config).
+        # Route class -> EWMA of the latency of answers for that class, 5xx included
+        # (transport errors carry no service time; bounded: route classes come from
+        # the config).
         self.route_ewma_s: dict[str, float] = {}
         self.consecutive_failures = 0
         self.last_error_at: float | None = None

@@ -158,10 +158,13 @@ def load_telemetry(directory: str | Path, *, skip_other_schemas: bool = False) -
         fr.truncated_bytes = tf.truncated_bytes
         fr.records = len(tf.records)
         h = tf.header
-        if str(h.get("schema_version")) != str(SCHEMA_VERSION) or \
-                list(h.get("feature_names", [])) != list(FEATURE_NAMES):
+        if str(h.get("schema_version")) != str(SCHEMA_VERSION):
             fr.skipped = (f"schema version {h.get('schema_version')} "
                           f"(this trainer reads {SCHEMA_VERSION})")
+            continue
+        if list(h.get("feature_names", [])) != list(FEATURE_NAMES):
+            fr.skipped = (f"schema version {SCHEMA_VERSION} but other feature names "
+                          "(a build whose features changed without a version bump)")
             continue
         loaded.append((fr, tf))
     other = [f for f in report.files if f.skipped.startswith("schema")]
@@ -176,9 +179,13 @@ def load_telemetry(directory: str | Path, *, skip_other_schemas: bool = False) -
         raise DatasetError(f"{directory}: no usable telemetry\n" + "\n".join(report.lines()))
     routes, _ = votes.most_common(1)[0]
     if len(votes) > 1 and not skip_other_schemas:
+        example: dict[tuple[str, ...], str] = {}  # route-class list -> a file holding it
+        for fr, tf in loaded:
+            example.setdefault(tuple(tf.header.get("route_classes", [])), fr.path.name)
         raise DatasetError(
-            f"files disagree on route classes ({', '.join(str(list(v)) for v in votes)}); "
-            "their one-hot slots mean different things. Use one config's telemetry "
+            "files disagree on route classes ("
+            + "; ".join(f"{list(v)} in {n} file(s), e.g. {example[v]}" for v, n in votes.items())
+            + "); their one-hot slots mean different things. Use one config's telemetry "
             "or pass --skip-other-schemas to keep only the most common.")
     parts = []
     rates = []

@@ -223,3 +223,15 @@ def test_a_write_that_fails_part_way_leaves_whole_records(tmp_path: Path) -> Non
 def test_a_file_larger_than_the_whole_budget_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match=r"max_file_bytes .* must not exceed max_total_bytes"):
         config(tmp_path, max_file_bytes=64 * 1024, max_total_bytes=16 * 1024)
+
+
+def test_files_of_two_route_class_lists_are_refused_naming_a_file_of_each(tmp_path: Path) -> None:
+    for worker, routes in ((0, ["api"]), (1, ["api", "render"])):
+        w = _Writer(config(tmp_path), routes, worker, lambda: 1e9)
+        w.write(_rows(3, 1))
+        w.close()
+    with pytest.raises(DatasetError) as err:
+        load_telemetry(tmp_path)
+    message = str(err.value)
+    assert "['api'] in 1 file(s), e.g. telemetry-w0-" in message
+    assert "['api', 'render'] in 1 file(s), e.g. telemetry-w1-" in message
