@@ -250,14 +250,14 @@ class Proxy:
                     raise RuntimeError(f"policy {cr.policy_name} returned unknown backend {chosen.id!r}")
                 picks = metrics.HOT.picks
                 picks[cr.pick_key] = picks.get(cr.pick_key, 0) + 1
-                token = None
-                if self.telemetry is not None:
-                    propensity = getattr(cr.policy, "last_propensity", None)
-                    token = self.telemetry.on_pick(cr.name, candidates, info, state, propensity)
                 remaining_s = deadline - self._loop_time()
                 if remaining_s <= 0:
                     last_reason = errors.TIMEOUT
                     break
+                token = None
+                if self.telemetry is not None:  # a decision that will be tried
+                    propensity = getattr(cr.policy, "last_propensity", None)
+                    token = self.telemetry.on_pick(cr.name, candidates, info, state, propensity)
                 # Retry-worthy statuses are only held back when a retry could follow.
                 statuses = plan.statuses if (attempt < plan.attempts and len(candidates) > 1 and (
                     retrying or self._retry_budget_allows(plan))) else _NONE
@@ -323,6 +323,8 @@ class Proxy:
                 kind = ERROR_RESET
             except asyncio.CancelledError:
                 if not deadline.expired():  # cancelled from outside (client gone, shutdown)
+                    if token is not None:
+                        self.telemetry.on_abandoned(token)
                     raise
                 kind = ERROR_TIMEOUT
             finally:
@@ -331,6 +333,8 @@ class Proxy:
                 # The client's body broke, not the backend: record nothing against it.
                 if up is not None:
                     up.close()
+                if token is not None:
+                    self.telemetry.on_abandoned(token)
                 return kind, 0
             try:
                 latency_s = self._loop_time() - started

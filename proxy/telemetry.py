@@ -9,7 +9,11 @@ time, whether it was chosen, the probability with which the policy chose
 the chosen one, and the outcome of the attempt. All candidates are kept, not
 only the chosen one, so `foretell train evaluate` can replay a new model on
 the exact choice the logged policy faced (off-policy evaluation). Each retry
-is its own decision.
+is its own decision. A decision whose client left before the answer has no
+outcome and is not written: it is counted in
+`foretell_telemetry_dropped_total{reason="client_gone"}`. Slow attempts are
+the likeliest to be abandoned, so a large count there means the data
+under-represents slow backends.
 
 File format (`*.ftel`, one file per worker and rotation, little-endian)
 -------------------------------------------------------------------------
@@ -44,7 +48,8 @@ record of the decision.
 A file cut short by a crash holds a partial last record; `read_telemetry`
 drops it and says how many bytes. Files rotate at `max_file_bytes`; when the
 directory holds more than `max_total_bytes` of `*.ftel`, the oldest files
-(by modification time, any worker) are deleted.
+(by modification time, any worker) are deleted, but never a worker's newest
+(it may be open).
 
 Cost: an unsampled request costs one RNG draw. A sampled one builds its
 feature rows from scratch (~10 µs per candidate) on the event loop and
@@ -354,6 +359,11 @@ class TelemetryRecorder:
         self._queued_rows += len(rec)
         DECISIONS.inc()
         self._queue.put(rec)
+
+    def on_abandoned(self, token: _Pending | None) -> None:
+        """The attempt of a sampled decision ended without an outcome (client gone)."""
+        if token is not None:
+            DROPPED.labels("client_gone").inc(len(token.records))
 
     # -- background -----------------------------------------------------------
     async def start(self) -> None:

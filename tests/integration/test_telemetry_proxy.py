@@ -70,3 +70,26 @@ async def test_telemetry_train_and_serve(
     terms = state["scores"]["echo GET"]["backends"]
     assert set(terms) == {"a", "b", "c"}
     assert all(t["predicted_ms"] > 0 and t["score"] > 0 for t in terms.values())
+
+
+async def test_a_decision_whose_client_left_is_counted_not_lost_silently(
+        backends: Backends, start_proxy: Callable[[dict[str, Any]], Awaitable[Any]],
+        tmp_path: Path) -> None:
+    from proxy.telemetry import DROPPED
+
+    urls = {n: await backends.start(n) for n in ("a", "b")}
+    proxy = await start_proxy(proxy_config(
+        urls, telemetry={"enabled": True, "path": str(tmp_path), "sample_rate": 1.0}))
+    gone = DROPPED.labels("client_gone")
+    before = gone._value.get()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.2)) as session:
+        try:
+            async with session.get(proxy.url + "/sleep/2000") as resp:
+                await resp.read()
+        except TimeoutError:
+            pass
+    for _ in range(50):  # the proxy notices the client is gone
+        if gone._value.get() > before:
+            break
+        await asyncio.sleep(0.05)
+    assert gone._value.get() - before == 2  # one record per candidate backend
