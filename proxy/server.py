@@ -14,7 +14,7 @@ from itertools import chain
 from typing import Any
 
 import aiohttp
-from aiohttp import HttpVersion11, web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.web_request import BaseRequest
 
 from policies.base import RequestInfo
@@ -93,6 +93,26 @@ class HeaderDeadline:
         self._done = True
         if self._handle is not None:
             self._handle.cancel()
+
+
+class RelayedStreamResponse(web.StreamResponse):
+    """A backend's response relayed with the headers it came with. aiohttp gives a body
+    without Content-Type one (application/octet-stream: clients then stop sniffing it)
+    and adds a Server header naming its own version; neither is the backend's."""
+
+    async def _prepare_headers(self) -> None:
+        headers = self._headers
+        had_type = hdrs.CONTENT_TYPE in headers
+        had_server = hdrs.SERVER in headers
+        await super()._prepare_headers()
+        if not had_type:
+            headers.popall(hdrs.CONTENT_TYPE, None)
+        if not had_server:
+            headers.popall(hdrs.SERVER, None)
+
+
+class RelayedResponse(RelayedStreamResponse, web.Response):
+    """The same, for a body read whole."""
 
 
 class BodyTooLarge(Exception):
@@ -385,9 +405,9 @@ class Proxy:
                 return errors.error_response(errors.RESET, "upstream closed mid-body")
             finally:
                 up.release()
-            return web.Response(status=up.status, reason=up.reason, headers=headers,
+            return RelayedResponse(status=up.status, reason=up.reason, headers=headers,
                                 body=None if no_body else payload)
-        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        resp = RelayedStreamResponse(status=up.status, reason=up.reason, headers=headers)
         complete = False
         try:
             await resp.prepare(request)

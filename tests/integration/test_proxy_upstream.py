@@ -400,3 +400,28 @@ async def test_a_raising_policy_hook_does_not_leak_the_connection(start_proxy, c
         await asyncio.sleep(0.2)
         upstream = proxy.worker.proxy.runtime.clusters["default"].upstream
         assert open_now["n"] == upstream.idle_connections() == 0
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n\r\nhello",
+                                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"])
+async def test_a_response_is_relayed_without_headers_the_backend_did_not_send(
+        start_proxy, framing: bytes) -> None:
+    """No Content-Type made up for an untyped body (clients would stop sniffing it), no
+    Server header naming the proxy's stack; a backend's own are kept."""
+    async def bare(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await _read_request(reader)
+            typed = b"Content-Type: text/html\r\nServer: origin\r\n" if b"/typed" in head else b""
+            writer.write(b"HTTP/1.1 200 OK\r\n" + typed + framing)
+            await writer.drain()
+
+    async with serving(bare) as (_, url):
+        proxy = await start_proxy(proxy_config({"a": url}))
+        async with aiohttp.ClientSession() as session:
+            async with session.get(proxy.url + "/bare") as resp:
+                assert await resp.read() == b"hello"
+                assert "Content-Type" not in resp.headers and "Server" not in resp.headers
+            async with session.get(proxy.url + "/typed") as resp:
+                assert await resp.read() == b"hello"
+                assert resp.headers["Content-Type"] == "text/html"
+                assert resp.headers["Server"] == "origin"
