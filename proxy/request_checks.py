@@ -1,4 +1,5 @@
-"""Requests the proxy refuses before routing: what it cannot forward faithfully.
+"""Requests the proxy refuses before routing (what it cannot forward faithfully), and
+the one form it rewrites first (`origin_form`).
 
 aiohttp's parser already refuses malformed framing (conflicting lengths, bad
 chunking, obs-fold, control bytes). These are the well-formed requests a
@@ -11,13 +12,20 @@ proxy must still not pass on as they are:
   HTTP/1.0 has no chunked framing at all (400, RFC 9112 §6.1);
 - a Host that is not a host[:port] (RFC 3986 §3.2.2): it would be forwarded
   and copied into X-Forwarded-Host (400). An empty Host is valid.
+
+An absolute-form target (`GET http://example.com/x`, RFC 9112 §3.2.2) names
+the host itself, which then wins over the Host header: it is rewritten to
+origin form (`/x`, `/` for an empty path) with that Host before routing.
 """
 
 from __future__ import annotations
 
 import re
 
+from aiohttp import hdrs
 from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict
+from yarl import URL
 
 from proxy import errors
 
@@ -53,3 +61,16 @@ def refusal(request: BaseRequest) -> tuple[str, str] | None:
             _valid_hosts.clear()
         _valid_hosts.add(host)
     return None
+
+
+def origin_form(request: BaseRequest) -> BaseRequest:
+    """`request` itself, or for an absolute-form target a copy in origin form whose Host
+    is the target's authority (without userinfo)."""
+    raw = request.raw_path
+    if raw[:1] == "/" or "://" not in raw:
+        return request
+    url = URL(raw, encoded=True)
+    target = (url.raw_path or "/") + (f"?{url.raw_query_string}" if url.raw_query_string else "")
+    headers = CIMultiDict(request.headers)
+    headers[hdrs.HOST] = url.raw_authority.rpartition("@")[2]
+    return request.clone(rel_url=target, headers=headers)

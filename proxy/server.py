@@ -22,7 +22,7 @@ from proxy import errors, metrics
 from proxy.access_log import CLUSTER_KEY, AccessLog
 from proxy.headers import client_response_headers, upstream_request_headers
 from proxy.load_report import parse_utilization
-from proxy.request_checks import refusal
+from proxy.request_checks import origin_form, refusal
 from proxy.retry import IDEMPOTENT, RetryPlan
 from proxy.runtime import ClusterRuntime, Runtime
 from proxy.state import ERROR_CONNECT, ERROR_RESET, ERROR_TIMEOUT, BackendState, Outcome
@@ -193,6 +193,7 @@ class Proxy:
             if _header_bytes(request) > limits.max_header_bytes:
                 resp = self.answer_error("-", errors.HEADERS_TOO_LARGE, close=True)
                 return resp
+            request = origin_form(request)
             refused = refusal(request)
             if refused is not None:
                 # Closed: what follows on the connection cannot be framed with confidence.

@@ -4,6 +4,7 @@ targets, slow headers, reloads while traffic flows, WebSocket handshakes, h2c of
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -80,6 +81,30 @@ async def test_absolute_form_target_is_forwarded_by_its_path(backends: Backends,
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     assert b'"path": "/echo/x?q=1"' in body
+
+
+@pytest.mark.parametrize(("target", "path"), [(b"http://origin.example/echo/y?q=2", "/echo/y?q=2"),
+                                             (b"http://user@origin.example:8080", "/")])
+async def test_an_absolute_form_target_names_the_host(backends: Backends, start_proxy,
+                                                      target: bytes, path: str) -> None:
+    """RFC 9112 §3.2.2: the target's authority wins over the Host header, and an empty
+    path is "/"."""
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.worker.listen_port)
+    writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if path == "/":  # routed and forwarded (the test backend has no "/": its 404)
+        assert b"x-foretell-backend" in head.lower() and b"x-foretell-error" not in head.lower()
+    else:
+        assert head.startswith(b"HTTP/1.1 200"), head
+        sent = json.loads(body)
+        assert sent["path"] == path
+        assert sent["headers"]["Host"] == "origin.example"
+        assert sent["headers"]["X-Forwarded-Host"] == "origin.example"
 
 
 async def test_slow_drip_headers_hit_the_per_try_timeout(start_proxy, client) -> None:
