@@ -95,14 +95,6 @@ class LatencyOutlier:
         horizon = now - self.config.window_s
         return {b: [s for s in samples if s[0] >= horizon] for b, samples in self._samples.items()}
 
-    def quantiles(self, now: float) -> dict[str, tuple[int, float]]:
-        """Per backend: (samples in window, raw latency quantile in seconds; NaN if none)."""
-        out = {}
-        for backend_id, recent in self._recent(now).items():
-            lat = sorted(lat for _, lat, _ in recent)
-            out[backend_id] = (len(lat), nearest_rank(lat, self.config.quantile) if lat else math.nan)
-        return out
-
     def evaluate(self, now: float) -> list[Verdict]:
         cfg = self.config
         raw = self._recent(now)
