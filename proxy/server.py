@@ -358,7 +358,24 @@ class Proxy:
                     self.telemetry.on_abandoned(token)
                 return kind, 0
             try:
-                latency_s = self._loop_time() - started
+                latency_s = self._loop_time() - started  # to the response head
+                payload: bytes | None = None
+                # (Interim 1xx answers never get here: the upstream client skips them.)
+                no_body = up is not None and (request.method == "HEAD" or up.status in (204, 304))
+                if up is not None and (no_body or (up.content_length is not None
+                                                   and up.content_length <= BUFFER_LIMIT_BYTES)):
+                    # A small answer is read before the try counts: a backend that breaks
+                    # off its body failed this try (against its health, and retried like
+                    # a reset when allowed: the client has seen nothing yet).
+                    try:
+                        payload = b"" if no_body else await up.read()
+                    except TimeoutError:
+                        kind = ERROR_TIMEOUT
+                    except (UpstreamError, OSError):
+                        kind = ERROR_RESET
+                    if kind is not None:
+                        up.close()
+                        up = None
                 status = up.status if up is not None else 0
                 outcome = Outcome(status, latency_s, kind, 0, info.route_class)
                 tracker.finish(outcome)
@@ -379,7 +396,13 @@ class Proxy:
                 if status in retry_statuses and body is None and request.method in IDEMPOTENT:
                     up.release()
                     return None, status
-                return await self._send_response(request, up, state.id, request_id, cr.name)
+                if payload is not None:
+                    up.release()
+                    headers = client_response_headers(up.headers, backend_id=state.id,
+                                                      request_id=request_id)
+                    return RelayedResponse(status=status, reason=up.reason, headers=headers,
+                                           body=None if no_body else payload)
+                return await self._stream_response(request, up, state.id, request_id, cr.name)
             except BaseException:
                 # Whatever raised (a policy hook, the client gone): never leave the
                 # connection open outside the pool. A no-op once released.
@@ -387,27 +410,10 @@ class Proxy:
                     up.close()
                 raise
 
-    async def _send_response(self, request: BaseRequest, up: UpstreamResponse, backend_id: str,
-                             request_id: str, cluster: str) -> web.StreamResponse:
+    async def _stream_response(self, request: BaseRequest, up: UpstreamResponse, backend_id: str,
+                               request_id: str, cluster: str) -> web.StreamResponse:
+        """Relay a body too large to read first, or of unknown length, as it arrives."""
         headers = client_response_headers(up.headers, backend_id=backend_id, request_id=request_id)
-        length = up.content_length
-        # (Interim 1xx answers never get here: the upstream client skips them.)
-        no_body = request.method == "HEAD" or up.status in (204, 304)
-        if no_body or (length is not None and length <= BUFFER_LIMIT_BYTES):
-            try:
-                payload = b"" if no_body else await up.read()
-            except TimeoutError:
-                up.close()
-                metrics.errors(cluster, errors.TIMEOUT).inc()
-                return errors.error_response(errors.TIMEOUT, "upstream body stalled")
-            except (UpstreamError, OSError):
-                up.close()
-                metrics.errors(cluster, errors.RESET).inc()
-                return errors.error_response(errors.RESET, "upstream closed mid-body")
-            finally:
-                up.release()
-            return RelayedResponse(status=up.status, reason=up.reason, headers=headers,
-                                body=None if no_body else payload)
         resp = RelayedStreamResponse(status=up.status, reason=up.reason, headers=headers)
         complete = False
         try:

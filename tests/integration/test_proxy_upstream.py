@@ -425,3 +425,30 @@ async def test_a_response_is_relayed_without_headers_the_backend_did_not_send(
                 assert await resp.read() == b"hello"
                 assert resp.headers["Content-Type"] == "text/html"
                 assert resp.headers["Server"] == "origin"
+
+
+async def test_a_small_body_cut_short_is_a_failed_try_retried_elsewhere(start_proxy, client) -> None:
+    """The head promises 100 bytes, 10 come, then the connection closes: the client has
+    seen nothing yet, so the GET goes to the other backend, and the try counts as a
+    reset against the first (it counted as a 200)."""
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await writer.drain()
+
+    async def whole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwhole")
+            await writer.drain()
+
+    async with serving(cut) as (_, cut_url), serving(whole) as (_, whole_url):
+        proxy = await start_proxy(proxy_config({"cut": cut_url, "whole": whole_url},
+                                               retries={"attempts": 2}))
+        cluster = proxy.worker.proxy.runtime.clusters["default"].cluster
+        for _ in range(2):  # round robin: one of the two starts on the cut backend
+            async with client.get(proxy.url + "/x") as resp:
+                assert resp.status == 200
+                assert await resp.read() == b"whole"
+        assert cluster.get("cut").errors == 1
+        assert cluster.get("whole").errors == 0
