@@ -20,6 +20,7 @@ REQUEST_ID = "X-Request-Id"
 _UPSTREAM_REWRITTEN = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                                  "via", "x-request-id"})
 _VIA = frozenset({"via"})
+_HOST = frozenset({"host"})
 _ids = random.Random()
 
 
@@ -43,9 +44,15 @@ def _joined(headers: CIMultiDictProxy[str], name: str) -> str | None:
 
 
 def upstream_request_headers(headers: CIMultiDictProxy[str], *, client_ip: str, scheme: str,
-                             host: str) -> tuple[list[tuple[str, str]], str]:
-    """Headers to send upstream (as pairs, which the client copies once), and the request id."""
-    out = _kept(headers, _UPSTREAM_REWRITTEN)
+                             host: str, host_header: str | None = None
+                             ) -> tuple[list[tuple[str, str]], str]:
+    """Headers to send upstream (as pairs, which the client copies once), and the request
+    id. `host_header` replaces the client's Host (an absolute-form target's authority)."""
+    if host_header is None:
+        out = _kept(headers, _UPSTREAM_REWRITTEN)
+    else:
+        out = _kept(headers, _UPSTREAM_REWRITTEN | _HOST)
+        out.append(("Host", host_header))
     prior = _joined(headers, "X-Forwarded-For")
     out.append(("X-Forwarded-For", f"{prior}, {client_ip}" if prior else client_ip))
     # Proto and Host describe the client's connection to this proxy: set, never

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import re
 
-from aiohttp import hdrs
+from aiohttp import web
 from aiohttp.web_request import BaseRequest
-from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import errors
@@ -63,14 +62,21 @@ def refusal(request: BaseRequest) -> tuple[str, str] | None:
     return None
 
 
+# On a request rewritten from absolute form: the target's authority, the Host to send.
+AUTHORITY_KEY = web.RequestKey("foretell_authority", str)
+
+
 def origin_form(request: BaseRequest) -> BaseRequest:
-    """`request` itself, or for an absolute-form target a copy in origin form whose Host
-    is the target's authority (without userinfo)."""
+    """`request` itself, or for an absolute-form target a copy in origin form whose host
+    is the target's authority (without userinfo), also kept under AUTHORITY_KEY for the
+    Host header sent upstream. The target keeps its bytes (no re-encoding), and the
+    headers are not copied (aiohttp would re-encode them, and fail on non-UTF-8 ones)."""
     raw = request.raw_path
     if raw[:1] == "/" or "://" not in raw:
         return request
     url = URL(raw, encoded=True)
     target = (url.raw_path or "/") + (f"?{url.raw_query_string}" if url.raw_query_string else "")
-    headers = CIMultiDict(request.headers)
-    headers[hdrs.HOST] = url.raw_authority.rpartition("@")[2]
-    return request.clone(rel_url=target, headers=headers)
+    authority = url.raw_authority.rpartition("@")[2]
+    clone = request.clone(rel_url=URL(target, encoded=True), host=authority)
+    clone[AUTHORITY_KEY] = authority
+    return clone

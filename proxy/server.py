@@ -22,7 +22,7 @@ from proxy import errors, metrics
 from proxy.access_log import CLUSTER_KEY, AccessLog
 from proxy.headers import client_response_headers, upstream_request_headers
 from proxy.load_report import parse_utilization
-from proxy.request_checks import origin_form, refusal
+from proxy.request_checks import AUTHORITY_KEY, origin_form, refusal
 from proxy.retry import IDEMPOTENT, RetryPlan
 from proxy.runtime import ClusterRuntime, Runtime
 from proxy.state import ERROR_CONNECT, ERROR_RESET, ERROR_TIMEOUT, BackendState, Outcome
@@ -186,6 +186,7 @@ class Proxy:
         self.active_requests += 1
         cluster_name = "-"
         resp: web.StreamResponse | None = None
+        original = request  # origin_form may swap in a copy; aiohttp logs this one
         try:
             if self.forecaster is not None:
                 self.forecaster.on_request()
@@ -227,7 +228,7 @@ class Proxy:
             counts = metrics.HOT.requests
             counts[key] = counts.get(key, 0) + 1
             if self.access_log is not None:
-                request[CLUSTER_KEY] = cluster_name
+                original[CLUSTER_KEY] = cluster_name
 
     async def _special(self, cr: ClusterRuntime, request: BaseRequest,
                        info: RequestInfo) -> web.StreamResponse | None:
@@ -252,7 +253,8 @@ class Proxy:
         config = runtime.config
         plan = runtime.retry_plan
         up_headers, request_id = upstream_request_headers(
-            request.headers, client_ip=client_ip, scheme=request.scheme, host=request.host)
+            request.headers, client_ip=client_ip, scheme=request.scheme, host=request.host,
+            host_header=request.get(AUTHORITY_KEY))
         body = (RequestBody(request.content, config.limits.max_body_bytes, config.timeouts.client_body_idle_s)
                 if request.body_exists else None)
         deadline = self._loop_time() + config.timeouts.total_s

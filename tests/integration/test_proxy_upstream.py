@@ -452,3 +452,27 @@ async def test_a_small_body_cut_short_is_a_failed_try_retried_elsewhere(start_pr
                 assert await resp.read() == b"whole"
         assert cluster.get("cut").errors == 1
         assert cluster.get("whole").errors == 0
+
+
+async def test_an_absolute_form_target_is_forwarded_byte_for_byte(start_proxy) -> None:
+    """Its path and query are not re-encoded, a non-UTF-8 header passes, and the target's
+    authority is the one Host sent."""
+    heads: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await _read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with serving(record) as (_, url):
+        proxy = await start_proxy(proxy_config({"a": url}))
+        raw = await _raw_exchange(
+            proxy.worker.listen_port,
+            b"GET http://origin.example/a/%2e%2e/b?q=%2B%3d&r=%zz HTTP/1.1\r\nHost: other.example\r\n"
+            b"X-Legacy: caf\xe9\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+    (head,) = heads
+    assert head.startswith(b"GET /a/%2e%2e/b?q=%2B%3d&r=%zz HTTP/1.1\r\n"), head
+    lines = head.lower().split(b"\r\n")
+    assert [ln for ln in lines if ln.startswith(b"host:")] == [b"host: origin.example"]
+    assert b"x-legacy: caf\xe9" in lines
