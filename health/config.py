@@ -84,8 +84,8 @@ class LatencyOutlier(_Frozen):
     # recent_requests attempts (by start time; a still-waiting one counts once past
     # the limit) reaches ratio x the fleet median p50: routing starves a slow
     # backend, so its window turns over slowly. They must also be 2x the backend's
-    # earlier samples in the window (a change, not a steadily slower backend).
-    # 0 turns this rule off.
+    # earlier kept samples (a change, not a steadily ~3x slower backend) unless those
+    # are past the limit themselves. 0 turns this rule off.
     recent_requests: int = Field(default=5, ge=0)
     # Scale each sample by (fleet median) / (its route class's fleet median) before
     # comparing, so a backend that gets the expensive requests (request-aware routing)

@@ -19,7 +19,8 @@ Two rules, both against the fleet (the median over judged backends):
   brief stall next to two ordinary ones do not decide alone (3 ln 8 < 5 ln 4).
   It judges a change: the geometric mean must also be 2x the median of the
   backend's earlier samples (those kept, `max_samples`, even from before the
-  window; when there are at least as many).
+  window; when there are at least as many), unless that median is past the
+  limit itself (an outlier all along, starved of traffic by routing).
   A backend that has always been ~3x the fleet is the window rule's to judge:
   the geometric mean of five lognormal (sigma 0.5) samples of it passes 4x
   one time in ten (ln(4/3) is 1.29 of its standard deviations), which
@@ -60,7 +61,8 @@ WaitingAge = Callable[[str], float | None]
 # In the recent rule one attempt counts as at most this x ratio slower than the fleet.
 _CAP_FACTOR = 2.0
 # ...and the last attempts must be this many times slower than the backend's earlier
-# samples in the window (their median), when it has as many earlier as recent ones.
+# kept samples (their median), when it has as many earlier as recent ones and that
+# median is not past the limit itself.
 _CHANGE_FACTOR = 2.0
 
 
@@ -167,19 +169,26 @@ class LatencyOutlier:
             cap = math.log(_CAP_FACTOR * cfg.ratio)
             log_ratio = sum(min(cap, math.log(max(v, 1e-9) / fleet_p50_s)) for _, v, _ in last) / m
             recent_ratio = math.exp(log_ratio)
-            detected = fleet_p50_s * recent_ratio >= recent_limit_s
+            over = fleet_p50_s * recent_ratio >= recent_limit_s
+            detected = over
             # A change, not a steady state: the rule is for a backend whose window still
-            # holds its fast samples from before. One that has always been this slow is
+            # holds its fast samples from before. One that has always been ~3x slower is
             # the window rule's to judge (its p90 over more samples), else the noise of
-            # five samples ejects a steadily 3x slower backend again and again.
+            # five samples ejects it again and again. One whose earlier median is past
+            # the limit itself was an outlier all along: no change needed.
             earlier = sorted([*(v for _, v, _ in by_start[:-m]), *older])
-            if detected and len(earlier) >= m:
+            unchanged = ""
+            if over and len(earlier) >= m:
                 before_s = nearest_rank(earlier, 50.0)
-                detected = fleet_p50_s * recent_ratio >= _CHANGE_FACTOR * before_s
+                if before_s < recent_limit_s and \
+                        fleet_p50_s * recent_ratio < _CHANGE_FACTOR * before_s:
+                    detected = False
+                    unchanged = (f", but < {_CHANGE_FACTOR:g}x its earlier median "
+                                 f"{before_s * 1e3:.1f} ms")
             waiting = " incl. 1 still waiting" if any(c for *_, c in last) else ""
             recent = (f"last {m} requests{waiting}: {adjusted}geometric mean {recent_ratio:.1f}x fleet "
-                      f"median p50 {fleet_p50_s * 1e3:.1f} ms ({'>=' if detected else '<'} "
-                      f"{recent_limit_s / fleet_p50_s:.1f}x)")
+                      f"median p50 {fleet_p50_s * 1e3:.1f} ms ({'>=' if over else '<'} "
+                      f"{recent_limit_s / fleet_p50_s:.1f}x{unchanged})")
             if detected:
                 shown = ", ".join(f"{v * 1e3:.0f}{'+' if c else ''}" for _, v, c in last)
                 return Verdict(backend_id, self.name, True, f"{recent}: {shown} ms", recent_ratio)

@@ -142,12 +142,13 @@ def test_recent_rule_needs_a_change_so_a_steadily_slower_backend_is_left_to_the_
     assert v.reason.startswith("p90 38.0 ms over 32 samples = 1.9x fleet median 20.0 ms")
 
 
-@pytest.mark.parametrize(("before_ms", "detected"), [(30, False), (10, True)])
+@pytest.mark.parametrize(("before_ms", "detected"), [(30, False), (10, True), (70, True)])
 def test_at_low_rates_the_change_is_judged_against_samples_from_before_the_window(
         before_ms: int, detected: bool) -> None:
     """b7 gets a request every 1.2 s: its five in the window are all it has there. Its
     kept samples from before say whether they are a change: not when it has always been
-    ~3x the fleet (30 ms), yes when it used to answer in 10 ms."""
+    ~3x the fleet (30 ms), yes when it used to answer in 10 ms; and one that has been 7x
+    the fleet all along (70 ms, past the limit itself) needs no change to be found."""
     clock = Clock()
     d = LatencyOutlier(Cfg(), clock)
     for _ in range(20):  # 24 s of b7 at before_ms
@@ -162,6 +163,8 @@ def test_at_low_rates_the_change_is_judged_against_samples_from_before_the_windo
             d.observe(f"b{i}", ok(FLEET_MS[r % 5] / 1e3))
     v = {v.backend_id: v for v in d.evaluate(clock())}["b7"]
     assert v.detected is detected, v.reason
+    if not detected:
+        assert v.reason.endswith("(>= 4.0x, but < 2x its earlier median 30.0 ms)"), v.reason
 
 
 def test_recent_rule_caps_each_request_so_a_brief_stall_does_not_decide() -> None:
