@@ -59,6 +59,7 @@ queues them; a writer thread batches and writes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -247,8 +248,10 @@ class _Writer:
                 self._file.truncate(self._size)
                 self._file.seek(self._size)
             except OSError:
-                self._file.close()
-                self._file = None
+                # (truncate flushes first, so a disk still full fails here, and close too)
+                f, self._file = self._file, None
+                with contextlib.suppress(OSError):
+                    f.close()
             raise
         self._size += len(payload)
         BYTES.inc(len(payload))
@@ -404,8 +407,9 @@ class TelemetryRecorder:
                 self._queued_rows = max(0, self._queued_rows - len(rows))
                 try:
                     self._writer.write(rows)
-                except OSError as exc:
-                    # Never take the proxy down for telemetry: count, log, go on.
+                except (OSError, ValueError) as exc:
+                    # Never take the proxy down for telemetry: count, log, go on (a
+                    # ValueError is a file closed under us; the next batch opens a new one).
                     DROPPED.labels("write_error").inc(len(rows))
                     log.error("telemetry write failed: %s", exc)
                     self.failed = exc

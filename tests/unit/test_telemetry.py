@@ -235,3 +235,57 @@ def test_files_of_two_route_class_lists_are_refused_naming_a_file_of_each(tmp_pa
     message = str(err.value)
     assert "['api'] in 1 file(s), e.g. telemetry-w0-" in message
     assert "['api', 'render'] in 1 file(s), e.g. telemetry-w1-" in message
+
+
+def test_a_disk_that_stays_full_costs_batches_not_the_writer(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk full: the cut back to the last whole record fails too (truncate flushes first),
+    and so does close. The writer drops its file and opens a new one once space is back."""
+    import errno
+    import io
+
+    import proxy.telemetry as telemetry
+
+    free = [10**9]
+
+    class Disk(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def seekable(self) -> bool:
+            return True
+
+        def write(self, b: object) -> int:
+            room = free[0] - sum(len(d.data) for d in disks)  # one disk for all files
+            if room <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            chunk = bytes(b)[:room]  # type: ignore[call-overload]
+            self.data += chunk
+            return len(chunk)
+
+        def seek(self, pos: int, whence: int = 0) -> int:
+            return pos
+
+        def truncate(self, size: int | None = None) -> int:
+            del self.data[size:]
+            return size or 0
+
+    disks: list[Disk] = []
+
+    def open_on_disk(path: object, mode: str) -> io.BufferedWriter:
+        disks.append(Disk())
+        return io.BufferedWriter(disks[-1])
+
+    monkeypatch.setattr(telemetry, "open", open_on_disk, raising=False)
+    w = _Writer(config(tmp_path), [], 0, lambda: 1e9)
+    w.write(_rows(2, 1))
+    free[0] = len(disks[0].data) + 100  # part of the next batch fits
+    for first in (3, 5):
+        with pytest.raises(OSError):
+            w.write(_rows(2, first))
+    free[0] = 10**9
+    w.write(_rows(2, 7))  # a new file
+    assert len(disks) >= 2 and w._file is not None and not w._file.closed
