@@ -256,8 +256,10 @@ class UpstreamResponse:
         else:
             self.will_close = not self._parser.should_keep_alive()
             self.complete = status in (204, 304)
-            if status == 204 and (self.content_length or coding is not None):
-                self.will_close = True  # a body it must not have may still follow (see HEAD)
+            if self.complete and (self.content_length or coding is not None):
+                # A 204 or 304 announcing a body: one it must not send may still follow
+                # (see HEAD).
+                self.will_close = True
             # RFC 9112 §6.3: no length and not chunked means the body runs to the end of the connection.
             self._eof_body = not self.complete and self.content_length is None and coding is None
         if not self._head_waiter.done():

@@ -183,14 +183,18 @@ async def test_head_responses_leave_the_connection_usable(start_proxy, client) -
         assert backend.connections == 4
 
 
-async def test_a_late_body_after_head_never_answers_another_request(start_proxy, client) -> None:
-    """The backend answers HEAD with a head that announces 8 bytes, then sends them a
-    moment later, shaped as a response: the next request must get its own answer."""
+@pytest.mark.parametrize("first", ["HEAD", "GET"])  # GET: a 304
+async def test_a_late_body_after_head_never_answers_another_request(start_proxy, client,
+                                                                    first: str) -> None:
+    """The backend answers HEAD (or a conditional GET with 304) with a head that
+    announces 41 bytes, then sends them a moment later, shaped as a response: the next
+    request must get its own answer."""
     async def late_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             head = await _read_request(reader)
-            if head.startswith(b"HEAD "):
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 41\r\n\r\n")
+            if head.startswith(b"HEAD ") or b"/h " in head:
+                status = b"200 OK" if head.startswith(b"HEAD ") else b"304 Not Modified"
+                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 41\r\n\r\n")
                 await writer.drain()
                 await asyncio.sleep(0.2)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED")
@@ -200,8 +204,8 @@ async def test_a_late_body_after_head_never_answers_another_request(start_proxy,
 
     async with serving(late_body) as (_, url):
         proxy = await start_proxy(proxy_config({"a": url}))
-        async with client.head(proxy.url + "/h") as resp:
-            assert resp.status == 200
+        async with client.request(first, proxy.url + "/h") as resp:
+            assert resp.status == (200 if first == "HEAD" else 304)
         async with client.get(proxy.url + "/x") as resp:
             assert await resp.read() == b"mine"
 
