@@ -6,7 +6,8 @@ Two things aiohttp's RequestHandler does not do by itself:
   (slowloris): the first request's within client_header_s of the connection,
   a later one's within client_header_s of its first byte (as HAProxy's
   `timeout http-request`). aiohttp's keep-alive timer (client_idle_s) alone
-  would let a kept-alive connection drip a head for that long (75 s).
+  would let a kept-alive connection drip a head for that long (75 s); it
+  still bounds a head whose first bytes came while the previous request ran.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ class ProxyRequestHandler(RequestHandler):
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
-        elif self._header_timer is None and not self._request_in_progress and not self._messages:
-            # Bytes of a head that is not complete yet, between requests.
+        elif self._header_timer is None and self._waiter is not None:
+            # Bytes while the connection waits for its next request (aiohttp's start()
+            # sets _waiter only then: not while a request runs, nor while it drains the
+            # rest of a body after an early answer): the start of a head.
             self._header_timer = self._loop.call_later(self._header_timeout_s,
                                                        self._headers_overdue, heads)
 

@@ -222,6 +222,31 @@ async def test_slow_headers_of_a_later_request_are_cut_off_too(
     assert closed_after_s is not None and closed_after_s < 2.5
 
 
+async def test_the_rest_of_a_body_after_an_early_answer_is_not_a_slow_head(
+        backends: Backends, start_proxy) -> None:
+    """The backend answers a POST (405) before the client sent all of its body; the rest
+    comes after the answer. Those bytes are not the start of a head: the idle connection
+    stays open for client_idle_s, not client_header_s."""
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(
+        urls, timeouts={"client_header_s": 1.0, "client_idle_s": 60.0}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.worker.listen_port)
+    writer.write(b"POST /status/200 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nxxxxx")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    await reader.readexactly(length)
+    writer.write(b"yyyyy")  # the rest of the body, after the answer
+    await writer.drain()
+    await asyncio.sleep(1.5)  # idle: past client_header_s, well within client_idle_s
+    writer.write(b"GET /echo/again HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+
+
 async def _closed_within(reader: asyncio.StreamReader, wait_s: float) -> bool:
     try:
         return await asyncio.wait_for(reader.read(), wait_s) == b""
