@@ -33,6 +33,7 @@ _HOST = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.]+\])(?::(\d
 # Hosts already found valid: a request's Host is nearly always one seen before, and a
 # set lookup is cheaper than the match on every request. Cleared when full.
 _VALID_HOSTS_MAX = 1024
+_CACHED_HOST_MAX_LEN = 262  # name and ":port": long ones are checked every time, not kept
 _valid_hosts: set[str] = set()
 
 
@@ -56,9 +57,10 @@ def refusal(request: BaseRequest) -> tuple[str, str] | None:
         m = _HOST.fullmatch(host)
         if m is None or (m.group(1) and int(m.group(1)) > 65535):
             return errors.BAD_REQUEST, "invalid Host header"
-        if len(_valid_hosts) >= _VALID_HOSTS_MAX:
-            _valid_hosts.clear()
-        _valid_hosts.add(host)
+        if len(host) <= _CACHED_HOST_MAX_LEN:  # a DNS name is at most 253 characters
+            if len(_valid_hosts) >= _VALID_HOSTS_MAX:
+                _valid_hosts.clear()
+            _valid_hosts.add(host)
     return None
 
 
