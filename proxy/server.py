@@ -362,23 +362,30 @@ class Proxy:
             try:
                 latency_s = self._loop_time() - started  # to the response head
                 payload: bytes | None = None
+                cut: tuple[str, str] | None = None  # (reason, detail): a small body cut short
+                # A retry-worthy status is retried without reading its body.
+                retry_status = (up is not None and up.status in retry_statuses and body is None
+                                and request.method in IDEMPOTENT)
                 # (Interim 1xx answers never get here: the upstream client skips them.)
                 no_body = up is not None and (request.method == "HEAD" or up.status in (204, 304))
-                if up is not None and (no_body or (up.content_length is not None
-                                                   and up.content_length <= BUFFER_LIMIT_BYTES)):
+                if up is not None and not retry_status and (
+                        no_body or (up.content_length is not None
+                                    and up.content_length <= BUFFER_LIMIT_BYTES)):
                     # A small answer is read before the try counts: a backend that breaks
-                    # off its body failed this try (against its health, and retried like
-                    # a reset when allowed: the client has seen nothing yet).
+                    # off its body has failed the try, against its health.
                     try:
                         payload = b"" if no_body else await up.read()
+                    except asyncio.CancelledError:  # the client left
+                        if token is not None:
+                            self.telemetry.on_abandoned(token)
+                        raise
                     except TimeoutError:
-                        kind = ERROR_TIMEOUT
+                        kind, cut = ERROR_TIMEOUT, (errors.TIMEOUT, "upstream body stalled")
                     except (UpstreamError, OSError):
-                        kind = ERROR_RESET
-                    if kind is not None:
+                        kind, cut = ERROR_RESET, (errors.RESET, "upstream closed mid-body")
+                    if cut is not None:
                         up.close()
-                        up = None
-                status = up.status if up is not None else 0
+                status = up.status if up is not None and cut is None else 0
                 outcome = Outcome(status, latency_s, kind, 0, info.route_class)
                 tracker.finish(outcome)
                 hot = metrics.HOT
@@ -392,10 +399,14 @@ class Proxy:
                     self.telemetry.on_outcome(token, outcome)
                 if up is None:
                     return kind, 0
+                if cut is not None:
+                    # Not retried: the backend answered, so it may have acted on the
+                    # request (Envoy retries a reset only when nothing came back).
+                    return self.answer_error(cr.name, *cut)
                 load_report = up.headers.get(LOAD_HEADER)
                 if load_report is not None:
                     cr.cluster.set_reported_load(state.id, parse_utilization(load_report))
-                if status in retry_statuses and body is None and request.method in IDEMPOTENT:
+                if retry_status:
                     up.release()
                     return None, status
                 if payload is not None:

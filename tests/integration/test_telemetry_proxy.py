@@ -93,3 +93,38 @@ async def test_a_decision_whose_client_left_is_counted_not_lost_silently(
             break
         await asyncio.sleep(0.05)
     assert gone._value.get() - before == 2  # one record per candidate backend
+
+
+
+async def test_a_client_that_leaves_while_a_small_body_is_read_is_counted(
+        start_proxy: Callable[[dict[str, Any]], Awaitable[Any]], tmp_path: Path) -> None:
+    """The head has come, the body stalls, the client gives up: counted, as while waiting
+    for the head."""
+    from proxy.telemetry import DROPPED
+    from tests.support import raw_backend
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    server, url = await raw_backend(stall)
+    try:
+        proxy = await start_proxy(proxy_config(
+            {"a": url}, telemetry={"enabled": True, "path": str(tmp_path), "sample_rate": 1.0}))
+        gone = DROPPED.labels("client_gone")
+        before = gone._value.get()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as session:
+            try:
+                async with session.get(proxy.url + "/x") as resp:
+                    await resp.read()
+            except TimeoutError:
+                pass
+        for _ in range(50):
+            if gone._value.get() > before:
+                break
+            await asyncio.sleep(0.05)
+        assert gone._value.get() - before == 1
+    finally:
+        server.close()
