@@ -72,19 +72,15 @@ async def test_telemetry_train_and_serve(
     assert all(t["predicted_ms"] > 0 and t["score"] > 0 for t in terms.values())
 
 
-async def test_a_decision_whose_client_left_is_counted_not_lost_silently(
-        backends: Backends, start_proxy: Callable[[dict[str, Any]], Awaitable[Any]],
-        tmp_path: Path) -> None:
+async def records_dropped_when_the_client_leaves(url: str, wait_s: float) -> float:
+    """GET `url` and give up after `wait_s`; the telemetry records counted as client_gone."""
     from proxy.telemetry import DROPPED
 
-    urls = {n: await backends.start(n) for n in ("a", "b")}
-    proxy = await start_proxy(proxy_config(
-        urls, telemetry={"enabled": True, "path": str(tmp_path), "sample_rate": 1.0}))
     gone = DROPPED.labels("client_gone")
     before = gone._value.get()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.2)) as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=wait_s)) as session:
         try:
-            async with session.get(proxy.url + "/sleep/2000") as resp:
+            async with session.get(url) as resp:
                 await resp.read()
         except TimeoutError:
             pass
@@ -92,15 +88,24 @@ async def test_a_decision_whose_client_left_is_counted_not_lost_silently(
         if gone._value.get() > before:
             break
         await asyncio.sleep(0.05)
-    assert gone._value.get() - before == 2  # one record per candidate backend
+    dropped: float = gone._value.get() - before
+    return dropped
 
+
+async def test_a_decision_whose_client_left_is_counted_not_lost_silently(
+        backends: Backends, start_proxy: Callable[[dict[str, Any]], Awaitable[Any]],
+        tmp_path: Path) -> None:
+    urls = {n: await backends.start(n) for n in ("a", "b")}
+    proxy = await start_proxy(proxy_config(
+        urls, telemetry={"enabled": True, "path": str(tmp_path), "sample_rate": 1.0}))
+    # One record per candidate backend.
+    assert await records_dropped_when_the_client_leaves(proxy.url + "/sleep/2000", 0.2) == 2
 
 
 async def test_a_client_that_leaves_while_a_small_body_is_read_is_counted(
         start_proxy: Callable[[dict[str, Any]], Awaitable[Any]], tmp_path: Path) -> None:
     """The head has come, the body stalls, the client gives up: counted, as while waiting
     for the head."""
-    from proxy.telemetry import DROPPED
     from tests.support import raw_backend
 
     async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -113,18 +118,6 @@ async def test_a_client_that_leaves_while_a_small_body_is_read_is_counted(
     try:
         proxy = await start_proxy(proxy_config(
             {"a": url}, telemetry={"enabled": True, "path": str(tmp_path), "sample_rate": 1.0}))
-        gone = DROPPED.labels("client_gone")
-        before = gone._value.get()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as session:
-            try:
-                async with session.get(proxy.url + "/x") as resp:
-                    await resp.read()
-            except TimeoutError:
-                pass
-        for _ in range(50):
-            if gone._value.get() > before:
-                break
-            await asyncio.sleep(0.05)
-        assert gone._value.get() - before == 1
+        assert await records_dropped_when_the_client_leaves(proxy.url + "/x", 0.3) == 1
     finally:
         server.close()
