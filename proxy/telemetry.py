@@ -218,6 +218,7 @@ class _Writer:
         self._file: Any = None
         self.current: Path | None = None
         self._size = 0
+        self._head_size = 0
         self._seq = 0
 
     def _open(self) -> None:
@@ -229,7 +230,7 @@ class _Writer:
         head = encode_header(header_for(self.route_classes, self.worker_id,
                                         self.config.sample_rate, now))
         self._file.write(head)
-        self._size = len(head)
+        self._size = self._head_size = len(head)
         BYTES.inc(len(head))
 
     def write(self, batch: np.ndarray) -> None:
@@ -252,6 +253,11 @@ class _Writer:
                 f, self._file = self._file, None
                 with contextlib.suppress(OSError):
                     f.close()
+                if self._size == self._head_size and self.current is not None:
+                    # No record in it: removed, or a disk that stays full would collect
+                    # an empty file per batch.
+                    with contextlib.suppress(OSError):
+                        self.current.unlink()
             raise
         self._size += len(payload)
         BYTES.inc(len(payload))

@@ -279,13 +279,19 @@ def test_a_disk_that_stays_full_costs_batches_not_the_writer(tmp_path: Path,
         disks.append(Disk())
         return io.BufferedWriter(disks[-1])
 
-    monkeypatch.setattr(telemetry, "open", open_on_disk, raising=False)
+    def open_on_disk_and_in_dir(path: Path, mode: str) -> io.BufferedWriter:
+        path.touch()  # the directory entry a real open makes
+        return open_on_disk(path, mode)
+
+    monkeypatch.setattr(telemetry, "open", open_on_disk_and_in_dir, raising=False)
     w = _Writer(config(tmp_path), [], 0, lambda: 1e9)
     w.write(_rows(2, 1))
     free[0] = len(disks[0].data) + 100  # part of the next batch fits
-    for first in (3, 5):
+    for first in range(3, 13, 2):
         with pytest.raises(OSError):
             w.write(_rows(2, first))
     free[0] = 10**9
-    w.write(_rows(2, 7))  # a new file
+    w.write(_rows(2, 13))  # a new file
     assert len(disks) >= 2 and w._file is not None and not w._file.closed
+    # The first file and the new one; none left empty by the batches on the full disk.
+    assert len(list(tmp_path.glob(f"*{SUFFIX}"))) == 2
