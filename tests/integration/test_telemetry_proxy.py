@@ -108,11 +108,14 @@ async def test_a_client_that_leaves_while_a_small_body_is_read_is_counted(
     for the head."""
     from tests.support import raw_backend
 
+    done = asyncio.Event()
+
     async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
         await writer.drain()
-        await asyncio.sleep(5)
+        await done.wait()  # stalls until the test is over, then closes its side
+        writer.close()
 
     server, url = await raw_backend(stall)
     try:
@@ -120,4 +123,6 @@ async def test_a_client_that_leaves_while_a_small_body_is_read_is_counted(
             {"a": url}, telemetry={"enabled": True, "path": str(tmp_path), "sample_rate": 1.0}))
         assert await records_dropped_when_the_client_leaves(proxy.url + "/x", 0.3) == 1
     finally:
+        done.set()
+        await asyncio.sleep(0.05)
         server.close()
