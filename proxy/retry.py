@@ -6,6 +6,9 @@ from proxy.config import Config
 from proxy.state import ERROR_CONNECT, ERROR_RESET, ERROR_TIMEOUT
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Read-only (RFC 9110 §9.2.1): replayed even after the backend answered, when its answer
+# broke off before the client saw any of it (PUT and DELETE are not: it may have acted).
+SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 GATEWAY_ERRORS = frozenset({502, 503, 504})
 _RETRY_ON_OF_KIND = {ERROR_CONNECT: "connect-failure", ERROR_RESET: "reset", ERROR_TIMEOUT: "timeout"}
 

@@ -23,7 +23,7 @@ from proxy.access_log import CLUSTER_KEY, AccessLog
 from proxy.headers import client_response_headers, upstream_request_headers
 from proxy.load_report import parse_utilization
 from proxy.request_checks import AUTHORITY_KEY, origin_form, refusal
-from proxy.retry import IDEMPOTENT, RetryPlan
+from proxy.retry import IDEMPOTENT, SAFE, RetryPlan
 from proxy.runtime import ClusterRuntime, Runtime
 from proxy.state import ERROR_CONNECT, ERROR_RESET, ERROR_TIMEOUT, BackendState, Outcome
 from proxy.upstream import ConnectFailed, UpstreamError, UpstreamResponse
@@ -400,7 +400,9 @@ class Proxy:
                 if up is None:
                     return kind, 0
                 if cut is not None:
-                    # Not retried: the backend answered, so it may have acted on the
+                    if request.method in SAFE and body is None:
+                        return kind, 0  # a read: retried like a reset, when allowed
+                    # Not replayed: the backend answered, so it may have acted on the
                     # request (Envoy retries a reset only when nothing came back).
                     return self.answer_error(cr.name, *cut)
                 load_report = up.headers.get(LOAD_HEADER)

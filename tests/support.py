@@ -246,3 +246,18 @@ async def raw_backend(respond: Any) -> tuple[asyncio.AbstractServer, str]:
     server = await asyncio.start_server(respond, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     return server, f"http://127.0.0.1:{port}"
+
+
+class FirstReady:
+    """A user policy (dotted-path kind) that always picks the first ready backend: tests
+    that need to know which backend a request tries first."""
+
+    name = "first_ready"
+
+    Options = PolicyOptions
+
+    def __init__(self, options: object, ctx: object) -> None:
+        pass
+
+    def pick(self, ready: Any, req: object) -> Any:
+        return ready[0] if ready else None

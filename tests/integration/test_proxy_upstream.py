@@ -431,29 +431,40 @@ async def test_a_response_is_relayed_without_headers_the_backend_did_not_send(
                 assert resp.headers["Server"] == "origin"
 
 
-async def test_a_small_body_cut_short_is_a_failed_try_not_replayed(start_proxy, client) -> None:
-    """The head promises 100 bytes, 10 come, then the connection closes. The try counts
-    as a reset against the backend (it counted as a 200), and the GET is not replayed:
-    the backend answered, so it may have acted on it (as Envoy, which retries a reset
-    only when nothing came back)."""
-    hits = {"n": 0}
+@pytest.mark.parametrize(("method", "replayed"), [("GET", True), ("DELETE", False)])
+async def test_a_small_body_cut_short_is_a_failed_try(start_proxy, client, method: str,
+                                                      replayed: bool) -> None:
+    """The head promises 100 bytes, 10 come, then the connection closes: the try counts
+    as a reset against the backend (it counted as a 200). A GET is replayed on the other
+    backend (the client has seen nothing); a DELETE is not: the backend answered, so it
+    may have acted on it (Envoy retries a reset only when nothing came back)."""
+    hits = {"cut": 0, "whole": 0}
 
     async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        hits["cut"] += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await writer.drain()
+
+    async def whole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await _read_request(reader)
-            hits["n"] += 1
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+            hits["whole"] += 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwhole")
             await writer.drain()
-            writer.transport.close()
-            return
 
-    async with serving(cut) as (_, url):
-        proxy = await start_proxy(proxy_config({"cut": url}, retries={"attempts": 3}))
-        async with client.get(proxy.url + "/x") as resp:
-            assert resp.status == 502
+    async with serving(cut) as (_, cut_url), serving(whole) as (_, whole_url):
+        proxy = await start_proxy(proxy_config({"cut": cut_url, "whole": whole_url},
+                                               policy={"kind": "tests.support.FirstReady"},
+                                               retries={"attempts": 2}))
+        async with client.request(method, proxy.url + "/x") as resp:
+            body = await resp.read()
+        if replayed:
+            assert (resp.status, body) == (200, b"whole")
+        else:
+            assert resp.status == 502 and b"mid-body" in body
             assert resp.headers["x-foretell-error"] == "upstream_reset"
-            assert "mid-body" in await resp.text()
-        assert hits["n"] == 1
+        assert hits == {"cut": 1, "whole": 1 if replayed else 0}
         assert proxy.worker.proxy.runtime.clusters["default"].cluster.get("cut").errors == 1
 
 
