@@ -223,31 +223,6 @@ class FailingPolicy:
         return None
 
 
-class ObserveRaises:
-    """A user policy (dotted-path kind) whose optional observe() hook raises: a bug in
-    user code must not leak the upstream connection of the request it broke."""
-
-    name = "observe_raises"
-
-    Options = PolicyOptions
-
-    def __init__(self, options: object, ctx: object) -> None:
-        pass
-
-    def pick(self, ready: Any, req: object) -> Any:
-        return ready[0] if ready else None
-
-    def observe(self, state: object, info: object, outcome: object) -> None:
-        raise RuntimeError("bug in a user policy's observe()")
-
-
-async def raw_backend(respond: Any) -> tuple[asyncio.AbstractServer, str]:
-    """A loopback TCP server whose connections are handled by `respond(reader, writer)`."""
-    server = await asyncio.start_server(respond, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}"
-
-
 class FirstReady:
     """A user policy (dotted-path kind) that always picks the first ready backend: tests
     that need to know which backend a request tries first."""
@@ -261,3 +236,20 @@ class FirstReady:
 
     def pick(self, ready: Any, req: object) -> Any:
         return ready[0] if ready else None
+
+
+class ObserveRaises(FirstReady):
+    """A user policy (dotted-path kind) whose optional observe() hook raises: a bug in
+    user code must not leak the upstream connection of the request it broke."""
+
+    name = "observe_raises"
+
+    def observe(self, state: object, info: object, outcome: object) -> None:
+        raise RuntimeError("bug in a user policy's observe()")
+
+
+async def raw_backend(respond: Any) -> tuple[asyncio.AbstractServer, str]:
+    """A loopback TCP server whose connections are handled by `respond(reader, writer)`."""
+    server = await asyncio.start_server(respond, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
