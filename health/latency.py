@@ -7,7 +7,9 @@ several judged backends, and the checker's max_ejection_percent caps it.
 
 Two rules, both against the fleet (the median over judged backends):
 - window: the backend's quantile (p90) over its recent samples reaches
-  limit = max(ratio x fleet median p90, + min_excess_s);
+  limit = max(ratio x fleet median p90, + min_excess_s), on at least two
+  answers past the limit or one request still waiting past it (at 8-9
+  samples p90 is the maximum, and one slow answer alone is noise);
 - recent: the geometric mean of its last `recent_requests` attempts (by start
   time) reaches max(ratio x fleet median p50, + min_excess_s). Good routing
   starves a slow backend once its first slow answers come back, so its
@@ -151,13 +153,20 @@ class LatencyOutlier:
         if n >= cfg.min_requests:
             # A censored value is a lower bound, so the quantile is one too.
             value_s = nearest_rank(sorted(v for _, v, _ in obs), cfg.quantile)
-            detected = value_s >= limit_s
+            over = value_s >= limit_s
+            # One answer alone never decides (at 8-9 samples p90 is the maximum: one slow
+            # request of a ~3x backend would); a request still waiting past the limit
+            # does (a hang is evidence enough).
+            past = [c for _, v, c in obs if v >= limit_s]
+            detected = over and (len(past) >= 2 or any(past))
+            alone = ", but 1 answer alone" if over and not detected else ""
             ratio = _ratio(value_s, fleet_s)
             waiting = " (1 still waiting)" if any(c for *_, c in obs) else ""
             window = Verdict(backend_id, self.name, detected,
                              f"{label} {value_s * 1e3:.1f} ms over {n} samples{waiting} = "
                              f"{ratio:.1f}x fleet median {fleet_s * 1e3:.1f} ms "
-                             f"({'>=' if detected else '<'} limit {limit_s * 1e3:.1f} ms)", ratio)
+                             f"({'>=' if over else '<'} limit {limit_s * 1e3:.1f} ms{alone})",
+                             ratio)
             if detected:
                 return window
         m = cfg.recent_requests

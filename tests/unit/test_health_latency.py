@@ -46,6 +46,22 @@ def test_ten_times_slower_backend_detected_after_enough_slow_samples() -> None:
     assert slow_after == 4
 
 
+@pytest.mark.parametrize("slow_answers", [1, 2])
+def test_one_slow_answer_alone_does_not_decide_the_window_rule(slow_answers: int) -> None:
+    """b7 has 8 samples: p90 is their maximum, so one 100 ms answer (10x) would decide
+    alone; it takes two."""
+    clock = Clock()
+    d = LatencyOutlier(Cfg(recent_requests=0), clock)
+    _fleet(d, clock, backends=7)
+    for i in range(8):
+        clock.advance(0.1)
+        d.observe("b7", ok(0.100 if i < slow_answers else 0.010))
+    v = {v.backend_id: v for v in d.evaluate(clock())}["b7"]
+    assert v.detected is (slow_answers == 2)
+    if slow_answers == 1:
+        assert v.reason.endswith("(>= limit 80.0 ms, but 1 answer alone)"), v.reason
+
+
 def test_min_requests_min_hosts_and_window() -> None:
     clock = Clock()
     d = LatencyOutlier(Cfg(min_requests=8, min_hosts=4, window_s=5.0), clock)
@@ -95,12 +111,13 @@ def test_quantile_is_configurable(q: float, expected_ms: int) -> None:
 FLEET_MS = (5.0, 10.0, 10.0, 10.0, 20.0)
 
 
-def _fleet(d: LatencyOutlier, clock: Clock, rounds: int = 32) -> None:
-    """Eight backends cycling 5/10/10/10/20 ms: fleet median p50 10 ms and p90 20 ms, so the
-    window limit is 80 ms and the recent rule's 40 ms (a geometric mean of 4x)."""
+def _fleet(d: LatencyOutlier, clock: Clock, rounds: int = 32, backends: int = 8) -> None:
+    """Eight backends (b0..b7; fewer: the last left to the test) cycling 5/10/10/10/20 ms:
+    fleet median p50 10 ms and p90 20 ms, so the window limit is 80 ms and the recent
+    rule's 40 ms (a geometric mean of 4x)."""
     for r in range(rounds):
         clock.advance(0.02)
-        for i in range(8):
+        for i in range(backends):
             d.observe(f"b{i}", ok(FLEET_MS[r % 5] / 1e3))
 
 
@@ -157,10 +174,7 @@ def test_at_low_rates_the_change_is_judged_against_samples_from_before_the_windo
     for lat_ms in (36, 38, 40, 42, 50):  # geometric mean 4.1x the fleet's p50
         clock.advance(1.0)
         d.observe("b7", ok(lat_ms / 1e3))
-    for r in range(32):  # the others, busy, inside the window
-        clock.advance(0.02)
-        for i in range(7):
-            d.observe(f"b{i}", ok(FLEET_MS[r % 5] / 1e3))
+    _fleet(d, clock, backends=7)  # the others, busy, inside the window
     v = {v.backend_id: v for v in d.evaluate(clock())}["b7"]
     assert v.detected is detected, v.reason
     if not detected:
