@@ -185,9 +185,9 @@ class LatencyOutlier:
             # the window rule's to judge (its p90 over more samples), else the noise of
             # five samples ejects it again and again. One whose earlier median is past
             # the limit itself was an outlier all along: no change needed.
-            earlier = sorted([*(v for _, v, _ in by_start[:-m]), *older])
             unchanged = ""
-            if over and len(earlier) >= m:
+            earlier = sorted([*(v for _, v, _ in by_start[:-m]), *older]) if over else []
+            if len(earlier) >= m:
                 before_s = nearest_rank(earlier, 50.0)
                 if before_s < recent_limit_s and \
                         fleet_p50_s * recent_ratio < _CHANGE_FACTOR * before_s:

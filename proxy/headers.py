@@ -20,7 +20,8 @@ REQUEST_ID = "X-Request-Id"
 _UPSTREAM_REWRITTEN = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                                  "via", "x-request-id"})
 _VIA = frozenset({"via"})
-_HOST = frozenset({"host"})
+# ... and the Host too, when the proxy sets it (an absolute-form target's authority).
+_UPSTREAM_REWRITTEN_AND_HOST = _UPSTREAM_REWRITTEN | {"host"}
 _ids = random.Random()
 
 
@@ -51,7 +52,7 @@ def upstream_request_headers(headers: CIMultiDictProxy[str], *, client_ip: str, 
     if host_header is None:
         out = _kept(headers, _UPSTREAM_REWRITTEN)
     else:
-        out = _kept(headers, _UPSTREAM_REWRITTEN | _HOST)
+        out = _kept(headers, _UPSTREAM_REWRITTEN_AND_HOST)
         out.append(("Host", host_header))
     prior = _joined(headers, "X-Forwarded-For")
     out.append(("X-Forwarded-For", f"{prior}, {client_ip}" if prior else client_ip))

@@ -40,7 +40,7 @@ class ProxyRequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_overdue, 0)
+        self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_overdue)
 
     def data_received(self, data: bytes) -> None:
         heads = self._request_count
@@ -54,13 +54,12 @@ class ProxyRequestHandler(RequestHandler):
             # sets _waiter only then: not while a request runs, nor while it drains the
             # rest of a body after an early answer): the start of a head.
             self._header_timer = self._loop.call_later(self._header_timeout_s,
-                                                       self._headers_overdue, heads)
+                                                       self._headers_overdue)
 
-    def _headers_overdue(self, heads: int) -> None:
-        """No head completed since the timer started (`heads` heads had then)."""
+    def _headers_overdue(self) -> None:
+        """No head completed since the timer started: a completed one cancels it."""
         self._header_timer = None
-        if self._request_count == heads and not self._request_in_progress and not self._messages:
-            self.force_close()
+        self.force_close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
