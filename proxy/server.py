@@ -284,8 +284,12 @@ class Proxy:
                 # Retry-worthy statuses are only held back when a retry could follow.
                 statuses = plan.statuses if (attempt < plan.attempts and len(candidates) > 1 and (
                     retrying or self._retry_budget_allows(plan))) else _NONE
-                result = await self._attempt(runtime, cr, request, info, state, up_headers, request_id,
-                                             body, remaining_s, token, statuses)
+                try:
+                    result = await self._attempt(runtime, cr, request, info, state, up_headers,
+                                                 request_id, body, remaining_s, token, statuses)
+                finally:
+                    if token is not None:
+                        self.telemetry.on_attempt_end(token)
                 if not isinstance(result, tuple):
                     return result
                 kind, status = result
@@ -346,8 +350,6 @@ class Proxy:
                 kind = ERROR_RESET
             except asyncio.CancelledError:
                 if not deadline.expired():  # cancelled from outside (client gone, shutdown)
-                    if token is not None:
-                        self.telemetry.on_abandoned(token)
                     raise
                 kind = ERROR_TIMEOUT
             finally:
@@ -356,8 +358,6 @@ class Proxy:
                 # The client's body broke, not the backend: record nothing against it.
                 if up is not None:
                     up.close()
-                if token is not None:
-                    self.telemetry.on_abandoned(token)
                 return kind, 0
             try:
                 latency_s = self._loop_time() - started  # to the response head
@@ -375,10 +375,6 @@ class Proxy:
                     # off its body has failed the try, against its health.
                     try:
                         payload = b"" if no_body else await up.read()
-                    except asyncio.CancelledError:  # the client left
-                        if token is not None:
-                            self.telemetry.on_abandoned(token)
-                        raise
                     except TimeoutError:
                         kind, cut = ERROR_TIMEOUT, (errors.TIMEOUT, "upstream body stalled")
                     except (UpstreamError, OSError):

@@ -203,6 +203,7 @@ class _Pending:
 
     records: np.ndarray
     created_at: float = field(default=0.0)
+    settled: bool = False  # its outcome was taken (written or counted as dropped)
 
 
 class _Writer:
@@ -357,6 +358,7 @@ class TelemetryRecorder:
     def on_outcome(self, token: _Pending | None, outcome: Outcome) -> None:
         if token is None:
             return
+        token.settled = True
         rec = token.records
         rec["status"] = outcome.status
         rec["latency_s"] = outcome.latency_s
@@ -369,9 +371,11 @@ class TelemetryRecorder:
         DECISIONS.inc()
         self._queue.put(rec)
 
-    def on_abandoned(self, token: _Pending | None) -> None:
-        """The attempt of a sampled decision ended without an outcome (client gone)."""
-        if token is not None:
+    def on_attempt_end(self, token: _Pending | None) -> None:
+        """The attempt of a sampled decision is over: if it ended without an outcome
+        (the client left, or its body broke), the decision is counted as dropped."""
+        if token is not None and not token.settled:
+            token.settled = True
             DROPPED.labels("client_gone").inc(len(token.records))
 
     # -- background -----------------------------------------------------------
