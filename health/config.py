@@ -87,10 +87,20 @@ class LatencyOutlier(_Frozen):
     # earlier kept samples (a change, not a steadily ~3x slower backend) unless those
     # are past the limit themselves. 0 turns this rule off.
     recent_requests: int = Field(default=5, ge=0)
+    # The recent rule's attempts may be older than window_s, up to this age (by when
+    # they finished): a backend starved to fewer than recent_requests per window is
+    # still judged on its last few answers.
+    recent_max_age_s: float = Field(default=30.0, gt=0)
     # Scale each sample by (fleet median) / (its route class's fleet median) before
     # comparing, so a backend that gets the expensive requests (request-aware routing)
     # is not taken for a slow one (health/latency.py).
     route_adjusted: bool = True
+
+    @model_validator(mode="after")
+    def _recent_age(self) -> LatencyOutlier:
+        if self.recent_max_age_s < self.window_s:
+            raise ValueError("recent_max_age_s must be at least window_s")
+        return self
 
 
 class Anomaly(_Frozen):

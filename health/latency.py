@@ -15,7 +15,10 @@ Two rules, both against the fleet (the median over judged backends):
   starves a slow backend once its first slow answers come back, so its
   window stays full of fast samples from before the slowdown and fills with
   new ones only at the policy's exploration rate; the last few attempts show
-  the change at once. The mean of log latencies is the efficient estimate of
+  the change at once. They may have finished before the window, up to
+  `recent_max_age_s` ago: a backend starved below `recent_requests` answers
+  per window (7x the fleet, one request every 2 s) is judged all the same,
+  where the window rule never has enough samples of it. The mean of log latencies is the efficient estimate of
   a lognormal's median, so it is judged against the fleet's median. Each
   attempt counts as at most 2 x ratio slower, so three requests caught in a
   brief stall next to two ordinary ones do not decide alone (3 ln 8 < 5 ln 4).
@@ -124,9 +127,10 @@ class LatencyOutlier:
         adjusted = "route-adjusted " if factors else ""
         horizon = now - cfg.window_s
         for backend_id, samples in recent.items():
-            # Kept samples older than the window: part of the recent rule's "before" (at
-            # low rates the window holds too few for a median of its own).
-            older = [lat * factors.get(rc, 1.0)
+            # Kept samples older than the window, (started at, latency, finished at): the
+            # recent rule's last attempts when the window holds too few (a starved
+            # backend), and part of its "before" (too few for a median of their own).
+            older = [(t - lat, lat * factors.get(rc, 1.0), t)
                      for t, lat, rc in self._samples[backend_id] if t < horizon]
             # (started at, latency or its lower bound, censored)
             obs = [(start, lat, False) for start, lat in samples]
@@ -138,14 +142,16 @@ class LatencyOutlier:
                 # A younger waiting attempt says nothing yet about the limit either way.
                 if bound_s >= limit_s:
                     obs.append((now - age_s, bound_s, True))
-            verdicts.append(self._judge(backend_id, obs, older, fleet_s, limit_s, fleet_p50_s,
-                                        adjusted))
+            verdicts.append(self._judge(backend_id, now, obs, older, fleet_s, limit_s,
+                                        fleet_p50_s, adjusted))
         return verdicts
 
-    def _judge(self, backend_id: str, obs: list[tuple[float, float, bool]], older: list[float],
-               fleet_s: float, limit_s: float, fleet_p50_s: float, adjusted: str) -> Verdict:
-        """`older`: the backend's kept latencies from before the window (same scale as
-        `obs`). `adjusted`: "route-adjusted " when latencies were scaled by route class."""
+    def _judge(self, backend_id: str, now: float, obs: list[tuple[float, float, bool]],
+               older: list[tuple[float, float, float]], fleet_s: float, limit_s: float,
+               fleet_p50_s: float, adjusted: str) -> Verdict:
+        """`older`: the backend's kept samples from before the window, (started at,
+        latency on the same scale as `obs`, finished at). `adjusted`: "route-adjusted "
+        when latencies were scaled by route class."""
         cfg = self.config
         label = f"{adjusted}p{cfg.quantile:g}"
         n = len(obs)
@@ -170,7 +176,8 @@ class LatencyOutlier:
             if detected:
                 return window
         m = cfg.recent_requests
-        by_start = sorted(obs)
+        aged_out = now - cfg.recent_max_age_s
+        by_start = sorted([*((start, v, False) for start, v, t in older if t >= aged_out), *obs])
         last = by_start[-m:] if m else []
         recent = ""
         if m and len(last) == m and fleet_p50_s > 0:
@@ -186,7 +193,8 @@ class LatencyOutlier:
             # five samples ejects it again and again. One whose earlier median is past
             # the limit itself was an outlier all along: no change needed.
             unchanged = ""
-            earlier = sorted([*(v for _, v, _ in by_start[:-m]), *older]) if over else []
+            earlier = sorted([*(v for _, v, _ in by_start[:-m]),
+                              *(v for _, v, t in older if t < aged_out)]) if over else []
             if len(earlier) >= m:
                 before_s = nearest_rank(earlier, 50.0)
                 if before_s < recent_limit_s and \
@@ -195,7 +203,9 @@ class LatencyOutlier:
                     unchanged = (f", but < {_CHANGE_FACTOR:g}x its earlier median "
                                  f"{before_s * 1e3:.1f} ms")
             waiting = " incl. 1 still waiting" if any(c for *_, c in last) else ""
-            recent = (f"last {m} requests{waiting}: {adjusted}geometric mean {recent_ratio:.1f}x fleet "
+            # Named when the window alone held too few of them (a starved backend).
+            span = f" over {now - last[0][0]:.0f} s" if last[0][0] < now - cfg.window_s else ""
+            recent = (f"last {m} requests{span}{waiting}: {adjusted}geometric mean {recent_ratio:.1f}x fleet "
                       f"median p50 {fleet_p50_s * 1e3:.1f} ms ({'>=' if over else '<'} "
                       f"{recent_limit_s / fleet_p50_s:.1f}x{unchanged})")
             if detected:

@@ -181,6 +181,56 @@ def test_at_low_rates_the_change_is_judged_against_samples_from_before_the_windo
         assert v.reason.endswith("(>= 4.0x, but < 2x its earlier median 30.0 ms)"), v.reason
 
 
+@pytest.mark.parametrize(("recent_max_age_s", "detected_at"), [(30.0, 4), (5.0, None)])
+def test_a_backend_starved_below_five_answers_per_window_is_judged_on_its_last_five(
+        recent_max_age_s: float, detected_at: int | None) -> None:
+    """Routing sends b7 one request every 2.6 s once it turns 7x the fleet (70 ms): its
+    window (5 s) never holds more than three, so the window rule cannot judge it. Its last
+    five, reaching back up to recent_max_age_s, pass 4x with the fourth slow one
+    ((7^4 x 1)^(1/5) = 4.7x); kept to the window (recent_max_age_s = window_s, the rule
+    before) it was never found."""
+    clock = Clock()
+    d = LatencyOutlier(Cfg(recent_max_age_s=recent_max_age_s), clock)
+    for _ in range(8):
+        clock.advance(2.0)
+        d.observe("b7", ok(0.010))
+    found = []
+    for n in range(1, 9):
+        clock.advance(2.0)
+        d.observe("b7", ok(0.070))
+        _fleet(d, clock, backends=7)  # the others, busy, inside the window
+        v = {v.backend_id: v for v in d.evaluate(clock())}["b7"]
+        if v.detected:
+            found.append((n, v.reason))
+    if detected_at is None:
+        assert found == []
+    else:
+        assert found[0] == (detected_at, "last 5 requests over 11 s: geometric mean 4.7x fleet "
+                            "median p50 10.0 ms (>= 4.0x): 10, 70, 70, 70, 70 ms")
+
+
+def test_answers_older_than_recent_max_age_s_are_not_recent() -> None:
+    """Five 70 ms answers 31 s ago, nothing since: no evidence about b7 now."""
+    clock = Clock()
+    d = LatencyOutlier(Cfg(), clock)
+    for _ in range(8):
+        clock.advance(0.5)
+        d.observe("b7", ok(0.010))
+    for _ in range(5):
+        clock.advance(0.5)
+        d.observe("b7", ok(0.070))
+    clock.advance(29.0)
+    _fleet(d, clock, backends=7)
+    v = {v.backend_id: v for v in d.evaluate(clock())}["b7"]
+    assert not v.detected
+    assert v.reason == "0 samples in 5 s (< 8, not judged)"
+
+
+def test_recent_max_age_s_shorter_than_the_window_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match="recent_max_age_s must be at least window_s"):
+        Cfg(window_s=5.0, recent_max_age_s=4.0)
+
+
 def test_recent_rule_caps_each_request_so_a_brief_stall_does_not_decide() -> None:
     """Three requests caught in a 2 s stall count as 8x each: (8^3 x 1 x 1)^(1/5) = 3.5x < 4x."""
     clock = Clock()
