@@ -11,11 +11,15 @@ proxy must still not pass on as they are:
   hop-by-hop, so the backend would get coded bytes nobody declares (501), and
   HTTP/1.0 has no chunked framing at all (400, RFC 9112 §6.1);
 - a Host that is not a host[:port] (RFC 3986 §3.2.2): it would be forwarded
-  and copied into X-Forwarded-Host (400). An empty Host is valid.
+  and copied into X-Forwarded-Host (400). An empty Host is valid. (aiohttp's
+  parser refuses an HTTP/1.1 request without Host, RFC 9112 §3.2.)
 
 An absolute-form target (`GET http://example.com/x`, RFC 9112 §3.2.2) names
 the host itself, which then wins over the Host header: it is rewritten to
-origin form (`/x`, `/` for an empty path) with that Host before routing.
+origin form (`/x`, `/` for an empty path) with that Host before routing. An
+HTTP/1.0 request may name no host at all: its host is then "", not the
+listen address aiohttp falls back to (which routes would match and
+X-Forwarded-Host would claim the client asked for).
 """
 
 from __future__ import annotations
@@ -69,12 +73,15 @@ AUTHORITY_KEY = web.RequestKey("foretell_authority", str)
 
 
 def origin_form(request: BaseRequest) -> BaseRequest:
-    """`request` itself, or for an absolute-form target a copy in origin form whose host
-    is the target's authority (without userinfo), also kept under AUTHORITY_KEY for the
-    Host header sent upstream. The target keeps its bytes (no re-encoding), and the
-    headers are not copied (aiohttp would re-encode them, and fail on non-UTF-8 ones)."""
+    """`request` itself, or a copy: for an absolute-form target, in origin form, whose
+    host is the target's authority (without userinfo), also kept under AUTHORITY_KEY for
+    the Host header sent upstream; for a request without Host, whose host is "". The
+    target keeps its bytes (no re-encoding), and the headers are not copied (aiohttp
+    would re-encode them, and fail on non-UTF-8 ones)."""
     raw = request.raw_path
     if raw[:1] == "/" or "://" not in raw:
+        if "Host" not in request.headers:  # HTTP/1.0 (aiohttp refuses 1.1 without)
+            return request.clone(host="")
         return request
     url = URL(raw, encoded=True)
     target = (url.raw_path or "/") + (f"?{url.raw_query_string}" if url.raw_query_string else "")

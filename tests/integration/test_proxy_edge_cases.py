@@ -107,6 +107,24 @@ async def test_an_absolute_form_target_names_the_host(backends: Backends, start_
         assert sent["headers"]["X-Forwarded-Host"] == "origin.example"
 
 
+async def test_an_http10_request_without_host_claims_no_forwarded_host(
+        backends: Backends, start_proxy) -> None:
+    """aiohttp takes the listen address for the host of a request that names none: it must
+    not reach the backend as the host the client asked for."""
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.worker.listen_port)
+    writer.write(b"GET /echo HTTP/1.0\r\n\r\n")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    sent = json.loads(body)["headers"]
+    assert "X-Forwarded-Host" not in sent
+    assert sent["Host"] == urls["a"].removeprefix("http://")  # the backend's own authority
+
+
 async def test_slow_drip_headers_hit_the_per_try_timeout(start_proxy, client) -> None:
     async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")

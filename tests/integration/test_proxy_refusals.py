@@ -36,6 +36,7 @@ async def exchange(port: int, raw: bytes) -> bytes:
     (b"GET /echo HTTP/1.1\r\nHost: a@b\r\n\r\n", 400, b"bad_request"),
     (b"GET /echo HTTP/1.1\r\nHost: [::1\r\n\r\n", 400, b"bad_request"),
     (b"GET /echo HTTP/1.1\r\nHost: a:99999\r\n\r\n", 400, b"bad_request"),
+    (b"GET /echo HTTP/1.1\r\nX-Host: a\r\n\r\n", 400, b"bad_request"),  # RFC 9112 §3.2
 ])
 async def test_refused_with_a_reason_and_the_connection_closed(
         backends: Backends, start_proxy, raw: bytes, status: int, reason: bytes) -> None:
