@@ -228,6 +228,23 @@ def _run_schedule(fleet: Fleet, schedule: list[tuple[float, str, str]], origin: 
             fleet.restart(b)
 
 
+def failures(rec: loadgen.Records) -> dict[str, int]:
+    """Failed requests by cause: the proxy's reason header when it answered itself, else
+    the client's error kind, else the status."""
+    out: dict[str, int] = dict(rec.meta.get("proxy_errors", {}))
+    failed = ~rec.ok
+    for code, name in loadgen.ERROR_NAMES.items():
+        n = int((failed & (rec.error == code)).sum()) if name else 0
+        if n:
+            out[name] = n
+    # 5xx answers that did not come from the proxy (a backend's own, passed on).
+    passed_on = int((failed & (rec.error == loadgen.ERR_NONE)).sum()) - sum(
+        rec.meta.get("proxy_errors", {}).values())
+    if passed_on > 0:
+        out["backend_5xx"] = passed_on
+    return out
+
+
 def summarise(case: Case, config_name: str, seed: int, rec: loadgen.Records, poller: _Poller,
               schedule: list[tuple[float, str, str]]) -> dict[str, Any]:
     ok = rec.ok
@@ -237,6 +254,8 @@ def summarise(case: Case, config_name: str, seed: int, rec: loadgen.Records, pol
         "case": case.name, "config": config_name, "seed": seed, "rate_rps": round(case.rate_rps),
         "duration_s": case.duration_s, "requests": len(rec),
         "failed_requests": int((~ok).sum()),
+        "failures": failures(rec),
+        "proxy_error_examples": rec.meta.get("proxy_error_examples", []),
         "ejections": len(ejections),
         "suspect_transitions": len(suspects),
         "poll_errors": poller.errors,
@@ -278,12 +297,21 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if case == "healthy":
             row["false_ejections"] = sum(r["false_ejections"] for r in rs)
         row["failed_requests"] = sum(r["failed_requests"] for r in rs)
+        causes: dict[str, int] = {}
+        for r in rs:
+            for cause, n in r.get("failures", {}).items():
+                causes[cause] = causes.get(cause, 0) + n
+        row["failures"] = causes
         row["requests"] = sum(r["requests"] for r in rs)
         rows.append(row)
     return rows
 
 
 CASE_ORDER = ("slow", "fail", "flap", "healthy", "kill")
+
+
+def _causes(failures: dict[str, int]) -> str:
+    return f" ({', '.join(f'{c} {n}' for c, n in sorted(failures.items()))})" if failures else ""
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -297,7 +325,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['case']} | {r['config']} | {r['runs']} | {r['rate_rps']} | "
                      f"{r['duration_s']:g} | {g('detected')} | {g('delay_median_s')} | "
                      f"{g('delay_max_s')} | {g('other_ejections')} | {g('false_ejections')} | "
-                     f"{r['failed_requests']} / {r['requests']} |")
+                     f"{r['failed_requests']} / {r['requests']}{_causes(r['failures'])} |")
     return "\n".join(lines)
 
 
@@ -324,9 +352,10 @@ def run_bench(*, which: Sequence[str], configs: Sequence[str], seeds: Sequence[i
                     r = {"case": name, "config": config, "seed": seed, "error": str(exc)[:2000]}
                     progress(f"  {name} {config} seed={seed}: FAILED {exc}")
                 else:
+                    causes = f" {r['failures']}" if r["failures"] else ""
                     progress(f"  {name} {config} seed={seed}: delay={r.get('detection_delay_s')} "
                              f"ejections={r['ejections']} failed={r['failed_requests']}/"
-                             f"{r['requests']} ({time.monotonic() - started:.0f} s)")
+                             f"{r['requests']}{causes} ({time.monotonic() - started:.0f} s)")
                 results.append(r)
                 (out_dir / "health_results.json").write_text(json.dumps(results, indent=1))
     return results

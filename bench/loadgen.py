@@ -37,6 +37,11 @@ import numpy as np
 
 BACKEND_HEADER = "x-backend-id"
 PROXY_BACKEND_HEADER = "x-foretell-backend"
+# The reason on an answer the proxy gave itself (proxy/errors.py); its 5xx are counted
+# by reason in the records' meta.
+PROXY_ERROR_HEADER = "x-foretell-error"
+# Bodies of the proxy's own answers kept per run (its detail says which tries failed how).
+_ERROR_EXAMPLES_MAX = 5
 
 # Error codes in the `error` column.
 ERR_NONE = 0
@@ -204,6 +209,13 @@ class _Collector:
         self.backend: list[int] = []
         self.route: list[int] = []
         self.backend_index: dict[str, int] = {}
+        self.proxy_errors: dict[str, int] = {}
+        self.proxy_error_examples: list[str] = []
+
+    def add_proxy_error(self, reason: str, body: bytes) -> None:
+        self.proxy_errors[reason] = self.proxy_errors.get(reason, 0) + 1
+        if len(self.proxy_error_examples) < _ERROR_EXAMPLES_MAX:
+            self.proxy_error_examples.append(body[:300].decode(errors="replace").strip())
 
     def add(self, intended: float, latency: float, lag: float, status: int, error: int,
             backend: str | None, route: int) -> None:
@@ -232,7 +244,9 @@ class _Collector:
             backend=np.asarray(self.backend, dtype=np.int16)[order],
             route=np.asarray(self.route, dtype=np.int16)[order],
             backend_ids=list(self.backend_index),
-            routes=[r.path for r in spec.routes], mode=spec.mode, meta=meta)
+            routes=[r.path for r in spec.routes], mode=spec.mode,
+            meta={**meta, "proxy_errors": self.proxy_errors,
+                  "proxy_error_examples": self.proxy_error_examples})
 
 
 async def run(spec: LoadSpec) -> Records:
@@ -263,10 +277,13 @@ async def run(spec: LoadSpec) -> Records:
                 async with asyncio.timeout(max(0.0, intended_abs + deadline_s - sent)):
                     async with session.request(route.method, urls[ri], data=bodies[ri],
                                                headers=headers) as resp:
-                        await resp.read()
+                        body = await resp.read()
                         status = resp.status
                         backend = resp.headers.get(BACKEND_HEADER) or resp.headers.get(
                             PROXY_BACKEND_HEADER)
+                        reason = resp.headers.get(PROXY_ERROR_HEADER)
+                        if reason is not None and status >= 500:
+                            col.add_proxy_error(reason, body)
                 latency = time.monotonic() - latency_from
             except TimeoutError:
                 err, latency = ERR_DEADLINE, intended_abs + deadline_s - latency_from

@@ -125,3 +125,47 @@ async def test_deadline_counts_as_failure_at_the_deadline() -> None:
     assert np.all(rec.error[rec.intended_s < 0.19] == ERR_NONE)
     # Bounded: the run ends by the last deadline, not when the stall ends.
     assert elapsed < (origin - t0) + 0.6 + 0.3 + 0.5
+
+
+async def test_failures_are_counted_by_the_proxys_reason() -> None:
+    """The proxy's own 5xx answers are counted by their x-foretell-error reason (its 404s
+    are not failures), with a few bodies kept; a backend's 5xx passed on is told apart."""
+    from aiohttp import web
+
+    from bench.health_bench import failures
+
+    answered = 0
+
+    async def answer(request: web.Request) -> web.Response:
+        nonlocal answered
+        answered += 1
+        if request.path == "/proxy":
+            return web.Response(status=503, text=f"503 no_healthy_backend: try {answered}",
+                                headers={"x-foretell-error": "no_healthy_backend"})
+        if request.path == "/missing":
+            return web.Response(status=404, headers={"x-foretell-error": "no_route"})
+        return web.Response(status=500 if request.path == "/backend" else 200)
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    (port,) = free_ports(1)
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        spec = LoadSpec(url=f"http://127.0.0.1:{port}", rate_rps=200.0, duration_s=0.5,
+                        schedule="constant", deadline_s=1.0,
+                        routes=(RouteMix("/proxy"), RouteMix("/missing"), RouteMix("/backend"),
+                                RouteMix("/ok")))
+        rec = await run(spec)
+    finally:
+        await runner.cleanup()
+    routes = np.asarray(rec.routes)[rec.route]
+    n_proxy = int((routes == "/proxy").sum())
+    n_backend = int((routes == "/backend").sum())
+    assert n_proxy > 5 and n_backend > 5
+    assert rec.meta["proxy_errors"] == {"no_healthy_backend": n_proxy}
+    examples = rec.meta["proxy_error_examples"]
+    assert len(examples) == 5 and all(e.startswith("503 no_healthy_backend: try ") for e in examples)
+    assert failures(rec) == {"no_healthy_backend": n_proxy, "backend_5xx": n_backend}
