@@ -2,7 +2,8 @@
 
 A `Runtime` is built whole and swapped whole on reload; a request keeps
 using the runtime it started with. Clusters keep their backend state across
-reloads when a backend's identity is unchanged.
+reloads when a backend's identity is unchanged (health, inflight, latency
+estimates: a new `ewma_decay_s` applies to them as they are).
 """
 
 from __future__ import annotations
@@ -124,37 +125,37 @@ async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[],
     config = loaded.config
     old = previous.clusters if previous else {}
     started: list[Any] = []
-    prepared: dict[str, tuple[ClusterRuntime | None, bool, Upstream, Policy]] = {}
+    prepared: dict[str, tuple[ClusterRuntime | None, Upstream, Policy]] = {}
     try:
         for name, spec in config.clusters.items():
             prev = old.get(name)
-            keep_cluster = prev is not None and prev.spec.ewma_decay_s == spec.ewma_decay_s
             if prev is not None and prev.spec.tls == spec.tls:
                 upstream = prev.upstream
             else:
                 upstream = new_upstream(spec.tls)
                 started.append(upstream)
-            if prev is not None and keep_cluster and prev.spec.policy == spec.policy:
+            if prev is not None and prev.spec.policy == spec.policy:
                 policy = prev.policy
             else:
                 ctx = PolicyContext(clock=clock, rng=random.Random(seed), cluster=name,
                                     route_classes=tuple(config.route_classes()))
                 policy = registry.create(spec.policy.kind, loaded.policy_options[name], ctx)
-            prepared[name] = (prev, keep_cluster, upstream, policy)
+            prepared[name] = (prev, upstream, policy)
     except BaseException:
         await retire(started)
         raise
     clusters: dict[str, ClusterRuntime] = {}
     retired = Retired()
     for name, spec in config.clusters.items():
-        prev, keep_cluster, upstream, policy = prepared[name]
-        if prev is not None and keep_cluster:
+        prev, upstream, policy = prepared[name]
+        if prev is not None:
             cluster = prev.cluster
+            cluster.set_decay_s(spec.ewma_decay_s)
             cluster.set_backends(backends_of(spec))
         else:
             cluster = Cluster(name, backends_of(spec), clock=clock, decay_s=spec.ewma_decay_s)
         cluster.panic_routing = spec.panic_routing
-        if prev is not None and prev.cluster is cluster and prev.spec.health == spec.health \
+        if prev is not None and prev.spec.health == spec.health \
                 and prev.spec.backends == spec.backends and prev.spec.tls == spec.tls:
             checker = prev.checker
         else:

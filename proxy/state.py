@@ -344,6 +344,12 @@ class Cluster:
         self.states = fresh
         self._rebuild_ready()
 
+    def set_decay_s(self, decay_s: float) -> None:
+        """A new EWMA time constant for every backend, keeping what each has measured."""
+        self._decay_s = decay_s
+        for state in self.states.values():
+            state.ewma.decay_s = decay_s
+
     @property
     def backends(self) -> tuple[Backend, ...]:
         return tuple(s.backend for s in self.states.values())

@@ -173,7 +173,7 @@ async def test_long_download_survives_a_reload(backends: Backends, start_proxy) 
         task = asyncio.create_task(download())
         await asyncio.sleep(0.3)
         current = yaml.safe_load(proxy.worker.config_path.read_text())
-        # A new decay time gives the cluster new state and TLS-free session reuse.
+        # A new cluster spec (a new decay time), the same backends: the download goes on.
         current["clusters"] = {"default": {"backends": current.pop("backends"),
                                            "health": current.pop("health"), "ewma_decay_s": 3.0,
                                            "policy": current.pop("policy")}}
@@ -206,6 +206,29 @@ async def test_reload_stops_the_old_health_checker_at_once(backends: Backends, s
     assert await proxy.worker.reload()
     assert proxy.worker.proxy.runtime.clusters["default"].checker is not old_checker
     assert old_checker._stopped
+
+
+async def test_a_new_ewma_decay_keeps_what_the_cluster_knows(backends: Backends, start_proxy,
+                                                           client) -> None:
+    """Reloading with another ewma_decay_s keeps each backend's state and the health
+    checker (its ejections with it: before, a dead, ejected backend showed healthy until
+    probes failed again), and applies the new time constant to the kept estimates."""
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls))
+    before = proxy.worker.proxy.runtime.clusters["default"]
+    for _ in range(3):
+        async with client.get(proxy.url + "/echo") as resp:
+            assert resp.status == 200
+    state = before.cluster.get("a")
+    cfg = yaml.safe_load(proxy.worker.config_path.read_text())
+    cfg["clusters"] = {"default": {"backends": cfg.pop("backends"), "health": cfg.pop("health"),
+                                   "ewma_decay_s": 3.0, "policy": cfg.pop("policy")}}
+    write_config(proxy.worker.config_path, cfg)
+    assert await proxy.worker.reload()
+    after = proxy.worker.proxy.runtime.clusters["default"]
+    assert after.cluster.get("a") is state and state.requests == 3
+    assert state.ewma.decay_s == 3.0
+    assert after.checker is before.checker and after.policy is before.policy
 
 
 async def test_websocket_bad_handshake_opens_nothing_upstream(backends: Backends, start_proxy,
