@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
@@ -35,6 +36,39 @@ def listen_ssl(config: Config) -> ssl.SSLContext | None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     return ctx
+
+
+# What a running worker cannot change: its sockets, its HTTP parser's limits and
+# timers, and the writers it started with. (section, fields; None: all of them)
+_RESTART_ONLY: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("listen", ("host", "port", "backlog")),
+    ("admin", None),
+    ("limits", ("max_header_bytes", "max_header_count")),
+    ("timeouts", ("client_header_s", "client_idle_s", "drain_s")),
+    ("access_log", None),
+    ("telemetry", None),
+    ("forecast", None),
+)
+
+
+def held_for_restart(new: Config, running: Config) -> tuple[Config, list[str]]:
+    """`new` with what a running worker cannot change put back as it runs, and those
+    changes ("path: running -> new"), so the config in effect is the one /config shows."""
+    held: list[str] = []
+    updates: dict[str, Any] = {}
+    if new.workers != running.workers:
+        held.append(f"workers: {running.workers} -> {new.workers}")
+        updates["workers"] = running.workers
+    for section, names in _RESTART_ONLY:
+        new_part, old_part = getattr(new, section), getattr(running, section)
+        kept = {n: getattr(old_part, n) for n in names or type(old_part).model_fields
+                if getattr(new_part, n) != getattr(old_part, n)}
+        if section == "listen" and (new_part.tls is None) != (old_part.tls is None):
+            kept["tls"] = old_part.tls  # switching TLS on or off; new files for it reload
+        held += [f"{section}.{n}: {v!r} -> {getattr(new_part, n)!r}" for n, v in kept.items()]
+        if kept:
+            updates[section] = new_part.model_copy(update=kept)
+    return (new.model_copy(update=updates) if updates else new), held
 
 
 class Worker:
@@ -148,10 +182,12 @@ class Worker:
         proxy = self._get_proxy()
         try:
             loaded = load(self.config_path)
-            old = proxy.runtime.config
-            if _restart_only(loaded.config) != _restart_only(old):
-                log.warning("reload: listen, admin, workers, client limits and timeouts, access log "
-                            "and telemetry changes need a restart; applying the rest")
+            effective, held = held_for_restart(loaded.config, proxy.runtime.config)
+            if held:
+                log.warning("reload: not applied until a restart (the rest is): %s",
+                            "; ".join(held))
+                loaded = dataclasses.replace(loaded, config=effective)
+            self._check_tls(loaded)
             new_rt, retired = await runtime.build(loaded, proxy.runtime)
         except ConfigError as exc:
             metrics.CONFIG_RELOADS.labels("invalid").inc()
@@ -173,15 +209,28 @@ class Worker:
             self._spawn(self._close_when_idle(old_rt, retired.upstreams))
         return True
 
+    def _check_tls(self, loaded: Loaded) -> None:
+        """Load the listener's certificate and key into a scratch context first: loading a
+        pair that does not match into the live one would leave it with no usable key."""
+        tls = loaded.config.listen.tls
+        if tls is None or self._ssl is None:
+            return
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                str(tls.cert_file), str(tls.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{loaded.source}: invalid config\n  listen.tls: cannot load "
+                              f"{tls.cert_file} with {tls.key_file}: {exc}") from None
+
     def _reload_tls(self, config: Config) -> None:
         tls = config.listen.tls
         if tls is None or self._ssl is None:
             return
         try:
             self._ssl.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        except (OSError, ssl.SSLError) as exc:
-            log.error("reload: keeping the old TLS certificate, cannot load %s / %s: %s",
-                      tls.cert_file, tls.key_file, exc)
+        except (OSError, ssl.SSLError) as exc:  # replaced since _check_tls, a moment ago
+            log.error("reload: the TLS files changed while being loaded, handshakes may fail "
+                      "until the next reload: %s / %s: %s", tls.cert_file, tls.key_file, exc)
 
     async def _close_when_idle(self, old: runtime.Runtime, upstreams: list[Any]) -> None:
         """Close a replaced runtime's upstream pools once the requests that started on it are done."""
@@ -213,12 +262,6 @@ class Worker:
                 self.proxy.access_log.close()
         for extra in self._extras:
             await extra.stop()
-
-
-def _restart_only(config: Config) -> tuple[Any, ...]:
-    """Settings a running worker cannot change (its sockets and process count)."""
-    listen = config.listen
-    return (listen.host, listen.port, listen.tls is None, config.admin, config.workers)
 
 
 def _bound_port(site: web.TCPSite) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import aiohttp
@@ -229,6 +230,30 @@ async def test_a_new_ewma_decay_keeps_what_the_cluster_knows(backends: Backends,
     assert after.cluster.get("a") is state and state.requests == 3
     assert state.ewma.decay_s == 3.0
     assert after.checker is before.checker and after.policy is before.policy
+
+
+async def test_a_reload_applies_what_it_can_and_the_config_in_effect_says_what_it_held(
+        backends: Backends, start_proxy, caplog: pytest.LogCaptureFixture) -> None:
+    """Listen address and parser limits stay as the worker runs them until a restart: the
+    config in effect (/config, and the baseline of the next reload) keeps them, the log
+    names them, and the rest of the file applies."""
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls))
+    cfg = yaml.safe_load(proxy.worker.config_path.read_text())
+    changed = {**cfg, "listen": {"host": "127.0.0.1", "port": 1},
+               "limits": {"max_header_count": 5}, "retries": {"attempts": 1}}
+    write_config(proxy.worker.config_path, changed)
+    with caplog.at_level(logging.WARNING, logger="foretell.worker"):
+        assert await proxy.worker.reload()
+    running = proxy.worker.proxy.runtime.config
+    assert (running.listen.port, running.limits.max_header_count) == (0, 100)
+    assert running.retries.attempts == 1
+    assert "listen.port: 0 -> 1" in caplog.text and "limits.max_header_count: 100 -> 5" in caplog.text
+    caplog.clear()
+    write_config(proxy.worker.config_path, {**cfg, "retries": {"attempts": 1}})
+    with caplog.at_level(logging.WARNING, logger="foretell.worker"):
+        assert await proxy.worker.reload()
+    assert "not applied" not in caplog.text  # back to what runs: nothing held
 
 
 async def test_websocket_bad_handshake_opens_nothing_upstream(backends: Backends, start_proxy,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import trustme
@@ -34,6 +35,16 @@ def _write_cert(tmp_path: Path, ca: trustme.CA, tag: str) -> tuple[Path, Path]:
         extra.write_to_path(str(cert_file), append=True)
     cert.private_key_pem.write_to_path(str(key_file))
     return cert_file, key_file
+
+
+async def _https_proxy(backends: Backends, start_proxy: Any, tmp_path: Path,
+                       ca: trustme.CA) -> tuple[Any, Path, Path]:
+    """A proxy with an HTTPS listener in front of backend "a", and its certificate files."""
+    urls = {"a": await backends.start("a")}
+    cert_file, key_file = _write_cert(tmp_path, ca, "first")
+    proxy = await start_proxy(proxy_config(urls, listen={
+        "host": "127.0.0.1", "port": 0, "tls": {"cert_file": str(cert_file), "key_file": str(key_file)}}))
+    return proxy, cert_file, key_file
 
 
 async def _peer_cert(port: int, ca: trustme.CA) -> bytes:
@@ -69,11 +80,8 @@ async def test_https_backend_verified_with_private_ca(backends: Backends, start_
 
 async def test_https_listener_and_certificate_reload(backends: Backends, start_proxy,
                                                      tmp_path: Path) -> None:
-    urls = {"a": await backends.start("a")}
     ca = trustme.CA()
-    cert_file, key_file = _write_cert(tmp_path, ca, "first")
-    proxy = await start_proxy(proxy_config(urls, listen={
-        "host": "127.0.0.1", "port": 0, "tls": {"cert_file": str(cert_file), "key_file": str(key_file)}}))
+    proxy, cert_file, key_file = await _https_proxy(backends, start_proxy, tmp_path, ca)
     port = proxy.worker.listen_port
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
@@ -94,3 +102,17 @@ async def test_https_listener_and_certificate_reload(backends: Backends, start_p
     write_config(proxy.worker.config_path, {"listen": "bad"})
     assert not await proxy.worker.reload()
     assert await _peer_cert(port, ca) == after
+
+
+async def test_a_certificate_that_does_not_match_its_key_is_refused_and_the_old_pair_serves(
+        backends: Backends, start_proxy, tmp_path: Path) -> None:
+    """OpenSSL installs a new certificate and then drops the old key that does not match
+    it: loaded into the live context, a mismatched pair left every handshake failing."""
+    ca = trustme.CA()
+    proxy, cert_file, _ = await _https_proxy(backends, start_proxy, tmp_path, ca)
+    port = proxy.worker.listen_port
+    before = await _peer_cert(port, ca)
+    other_cert, _ = _write_cert(tmp_path, ca, "second")
+    cert_file.write_bytes(other_cert.read_bytes())  # the key stays the first one's
+    assert not await proxy.worker.reload()
+    assert await _peer_cert(port, ca) == before
