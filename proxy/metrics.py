@@ -38,7 +38,8 @@ ERRORS = Counter("foretell_errors", "Requests the proxy answered itself with an 
 PICKS = Counter("foretell_policy_picks", "Backend choices by policy", ["cluster", "policy"])
 ACTIVE_REQUESTS = Gauge("foretell_active_requests", "Client requests in progress",
                         multiprocess_mode="livesum")
-CONFIG_RELOADS = Counter("foretell_config_reloads", "Config reload attempts by result", ["result"])
+CONFIG_RELOADS = Counter("foretell_config_reloads",
+                         "Config reload attempts by result (each worker counts its own)", ["result"])
 CLUSTER_PANIC = Gauge("foretell_cluster_panic",
                       "1 when no backend is healthy and the cluster routes to all of them",
                       ["cluster"], multiprocess_mode="max")
