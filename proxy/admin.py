@@ -91,7 +91,10 @@ def backends_snapshot(proxy: Proxy) -> dict[str, Any]:
             }
             entry["detectors"] = cr.checker.describe(state.id)
             entries.append(entry)
-        clusters[name] = {"policy": cr.policy_name, "panic": cr.cluster.panic, "backends": entries}
+        # Two panics: "panic", nothing is ready and every backend gets traffic (Envoy's);
+        # "health_panic", the checker holds back ejections that would leave too few ready.
+        clusters[name] = {"policy": cr.policy_name, "panic": cr.cluster.panic,
+                          "health_panic": cr.checker.panic, "backends": entries}
         # A learned policy says what it predicts and why it picks (onnx_latency: per
         # request class and backend, the terms of each score).
         describe = getattr(cr.policy, "describe", None)

@@ -328,6 +328,8 @@ async def test_admin_endpoints(backends: Backends, start_proxy, client) -> None:
     assert entries["a"]["requests"] == 2 and entries["b"]["requests"] == 2
     assert entries["a"]["reported_load"] == 0.42
     assert {"id", "url", "health", "inflight", "ewma_ms", "requests", "errors"} <= set(entries["a"])
+    assert snapshot["clusters"]["default"]["panic"] is False
+    assert snapshot["clusters"]["default"]["health_panic"] is False
     async with client.get(proxy.admin_url + "/metrics") as resp:
         text = await resp.text()
     assert 'foretell_upstream_requests_total{backend="a",cluster="default",code_class="2xx"}' in text
