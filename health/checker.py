@@ -161,6 +161,8 @@ class HealthChecker:
         if self._wake is not None:
             return
         self._wake = asyncio.Event()
+        # This checker starts out of panic: a replaced one may have left the gauge at 1.
+        metrics.panic.labels(self.cluster.name).set(0.0)
         self._sync_members()
         self._tasks["\0evaluate"] = asyncio.create_task(self._evaluate_loop(),
                                                          name=f"health {self.cluster.name}")
@@ -260,8 +262,11 @@ class HealthChecker:
             statuses.append(BackendStatus(backend_id, record.ejected, record.eject_until,
                                           tracker.up if active.enabled else None,
                                           tuple(findings)))
-        plan = decide(statuses, now, self.config.ejection.max_ejection_percent,
-                      self.config.ejection.panic_threshold_percent)
+        # A cluster told not to route to all with nothing ready (panic_routing: false)
+        # does not panic here either: its ejections apply and it answers 503.
+        threshold = self.config.ejection.panic_threshold_percent if self.cluster.panic_routing \
+            else 0.0
+        plan = decide(statuses, now, self.config.ejection.max_ejection_percent, threshold)
         self._apply(plan, statuses, now)
         return plan
 

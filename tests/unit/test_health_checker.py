@@ -20,6 +20,13 @@ def make(n: int, clock: Clock, **cfg: object) -> tuple[Cluster, HealthChecker]:
     return cluster, HealthChecker(cluster, config, clock=clock, rng=random.Random(1))
 
 
+def probes_fail(hc: HealthChecker, *backend_ids: str) -> None:
+    """Three refused probes each: down (fall 3)."""
+    for b in backend_ids:
+        for _ in range(3):
+            hc.on_probe(b, ProbeResult(False, 1.0, 0, "connect error: refused"))
+
+
 def send(cluster: Cluster, backend_id: str, outcome: Outcome, times: int = 1) -> None:
     for _ in range(times):
         with cluster.track(cluster.get(backend_id)) as t:
@@ -94,6 +101,18 @@ def test_unreachable_backend_returns_as_soon_as_probes_pass() -> None:
     assert cluster.get("b0").health is Health.HEALTHY
 
 
+def test_without_panic_routing_the_checker_does_not_panic_either() -> None:
+    """panic_routing: false asks for a 503 when nothing is ready; the checker's own panic
+    (keep everyone serving) would have routed to the dead backend for good."""
+    clock = Clock()
+    cluster, hc = make(1, clock)
+    cluster.panic_routing = False
+    probes_fail(hc, "b0")
+    hc.evaluate()
+    assert not hc.panic
+    assert cluster.get("b0").health is Health.EJECTED and cluster.ready() == ()
+
+
 def test_max_ejection_percent_holds_back_and_counts_detected() -> None:
     clock = Clock()
     cluster, hc = make(8, clock, ejection={"max_ejection_percent": 50.0})
@@ -111,9 +130,7 @@ def test_max_ejection_percent_holds_back_and_counts_detected() -> None:
 def test_panic_when_probes_fail_for_most_backends() -> None:
     clock = Clock()
     cluster, hc = make(4, clock)
-    for b in ("b0", "b1", "b2"):
-        for _ in range(3):
-            hc.on_probe(b, ProbeResult(False, 1.0, 0, "connect error: refused"))
+    probes_fail(hc, "b0", "b1", "b2")
     hc.evaluate()
     assert hc.panic
     assert len(cluster.ready()) == 4
@@ -238,3 +255,18 @@ def test_request_waiting_on_a_starved_slow_backend_ejects_it_when_past_the_limit
             "fleet median p50 10.0 ms (>= 4.0x): 10, 60, 60, 60, 81+ ms")
         t.finish(ok(0.5))
     assert [s.id for s in cluster.states.values() if s.health is not Health.HEALTHY] == ["b0"]
+
+
+async def test_a_new_checker_clears_the_panic_gauge_its_predecessor_left() -> None:
+    from prometheus_client import REGISTRY
+
+    clock = Clock()
+    cluster, old = make(4, clock)
+    probes_fail(old, "b0", "b1", "b2")
+    old.evaluate()
+    assert REGISTRY.get_sample_value("foretell_health_panic", {"cluster": "c"}) == 1.0
+    new = HealthChecker(cluster, HealthConfig(), clock=clock, rng=random.Random(1))
+    await new.start()
+    await old.stop()
+    assert REGISTRY.get_sample_value("foretell_health_panic", {"cluster": "c"}) == 0.0
+    await new.stop()
