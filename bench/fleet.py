@@ -480,6 +480,11 @@ class Fleet:
         return {bid: p.pid for bid, p in self._procs.items()}
 
     def _spawn(self, spec: SimBackend) -> subprocess.Popen[bytes]:
+        # Readiness is "the port accepts": a port another process already listens on
+        # would pass for this backend (and its bind fail unseen).
+        if port_accepts(spec.host, spec.port):
+            raise FleetError(f"backend {spec.id}: {spec.host}:{spec.port} is already in use "
+                             f"by another process")
         cmd = [sys.executable, "-m", "bench.fleet", "--spec", json.dumps(spec.to_json()),
                "--parent-pid", str(os.getpid())]
         if self.origin_s is not None:

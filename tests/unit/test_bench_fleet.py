@@ -95,6 +95,19 @@ def test_fleet_rejects_duplicate_ids() -> None:
         Fleet([SimBackend(id="a", port=1), SimBackend(id="a", port=2)])
 
 
+def test_fleet_refuses_a_port_another_process_listens_on() -> None:
+    """Else that process passes for the backend: the demo routed to a foreign server."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        fleet = Fleet([SimBackend(id="a", port=port)], max_lifetime_s=30)
+        with pytest.raises(FleetError, match=f"backend a: 127.0.0.1:{port} is already in use"):
+            fleet.start()
+
+
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, float, dict[str, str]]:
     t0 = time.monotonic()
     async with session.get(url) as r:
