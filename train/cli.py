@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -131,6 +132,12 @@ def _forecast(args: argparse.Namespace) -> int:
     progress(f"Load(t) = {coef.a:.3f} + {coef.b:.4f}*R(t-1) + {coef.c:.4f}*R(t-2); "
              f"validation MAE {m.get('validation_mae_requests', float('nan')):.2f} requests "
              f"(persistence {m.get('persistence_mae_requests', float('nan')):.2f})")
+    if not m.get("validation_mae_requests", math.inf) < m.get("persistence_mae_requests", 0.0) \
+            and not args.force:
+        print("foretell train forecast: refusing to write: the fit is not better than the "
+              "persistence forecast R(t) = R(t-1) on the validation intervals "
+              "(pass --force to write it anyway)", file=sys.stderr)
+        return EXIT_FAILED
     atomic_write(Path(args.out), (json.dumps(coef.to_json(), indent=2) + "\n").encode())
     progress(f"wrote {args.out}")
     return EXIT_OK
@@ -190,6 +197,9 @@ def add_forecast(sub: Any) -> None:
                    help="interval length; must match forecast.interval_s (default: %(default)s)")
     p.add_argument("--validation-fraction", type=float, default=0.2)
     p.add_argument("--out", default="models/forecast.json")
+    p.add_argument("--force", action="store_true",
+                   help="write the coefficients even if they are not better than the "
+                        "persistence forecast")
     p.set_defaults(func=_forecast)
 
 

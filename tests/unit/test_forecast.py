@@ -50,6 +50,19 @@ def test_cli_writes_coefficients_the_proxy_reads(tmp_path: Path) -> None:
     assert coef.interval_s == 5.0 and coef.b == pytest.approx(0.5, abs=0.1)
 
 
+def test_cli_refuses_a_fit_no_better_than_persistence(tmp_path: Path) -> None:
+    """Flat counts through the training intervals, then a step: the fit does no better
+    than carrying the last count forward (persistence) on the validation intervals, so
+    nothing is written; like train latency against its EWMA, --force overrides."""
+    counts = tmp_path / "counts.csv"
+    rows = [100.0] * 40 + [1000.0] * 10  # the fit learns "flat", validation jumps
+    counts.write_text("".join(f"{i * 5.0:.1f},{v:.0f}\n" for i, v in enumerate(rows)))
+    out = tmp_path / "forecast.json"
+    args = ["forecast", "--counts", str(counts), "--interval-s", "5", "--out", str(out)]
+    assert train_main(args) == 1 and not out.exists()
+    assert train_main([*args, "--force"]) == 0 and out.exists()
+
+
 def test_forecaster_gauges_and_replicas(tmp_path: Path) -> None:
     path = tmp_path / "f.json"
     path.write_text(json.dumps({"format": "foretell-forecast", "version": 1, "interval_s": 10.0,
