@@ -68,8 +68,12 @@ async def _traffic(base_url: str, admin_url: str, stop: asyncio.Event, rate_rps:
     async with aiohttp.ClientSession() as session:
         last_report = time.monotonic()
         sent = failed = 0
+        next_at = time.monotonic()
         while not stop.is_set():
             path = rng.choice(DEMO_PATHS)
+            # Paced by start times, so the rate holds whatever the answers take (one at a
+            # time: after an answer slower than the gap, the next go at once until on time).
+            next_at += rng.expovariate(rate_rps)
             try:
                 async with session.get(base_url + path) as resp:
                     await resp.read()
@@ -78,7 +82,7 @@ async def _traffic(base_url: str, admin_url: str, stop: asyncio.Event, rate_rps:
                 failed += 1
             sent += 1
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), rng.expovariate(rate_rps))
+                await asyncio.wait_for(stop.wait(), max(0.0, next_at - time.monotonic()))
             if time.monotonic() - last_report >= REPORT_EVERY_S:
                 last_report = time.monotonic()
                 await _print_backends(session, admin_url, sent, failed)
@@ -109,7 +113,7 @@ def run_demo(config_path: str | Path, duration_s: float | None = None,
     except (ConfigError, DemoError) as exc:
         print(exc, file=sys.stderr)
         return 2
-    from bench.fleet import Fleet, demo_fleet
+    from bench.fleet import Fleet, FleetError, demo_fleet
 
     sims = [dataclasses.replace(sim, id=backend_id)
             for sim, (backend_id, _) in zip(demo_fleet([p for _, p in ports]), ports, strict=True)]
@@ -118,13 +122,19 @@ def run_demo(config_path: str | Path, duration_s: float | None = None,
     scheme = "https" if config.listen.tls else "http"
     base_url = f"{scheme}://{host}:{config.listen.port}"
     admin_url = f"http://{config.admin.host}:{config.admin.port}"
-    with Fleet(sims, max_lifetime_s=duration_s + 30 if duration_s else 7 * 24 * 3600) as fleet:
+    fleet = Fleet(sims, max_lifetime_s=duration_s + 30 if duration_s else 7 * 24 * 3600)
+    try:
+        fleet.start()
+    except FleetError as exc:  # a port taken, a backend that would not start
+        print(f"demo fleet: {exc}", file=sys.stderr)
+        return 1
+    try:
         print(f"fleet: {', '.join(f'{s.id} on :{s.port} (x{s.speed:g} speed)' for s in fleet)}")
         proxy = subprocess.Popen([sys.executable, "-m", "proxy", "--config", str(config_path)])
         try:
             _wait_http(admin_url + "/ready", START_TIMEOUT_S, proxy)
             print(f"\nForetell is routing on {base_url}  (admin: {admin_url})\n"
-                  f"  try:  curl -i {base_url}/search?q=hello\n"
+                  f"  try:  curl -i '{base_url}/search?q=hello'\n"
                   f"        curl {admin_url}/backends\n"
                   f"        curl {admin_url}/metrics\n"
                   f"sending ~{rate_rps:g} requests/s of demo traffic; Ctrl-C stops everything.")
@@ -140,7 +150,9 @@ def run_demo(config_path: str | Path, duration_s: float | None = None,
                 except subprocess.TimeoutExpired:
                     proxy.kill()
                     proxy.wait()
-            print("demo stopped: proxy and fleet are down.")
+    finally:
+        fleet.stop()
+        print("demo stopped: proxy and fleet are down.")
 
 
 def _run_traffic(base_url: str, admin_url: str, duration_s: float | None, rate_rps: float,

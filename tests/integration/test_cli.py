@@ -51,15 +51,34 @@ def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     assert "nope.yaml: cannot read" in done.stderr
 
 
-def test_demo_routes_traffic_and_stops_by_itself(tmp_path: Path) -> None:
-    config = (ROOT / "config.yaml").read_text()
-    # Same fleet shape as the shipped config, on ports this test owns.
+def _demo_config(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    """The shipped config's fleet shape on ports this test owns, and those ports."""
     from tests.support import free_port
 
-    for old in ("8080", "9901", "9101", "9102", "9103", "9104"):
-        config = config.replace(old, str(free_port()))
+    config = (ROOT / "config.yaml").read_text()
+    ports = {old: free_port() for old in ("8080", "9901", "9101", "9102", "9103", "9104")}
+    for old, new in ports.items():
+        config = config.replace(old, str(new))
     path = tmp_path / "demo.yaml"
     path.write_text(config)
+    return path, ports
+
+
+def test_demo_refuses_a_fleet_port_another_process_listens_on(tmp_path: Path) -> None:
+    import socket
+
+    path, ports = _demo_config(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports["9102"]))
+        taken.listen()
+        done = _run("demo", "--config", str(path), "--duration-s", "3", timeout_s=60)
+    assert done.returncode == 1
+    assert f"backend sim-1: 127.0.0.1:{ports['9102']} is already in use" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_demo_routes_traffic_and_stops_by_itself(tmp_path: Path) -> None:
+    path, _ = _demo_config(tmp_path)
     done = _run("demo", "--config", str(path), "--duration-s", "7", timeout_s=90)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Foretell is routing on" in done.stdout
