@@ -55,11 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check-config", help="validate a config and print the effective one")
-    check.add_argument("config", nargs="?", default="config.yaml")
+    check.add_argument("config", nargs="?", default="config.yaml",
+                       help="config file (default: %(default)s)")
     check.set_defaults(func=_check_config)
 
     demo = sub.add_parser("demo", help="start a simulated backend fleet and the proxy in front of it")
-    demo.add_argument("--config", "-c", default="config.yaml")
+    demo.add_argument("--config", "-c", default="config.yaml",
+                      help="config file; the fleet takes its backend ports (default: %(default)s)")
     demo.add_argument("--duration-s", type=float, default=None,
                       help="stop by itself after this many seconds (default: run until Ctrl-C)")
     demo.set_defaults(func=_demo)

@@ -237,7 +237,8 @@ def main(argv: Sequence[str]) -> int:
                                      description="Offline training from Foretell telemetry.")
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND",
                         help="; ".join(f"{k}: {v[1]}" for k, v in sorted(COMMANDS.items())))
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
+                        help="the command's own arguments (foretell train COMMAND --help)")
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
