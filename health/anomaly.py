@@ -11,11 +11,14 @@ model is trained offline (`foretell train anomaly`, train/anomaly.py) and
 carries in its ONNX metadata the schema version, the feature names and the
 threshold chosen from training data; a model that does not match is refused.
 
-Never on the request path: `observe` only appends to a bounded deque.
+Never on the request path: `observe` only appends to a bounded deque. A changed
+model file is loaded in a thread (`check_reload`, called by the checker every
+`interval_s`) and swapped in whole; a file that fails to load leaves the old model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -226,8 +229,13 @@ class AnomalyDetector:
         self._streak.pop(backend_id, None)
         self.scores.pop(backend_id, None)
 
-    def maybe_reload(self) -> bool:
-        """Reload the model when its file changed; on failure log and keep the old one."""
+    async def check_reload(self) -> bool:
+        """Load the model file if it changed since the last look; True when a new model scores.
+
+        The load runs in a thread (a 400-tree forest takes ~1 s to build, which on the
+        event loop stalled every request); the old model scores until the new one is
+        swapped in, here on the loop, and stays when the load fails (logged).
+        """
         path = self.config.model_path
         if path is None:
             return False
@@ -236,11 +244,12 @@ class AnomalyDetector:
             return False
         self._model_mtime_ns = mtime
         try:
-            self.model = AnomalyModel(path)
+            model = await asyncio.to_thread(AnomalyModel, path)
         except AnomalyModelError as exc:
             log.error("anomaly model reload failed, keeping the previous model: %s", exc)
             return False
-        log.info("anomaly model reloaded from %s (threshold %.4f)", path, self.model.threshold)
+        self.model = model
+        log.info("anomaly model reloaded from %s (threshold %.4f)", path, model.threshold)
         return True
 
     def features(self, now: float) -> tuple[list[str], np.ndarray, dict[str, WindowStats]]:

@@ -164,6 +164,9 @@ class HealthChecker:
         self._sync_members()
         self._tasks["\0evaluate"] = asyncio.create_task(self._evaluate_loop(),
                                                          name=f"health {self.cluster.name}")
+        if self.anomaly is not None and self.anomaly.config.model_path is not None:
+            self._tasks["\0anomaly model"] = asyncio.create_task(
+                self._anomaly_reload_loop(), name=f"anomaly model {self.cluster.name}")
 
     async def stop(self) -> None:
         self._stopped = True
@@ -188,12 +191,21 @@ class HealthChecker:
             self._wake.clear()
             try:
                 self._sync_members()
-                if self.anomaly is not None:
-                    self.anomaly.maybe_reload()
                 self.evaluate()
             except Exception:  # a bug here must not silently stop health checking
                 log.exception("cluster %s: health evaluation failed", self.cluster.name)
             await asyncio.sleep(_MIN_EARLY_GAP_S)
+
+    async def _anomaly_reload_loop(self) -> None:
+        """Reload the anomaly model when its file changes, every anomaly `interval_s`, beside
+        the evaluations: they go on with the old model while the new one loads."""
+        assert self.anomaly is not None
+        while True:
+            await asyncio.sleep(self.anomaly.config.interval_s)
+            try:
+                await self.anomaly.check_reload()
+            except Exception:  # a bug here must not silently stop reloading
+                log.exception("cluster %s: anomaly model reload failed", self.cluster.name)
 
     async def _probe_loop(self, backend: Backend) -> None:
         assert self._prober is not None

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import random
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import health.anomaly
 from health.anomaly import (
     FEATURE_NAMES,
     SCHEMA_VERSION,
@@ -21,8 +25,9 @@ from health.anomaly import (
     fleet_features,
     load_feature_rows,
 )
+from health.base import Verdict
 from health.checker import HealthChecker
-from health.config import ActiveProbe, Anomaly, HealthConfig
+from health.config import ActiveProbe, Anomaly, Ejection, HealthConfig
 from proxy.state import Backend, Cluster, Health, Outcome
 from tests.unit.health_support import Clock
 from train.anomaly import fit_and_export
@@ -45,7 +50,7 @@ def simulate(det: AnomalyDetector, clock: Clock, rng: random.Random, seconds: fl
         det.evaluate(clock())
 
 
-def cluster_of(clock: Clock) -> Cluster:
+def cluster_of(clock: Callable[[], float]) -> Cluster:
     return Cluster("c", [Backend(f"b{i}", f"http://127.0.0.1:{9000 + i}")
                          for i in range(len(SPEEDS))], clock=clock)
 
@@ -179,7 +184,7 @@ def test_wrong_schema_refused(model_path: Path, tmp_path: Path) -> None:
         AnomalyModel(bad)
 
 
-def test_reload_keeps_old_model_on_error_and_takes_a_good_one(
+async def test_reload_keeps_old_model_on_error_and_takes_a_good_one(
         model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     live = tmp_path / "live.onnx"
     live.write_bytes(model_path.read_bytes())
@@ -189,13 +194,64 @@ def test_reload_keeps_old_model_on_error_and_takes_a_good_one(
     live.write_bytes(b"truncated")
     os.utime(live, ns=(1, 1))
     with caplog.at_level(logging.ERROR, logger="foretell.health"):
-        assert not det.maybe_reload()
+        assert not await det.check_reload()
     assert det.model is old
     assert "anomaly model reload failed, keeping the previous model" in caplog.text
     assert "live.onnx: not a loadable ONNX model" in caplog.text
     live.write_bytes(model_path.read_bytes())
     os.utime(live, ns=(2, 2))
-    assert det.maybe_reload() and det.model is not old
+    assert await det.check_reload() and det.model is not old
+
+
+async def test_a_slow_model_load_neither_stalls_the_loop_nor_the_evaluations(
+        model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose load takes 0.6 s (as a 400-tree forest's ~1 s): requests and health
+    evaluations go on, with the old model, until the new one is swapped in."""
+    live = tmp_path / "live.onnx"
+    live.write_bytes(model_path.read_bytes())
+    cluster = cluster_of(time.monotonic)
+    cfg = HealthConfig(anomaly=Anomaly(model_path=live, interval_s=0.05),
+                       active=ActiveProbe(enabled=False), ejection=Ejection(evaluate_interval_s=0.02))
+    hc = HealthChecker(cluster, cfg)
+    det = hc.anomaly
+    assert det is not None and det.model is not None
+    old = det.model
+    load_span: list[float] = []
+
+    class SlowModel(AnomalyModel):
+        def __init__(self, path: Path) -> None:
+            load_span.append(time.monotonic())
+            time.sleep(0.6)  # holds its thread as building a big session does
+            super().__init__(path)
+            load_span.append(time.monotonic())
+
+    monkeypatch.setattr(health.anomaly, "AnomalyModel", SlowModel)
+    evaluated: list[tuple[float, object]] = []
+    evaluate = det.evaluate
+
+    def recording_evaluate(now: float) -> list[Verdict]:
+        evaluated.append((time.monotonic(), det.model))
+        return evaluate(now)
+
+    det.evaluate = recording_evaluate  # type: ignore[method-assign]
+    await hc.start()
+    try:
+        tmp = tmp_path / "new.onnx"
+        tmp.write_bytes(model_path.read_bytes())
+        os.utime(tmp, ns=(1, 1))
+        os.replace(tmp, live)
+        lag_s = 0.0
+        deadline = time.monotonic() + 5.0
+        while det.model is old and time.monotonic() < deadline:
+            t0 = time.monotonic()
+            await asyncio.sleep(0.005)
+            lag_s = max(lag_s, time.monotonic() - t0 - 0.005)
+    finally:
+        await hc.stop()
+    assert det.model is not old and len(load_span) == 2
+    assert lag_s < 0.3, f"the event loop stalled {lag_s * 1e3:.0f} ms during a 600 ms load"
+    during = [m for t, m in evaluated if load_span[0] < t < load_span[1]]
+    assert len(during) >= 5 and all(m is old for m in during)
 
 
 def test_checker_ejects_on_anomaly(model_path: Path) -> None:
