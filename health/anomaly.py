@@ -53,6 +53,9 @@ FEATURE_NAMES: tuple[str, ...] = (
 # Latency floor in the ratios so sub-millisecond noise is not a 10x change.
 LATENCY_FLOOR_S = 0.001
 MIN_FLEET = 3
+# Results of a model (re)load (metric label values).
+RELOAD_OK = "ok"
+RELOAD_FAILED = "failed"
 _MAX_SAMPLES = 1024
 
 
@@ -229,8 +232,9 @@ class AnomalyDetector:
         self._streak.pop(backend_id, None)
         self.scores.pop(backend_id, None)
 
-    async def check_reload(self) -> bool:
-        """Load the model file if it changed since the last look; True when a new model scores.
+    async def check_reload(self) -> str | None:
+        """Load the model file if it changed since the last look: RELOAD_OK when a new model
+        scores, RELOAD_FAILED when the load failed, None when nothing was loaded.
 
         The load runs in a thread (a 400-tree forest takes ~1 s to build, which on the
         event loop stalled every request); the old model scores until the new one is
@@ -238,19 +242,19 @@ class AnomalyDetector:
         """
         path = self.config.model_path
         if path is None:
-            return False
+            return None
         mtime = _mtime_ns(path)
         if mtime == self._model_mtime_ns:
-            return False
+            return None
         self._model_mtime_ns = mtime
         try:
             model = await asyncio.to_thread(AnomalyModel, path)
         except AnomalyModelError as exc:
             log.error("anomaly model reload failed, keeping the previous model: %s", exc)
-            return False
+            return RELOAD_FAILED
         self.model = model
         log.info("anomaly model reloaded from %s (threshold %.4f)", path, model.threshold)
-        return True
+        return RELOAD_OK
 
     def features(self, now: float) -> tuple[list[str], np.ndarray, dict[str, WindowStats]]:
         horizon = now - self.config.window_s

@@ -12,11 +12,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from prometheus_client import REGISTRY
 
 import health.anomaly
 from health.anomaly import (
     FEATURE_NAMES,
+    RELOAD_FAILED,
+    RELOAD_OK,
     SCHEMA_VERSION,
     AnomalyDetector,
     AnomalyModel,
@@ -50,8 +54,8 @@ def simulate(det: AnomalyDetector, clock: Clock, rng: random.Random, seconds: fl
         det.evaluate(clock())
 
 
-def cluster_of(clock: Callable[[], float]) -> Cluster:
-    return Cluster("c", [Backend(f"b{i}", f"http://127.0.0.1:{9000 + i}")
+def cluster_of(clock: Callable[[], float], name: str = "c") -> Cluster:
+    return Cluster(name, [Backend(f"b{i}", f"http://127.0.0.1:{9000 + i}")
                          for i in range(len(SPEEDS))], clock=clock)
 
 
@@ -172,8 +176,6 @@ def test_missing_and_invalid_model_files_are_clear_errors(tmp_path: Path) -> Non
 
 
 def test_wrong_schema_refused(model_path: Path, tmp_path: Path) -> None:
-    import onnx
-
     m = onnx.load(str(model_path))
     for p in m.metadata_props:
         if p.key == "schema_version":
@@ -194,13 +196,14 @@ async def test_reload_keeps_old_model_on_error_and_takes_a_good_one(
     live.write_bytes(b"truncated")
     os.utime(live, ns=(1, 1))
     with caplog.at_level(logging.ERROR, logger="foretell.health"):
-        assert not await det.check_reload()
+        assert await det.check_reload() == RELOAD_FAILED
     assert det.model is old
     assert "anomaly model reload failed, keeping the previous model" in caplog.text
     assert "live.onnx: not a loadable ONNX model" in caplog.text
     live.write_bytes(model_path.read_bytes())
     os.utime(live, ns=(2, 2))
-    assert await det.check_reload() and det.model is not old
+    assert await det.check_reload() == RELOAD_OK and det.model is not old
+    assert await det.check_reload() is None  # unchanged since
 
 
 async def test_a_slow_model_load_neither_stalls_the_loop_nor_the_evaluations(
@@ -252,6 +255,60 @@ async def test_a_slow_model_load_neither_stalls_the_loop_nor_the_evaluations(
     assert lag_s < 0.3, f"the event loop stalled {lag_s * 1e3:.0f} ms during a 600 ms load"
     during = [m for t, m in evaluated if load_span[0] < t < load_span[1]]
     assert len(during) >= 5 and all(m is old for m in during)
+
+
+def with_threshold(model_path: Path, path: Path, threshold: float) -> Path:
+    """The trained model with another threshold in its metadata, atomically in place."""
+    m = onnx.load(str(model_path))
+    for p in m.metadata_props:
+        if p.key == "threshold":
+            p.value = repr(threshold)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(m, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_hot_reload_updates_the_threshold_gauge_and_failures_are_counted(
+        model_path: Path, tmp_path: Path) -> None:
+    live = tmp_path / "live.onnx"
+    live.write_bytes(model_path.read_bytes())
+    cfg = HealthConfig(anomaly=Anomaly(model_path=live, interval_s=0.02),
+                       active=ActiveProbe(enabled=False))
+    name = "anomaly-reload-metrics"
+
+    def threshold() -> float | None:
+        return REGISTRY.get_sample_value("foretell_health_anomaly_threshold", {"cluster": name})
+
+    def reloads(result: str) -> float:
+        value = REGISTRY.get_sample_value("foretell_health_anomaly_reloads_total",
+                                          {"cluster": name, "result": result})
+        return value or 0.0
+
+    hc = HealthChecker(cluster_of(time.monotonic, name), cfg)
+    det = hc.anomaly
+    assert det is not None and det.model is not None
+    assert threshold() == det.model.threshold
+    first = det.model
+    await hc.start()
+    try:
+        with_threshold(model_path, live, 0.6135)
+        await until(lambda: det.model is not first)
+        assert threshold() == 0.6135
+        assert reloads("ok") == 2.0  # the start-up load and this one
+        live.write_bytes(b"truncated")
+        os.utime(live, ns=(1, 1))
+        await until(lambda: reloads("failed") == 1.0)
+        assert det.model.threshold == 0.6135 and threshold() == 0.6135
+    finally:
+        await hc.stop()
 
 
 def test_checker_ejects_on_anomaly(model_path: Path) -> None:
