@@ -48,14 +48,15 @@ counts it. `shadow: true` routes with the fallback while still predicting,
 so prediction-error metrics can be read before trusting the model.
 
 `run_background()` polls the model file every `reload_interval_s`; a changed
-file is loaded off the event loop, validated (schema version, feature names,
-a trial run) and swapped in whole; a bad file is logged and counted, and the
-previous model keeps serving.
+file is loaded off the event loop, validated (the metadata the trainer writes,
+its checksum, schema version, feature names, a trial run) and swapped in whole;
+a bad file is logged and counted, and the previous model keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -96,6 +97,20 @@ log = logging.getLogger("foretell.policies.onnx_latency")
 TARGET = "latency_ms"
 TARGET_RATIO = "latency_ms_over_route_cost"
 TARGETS = (TARGET, TARGET_RATIO)
+
+# Metadata every trainer version has written into every model (train/latency.py); a model
+# without any of them is refused. ONNX stores metadata after the graph, so a file cut
+# short loses it first and may still parse: 842 of a 960-byte model's bytes loaded,
+# without route classes, target and version, and served (fed the config's route slots,
+# its output read as ms whatever its target). foretell.validation, which serving does not
+# read, is written last (but for the checksum): no file cut after the graph has it.
+REQUIRED_METADATA = ("foretell.schema_version", "foretell.feature_names",
+                     "foretell.route_classes", "foretell.target", "foretell.model_kind",
+                     "foretell.model_version", "foretell.training_window", "foretell.validation")
+# SHA-256 (hex) of the file without this entry, which the trainer appends last: a model
+# carrying it must match it (a damaged or edited file is refused). Models written before
+# it have none and are checked for the metadata above only.
+CHECKSUM = "foretell.sha256"
 
 # Outcomes per prediction-error observation (a power of two: a mask picks them).
 ERROR_SAMPLE_EVERY = 32
@@ -316,6 +331,29 @@ def affine_of(data: bytes) -> tuple[np.ndarray, float, tuple[float, float] | Non
     return weights, bias, log_clip
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def checksum_entry(digest: str) -> bytes:
+    """The checksum as ONNX encodes it: one ModelProto.metadata_props entry (field 14, a
+    StringStringEntryProto of key 1 and value 2). Appended to a serialized model it adds
+    the entry (protobuf merges repeated fields in any order)."""
+    key, value = CHECKSUM.encode(), digest.encode()
+    inner = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(value)) + value
+    return b"\x72" + _varint(len(inner)) + inner
+
+
+def with_checksum(data: bytes) -> bytes:
+    """A serialized model with its checksum appended (what the trainer writes)."""
+    return data + checksum_entry(hashlib.sha256(data).hexdigest())
+
+
 def file_key(path: Path) -> tuple[int, int, int]:
     st = path.stat()
     return (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -338,15 +376,26 @@ def load_model(path: str | Path) -> LoadedModel:
     except Exception as exc:  # onnxruntime raises its own types for corrupt files
         raise ModelError(LOAD_ERROR, f"{path}: not a loadable ONNX model: {exc}") from None
     meta = dict(session.get_modelmeta().custom_metadata_map)
+    digest = meta.get(CHECKSUM)
+    if digest is not None:
+        entry = checksum_entry(digest)
+        if not data.endswith(entry) or hashlib.sha256(data[:-len(entry)]).hexdigest() != digest:
+            raise ModelError(LOAD_ERROR, f"{path}: the file does not match its {CHECKSUM} "
+                                         "(damaged, or edited after training)")
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise ModelError(SCHEMA_MISMATCH, f"{path}: no {', '.join(missing)} in the model "
+                                          "metadata (the trainer writes them all; a file cut "
+                                          "short loses them first)")
     try:
-        if "foretell.schema_version" not in meta:
-            raise SchemaError("no foretell.schema_version in the model metadata")
-        check_schema(meta["foretell.schema_version"],
-                     json.loads(meta.get("foretell.feature_names", "[]")))
-        target = meta.get("foretell.target", TARGET)
+        check_schema(meta["foretell.schema_version"], json.loads(meta["foretell.feature_names"]))
+        target = meta["foretell.target"]
         if target not in TARGETS:
             raise SchemaError(f"target {target!r}, expected one of {TARGETS}")
-        route_classes = list(json.loads(meta.get("foretell.route_classes", "[]")))
+        route_classes = json.loads(meta["foretell.route_classes"])
+        if not isinstance(route_classes, list) or not all(isinstance(r, str) for r in route_classes):
+            raise SchemaError(f"foretell.route_classes {meta['foretell.route_classes']!r} is not "
+                              "a list of names")
     except (SchemaError, ValueError, TypeError) as exc:
         raise ModelError(SCHEMA_MISMATCH, f"{path}: {exc}") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
@@ -356,8 +405,8 @@ def load_model(path: str | Path) -> LoadedModel:
     model = LoadedModel(
         path=path, session=session, input_name=inputs[0].name, output_name=outputs[0].name,
         metadata=meta, route_classes=route_classes,
-        version=meta.get("foretell.model_version", "unknown")[:64],
-        kind=meta.get("foretell.model_kind", "unknown")[:32], file_key=key,
+        version=meta["foretell.model_version"][:64],
+        kind=meta["foretell.model_kind"][:32], file_key=key,
         ratio=target == TARGET_RATIO)
     # A trial run: shape and finiteness, so a broken model never reaches a request.
     try:

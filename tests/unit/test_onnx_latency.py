@@ -34,9 +34,11 @@ from policies.onnx_latency import (
     OBSERVED_LOG_MAX,
     OVER_BUDGET,
     RELOADS,
+    REQUIRED_METADATA,
     SCHEMA_MISMATCH,
     SHADOW,
     LoadedModel,
+    ModelError,
     OnnxLatency,
     load_model,
 )
@@ -48,17 +50,27 @@ from train.latency import make_candidate, to_onnx
 REQ = RequestInfo(route_class="fast")
 
 
+def trained_metadata(version: str = "v1") -> dict[str, str]:
+    """The metadata the trainer writes that the policy requires (train/latency.py)."""
+    return {**schema_metadata(ROUTES), "foretell.target": "latency_ms",
+            "foretell.model_kind": "test", "foretell.model_version": version,
+            "foretell.training_window": "{}", "foretell.validation": "{}"}
+
+
 def linear_model(path: Path, weights: np.ndarray, bias: float = 1.0,
-                 meta: dict[str, str] | None = None, version: str = "v1") -> Path:
-    """A real linear regressor exported through the same path as training."""
+                 meta: dict[str, str] | None = None, version: str = "v1",
+                 without: tuple[str, ...] = ()) -> Path:
+    """A real linear regressor exported through the same path as training (`without`
+    these metadata keys)."""
     from sklearn.linear_model import LinearRegression
 
     m = LinearRegression()
     m.coef_ = weights.astype(np.float64)
     m.intercept_ = bias
     m.n_features_in_ = N_FEATURES
-    metadata = {**schema_metadata(ROUTES), "foretell.target": "latency_ms",
-                "foretell.model_version": version, **(meta or {})}
+    metadata = {**trained_metadata(version), **(meta or {})}
+    for key in without:
+        del metadata[key]
     path.write_bytes(to_onnx(m, metadata))
     return path
 
@@ -91,7 +103,7 @@ def tree_model(path: Path) -> Path:
     x[:, EWMA] *= 40
     y = 5.0 + 3.0 * x[:, INFLIGHT] + 0.5 * x[:, EWMA] + 4.0 * x[:, ROUTE0]
     model = make_candidate("hgb", seed=0).fit(x, y)
-    path.write_bytes(to_onnx(model, {**schema_metadata(ROUTES), "foretell.target": "latency_ms"}))
+    path.write_bytes(to_onnx(model, trained_metadata()))
     return path
 
 
@@ -107,7 +119,7 @@ def fails_beyond_two_rows(path: Path) -> Path:
          helper.make_node("ReduceSum", ["r", "axes"], ["variable"], keepdims=1)],
         "fails", [x], [y], initializer=[shape, axes])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    helper.set_model_props(model, {**schema_metadata(ROUTES), "foretell.target": "latency_ms"})
+    helper.set_model_props(model, trained_metadata())
     path.write_bytes(model.SerializeToString())
     return path
 
@@ -177,6 +189,14 @@ def test_bad_file_at_start_falls_back(tmp_path: Path, make: object, reason: str)
     assert p.model is None
     p.pick(sim.cluster.ready(), REQ)
     assert p.last_reason == reason
+
+
+@pytest.mark.parametrize("key", REQUIRED_METADATA)
+def test_a_model_without_metadata_the_trainer_writes_is_refused(tmp_path: Path, key: str) -> None:
+    path = linear_model(tmp_path / "m.onnx", np.zeros(N_FEATURES), without=(key,))
+    with pytest.raises(ModelError, match=rf"m\.onnx: no {key} in the model metadata") as refused:
+        load_model(path)
+    assert refused.value.reason == SCHEMA_MISMATCH
 
 
 async def test_reload_good_then_corrupt_keeps_old(tmp_path: Path) -> None:
@@ -670,8 +690,8 @@ def test_log_target_linear_model_uses_numpy_path_matching_onnxruntime(tmp_path: 
     y_log = 0.05 * x[:, INFLIGHT] + 0.01 * x.sum(axis=1) + rng.normal(0, 0.1, 400)
     model = make_pipeline(StandardScaler(), Ridge(alpha=1.0)).fit(x, y_log)
     path = tmp_path / "log.onnx"
-    path.write_bytes(to_onnx(model, {**schema_metadata(ROUTES), "foretell.target": "latency_ms",
-                                     "foretell.fit_target": "log_latency"}, log=True))
+    path.write_bytes(to_onnx(model, {**trained_metadata(), "foretell.fit_target": "log_latency"},
+                             log=True))
     loaded = load_model(path)
     assert loaded.weights is not None and loaded.log_clip == pytest.approx((LOG_MIN, LOG_MAX))
     rows = np.ascontiguousarray(np.concatenate([x[:50], x[:5] * 1e3]))  # some hit the clip
