@@ -60,6 +60,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -154,6 +155,28 @@ MODEL_ACTIVE = Gauge(
     "foretell_model_active", "1 when the model routes, 0 when the fallback does", ["cluster"],
     multiprocess_mode="min",
 )
+
+# The newest onnx_latency policy of each cluster shows the cluster's gauges above (info,
+# active, rescore gap), and its close takes them out: a config reload builds the new
+# policy before it closes the old one, whose close must leave the new one's alone.
+# Cluster -> the newest policy's token.
+_GAUGE_OWNER: dict[str, object] = {}
+# Cluster -> the (version, kind) foretell_model_info shows.
+_INFO_SHOWN: dict[str, tuple[str, str]] = {}
+
+
+def _drop_series(gauge: Gauge, *labels: str) -> None:
+    """Take one series of a gauge out; prometheus_client cannot remove a series in
+    multiprocess mode (the proxy's workers > 1), where it stays at 0."""
+    gauge.labels(*labels).set(0)
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ and "prometheus_multiproc_dir" not in os.environ:
+        gauge.remove(*labels)
+
+
+def _drop_info(cluster: str) -> None:
+    shown = _INFO_SHOWN.pop(cluster, None)
+    if shown is not None:
+        _drop_series(MODEL_INFO, cluster, *shown)
 
 
 # A rescore also predicts every backend at inflight + SLOPE_STEP, for the slope
@@ -524,7 +547,12 @@ class OnnxLatency:
         self._clip_lo, self._clip_hi = 1.0 / options.residual_clip, options.residual_clip
         # True while pick can go straight to the model: loaded, enabled, warm, not shadow.
         self._plain = False
-        MODEL_ACTIVE.labels(ctx.cluster).set(0)  # _update_plain sets it on every change
+        # This policy shows the cluster's gauges from now on: no model yet, not active
+        # (_update_plain sets it on every change).
+        self._gauge_token = object()
+        _GAUGE_OWNER[self.cluster] = self._gauge_token
+        _drop_info(self.cluster)
+        MODEL_ACTIVE.labels(self.cluster).set(0)
         self.model: LoadedModel | None = None
         self._features = FeatureMatrix(self._ctx_routes, ctx.clock, options.refresh_s)
         self._corr_of: dict[str, float] = {}
@@ -555,6 +583,10 @@ class OnnxLatency:
             self._watched_key = self._key_or_none()
 
     # -- model lifecycle ----------------------------------------------------------
+    def _shows_gauges(self) -> bool:
+        """Whether this policy's state is what the cluster's gauges show (the newest one's)."""
+        return _GAUGE_OWNER.get(self.cluster) is self._gauge_token
+
     def _key_or_none(self) -> tuple[int, int, int] | None:
         try:
             return file_key(self.options.model_path)
@@ -562,7 +594,6 @@ class OnnxLatency:
             return None
 
     def _install(self, model: LoadedModel) -> None:
-        old = self.model
         routes = model.route_classes or self._ctx_routes
         if model.route_classes and model.route_classes != self._ctx_routes:
             log.warning("cluster %s: model was trained with route classes %s, config has %s; "
@@ -581,9 +612,10 @@ class OnnxLatency:
         self._pick_ewma_us = 0.0
         self._picks = 0
         self._update_plain()
-        if old is not None:
-            MODEL_INFO.remove(self.cluster, old.version, old.kind)
-        MODEL_INFO.labels(self.cluster, model.version, model.kind).set(1)
+        if self._shows_gauges():
+            _drop_info(self.cluster)
+            _INFO_SHOWN[self.cluster] = (model.version, model.kind)
+            MODEL_INFO.labels(self.cluster, model.version, model.kind).set(1)
         RELOADS.labels(self.cluster, "ok").inc()
         log.info("cluster %s: latency model %s (%s) loaded from %s",
                  self.cluster, model.version, model.kind, model.path)
@@ -690,7 +722,7 @@ class OnnxLatency:
         warming up, shadow)."""
         plain = (self.model is not None and self._disabled_until == -math.inf
                  and not self._warming and not self.options.shadow)
-        if plain is not self._plain:
+        if plain is not self._plain and self._shows_gauges():
             MODEL_ACTIVE.labels(self.cluster).set(1 if plain else 0)
         self._plain = plain
 
@@ -863,7 +895,7 @@ class OnnxLatency:
         # Set on change only: a gauge's set takes a lock, and while not busy the gap stays
         # rescore_s.
         gap_s = self._effective_gap_s()
-        if gap_s != self._gap_shown_s:
+        if gap_s != self._gap_shown_s and self._shows_gauges():
             self._gap_shown_s = gap_s
             self._rescore_gap_gauge.set(gap_s)
         return scores
@@ -1032,6 +1064,13 @@ class OnnxLatency:
             self._corr_rows[i] = new
 
     def close(self) -> None:
+        """Stop showing gauges (the README's deploy check greps foretell_model_info and
+        foretell_model_active: a cluster routed by another policy now shows neither)."""
+        if self._shows_gauges():
+            del _GAUGE_OWNER[self.cluster]
+            _drop_info(self.cluster)
+            _drop_series(MODEL_ACTIVE, self.cluster)
+            _drop_series(RESCORE_GAP, self.cluster)
         close = getattr(self.fallback, "close", None)
         if close is not None:
             close()

@@ -7,6 +7,7 @@ import os
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -265,6 +266,54 @@ def test_the_active_gauge_is_one_exactly_while_the_model_routes(tmp_path: Path) 
     assert p.last_reason is None and active() == 1.0
     policy(sim, tmp_path / "missing.onnx")
     assert active() == 0.0
+
+
+def model_series(cluster: str) -> dict[str, float]:
+    """The README's deploy check: foretell_model_(info|active) of one cluster, by version."""
+    shown = {}
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if sample.name in ("foretell_model_info", "foretell_model_active") and \
+                    sample.labels["cluster"] == cluster:
+                shown[sample.labels.get("version", "active")] = sample.value
+    return shown
+
+
+async def test_model_gauges_follow_the_policy_across_config_reloads(tmp_path: Path) -> None:
+    """A reload builds the new policy before it closes the old: to another policy, the
+    model's series go; back with another model, only its version shows."""
+    from proxy import runtime
+    from proxy.config import parse_config
+    from proxy.loader import validate
+
+    v1 = inflight_model(tmp_path / "v1.onnx", version="v1")
+    v2 = inflight_model(tmp_path / "v2.onnx", version="v2")
+
+    def config(**policy: object) -> Any:
+        return validate(parse_config({
+            "clusters": {"gauges": {"policy": policy,
+                                    "backends": [{"id": "b0", "url": "http://127.0.0.1:9"}],
+                                    "health": {"active": {"enabled": False}}}},
+            "routes": [{"name": r, "path_prefix": f"/{r}", "cluster": "gauges"} for r in ROUTES]}),
+            "test")
+
+    learned = {"kind": "onnx_latency", "min_history": 0}
+    rt, _ = await runtime.build(config(**learned, model_path=str(v1)), None)
+    try:
+        assert model_series("gauges") == {"v1": 1.0, "active": 1.0}
+        steps: list[tuple[dict[str, object], dict[str, float]]] = [
+            ({"kind": "p2c_peak_ewma"}, {}),
+            ({**learned, "model_path": str(v2)}, {"v2": 1.0, "active": 1.0}),
+            ({**learned, "model_path": str(v1), "epsilon": 0.1}, {"v1": 1.0, "active": 1.0}),
+            ({**learned, "model_path": str(tmp_path / "missing.onnx")}, {"active": 0.0}),
+        ]
+        for policy, expected in steps:
+            rt, retired = await runtime.build(config(**policy), rt)
+            await runtime.retire(retired.now)
+            assert model_series("gauges") == expected, policy
+    finally:
+        await runtime.close(rt)
+    assert model_series("gauges") == {}
 
 
 def test_inference_error_falls_back_for_cooldown(tmp_path: Path) -> None:
