@@ -60,7 +60,13 @@ _MAX_SAMPLES = 1024
 
 
 class AnomalyModelError(Exception):
-    """An anomaly model file that cannot be used; the message names the file and the problem."""
+    """An anomaly model file that cannot be used; the message names the file and the problem.
+    `unreadable`: the file is there but could not be read (permissions, too many open files,
+    an I/O error), which may pass without the file changing."""
+
+    def __init__(self, message: str, *, unreadable: bool = False) -> None:
+        super().__init__(message)
+        self.unreadable = unreadable
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +158,8 @@ class AnomalyModel:
         except FileNotFoundError:
             raise AnomalyModelError(f"{self.path}: anomaly model file not found") from None
         except OSError as exc:
-            raise AnomalyModelError(f"{self.path}: cannot read anomaly model: {exc}") from None
+            raise AnomalyModelError(f"{self.path}: cannot read anomaly model: {exc}",
+                                    unreadable=True) from None
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
@@ -214,11 +221,14 @@ class AnomalyDetector:
         self._verdicts: list[Verdict] = []
         self._last_eval: float | None = None
         self.model: AnomalyModel | None = None
-        self._model_mtime_ns: int | None = None
+        self._model_key: tuple[int, int, int] | None = None
+        # The file could not be read at the last look: tried again at every look.
+        self._retry_read = False
+        self._failure_said = ""  # the last load failure logged (each is said once)
         if config.model_path is not None:
             # Start-up: a missing or invalid model is an error the operator sees.
             self.model = AnomalyModel(config.model_path)
-            self._model_mtime_ns = _mtime_ns(config.model_path)
+            self._model_key = _file_key(config.model_path)
 
     def observe(self, backend_id: str, outcome: Outcome) -> None:
         samples = self._samples.get(backend_id)
@@ -233,25 +243,36 @@ class AnomalyDetector:
         self.scores.pop(backend_id, None)
 
     async def check_reload(self) -> str | None:
-        """Load the model file if it changed since the last look: RELOAD_OK when a new model
-        scores, RELOAD_FAILED when the load failed, None when nothing was loaded.
+        """Load the model file if it changed since the last look (mtime, size, inode), or
+        could not be read then (a chmod changes none of them): RELOAD_OK when a new model
+        scores, RELOAD_FAILED when a load failed in a way not said before (logged once, not
+        at every retry), None otherwise.
 
         The load runs in a thread (a 400-tree forest takes ~1 s to build, which on the
         event loop stalled every request); the old model scores until the new one is
-        swapped in, here on the loop, and stays when the load fails (logged).
+        swapped in, here on the loop, and stays when the load fails.
         """
         path = self.config.model_path
         if path is None:
             return None
-        mtime = _mtime_ns(path)
-        if mtime == self._model_mtime_ns:
+        key = _file_key(path)
+        changed = key != self._model_key
+        if not changed and not self._retry_read:
             return None
-        self._model_mtime_ns = mtime
+        self._model_key = key
         try:
             model = await asyncio.to_thread(AnomalyModel, path)
         except AnomalyModelError as exc:
-            log.error("anomaly model reload failed, keeping the previous model: %s", exc)
+            self._retry_read = exc.unreadable
+            if not changed and str(exc) == self._failure_said:
+                return None
+            self._failure_said = str(exc)
+            log.error("anomaly model reload failed, keeping the previous model%s: %s",
+                      "; tried again at every look until it can be read"
+                      if exc.unreadable else "", exc)
             return RELOAD_FAILED
+        self._retry_read = False
+        self._failure_said = ""
         self.model = model
         log.info("anomaly model reloaded from %s (threshold %.4f)", path, model.threshold)
         return RELOAD_OK
@@ -345,8 +366,9 @@ def load_feature_rows(paths: Sequence[Path]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float32).reshape(-1, len(FEATURE_NAMES))
 
 
-def _mtime_ns(path: Path) -> int | None:
+def _file_key(path: Path) -> tuple[int, int, int] | None:
     try:
-        return os.stat(path).st_mtime_ns
+        st = os.stat(path)
     except OSError:
         return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

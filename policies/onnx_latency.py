@@ -206,11 +206,14 @@ REASONS = (MISSING_FILE, LOAD_ERROR, SCHEMA_MISMATCH, INFERENCE_ERROR, OVER_BUDG
 
 
 class ModelError(Exception):
-    """A model file that cannot serve; `reason` is one of REASONS."""
+    """A model file that cannot serve; `reason` is one of REASONS. `unreadable`: the file is
+    there but could not be read (permissions, too many open files, an I/O error), which
+    may pass without the file changing."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, unreadable: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        self.unreadable = unreadable
 
 
 def session_options() -> Any:
@@ -393,7 +396,7 @@ def load_model(path: str | Path) -> LoadedModel:
     except FileNotFoundError:
         raise ModelError(MISSING_FILE, f"{path}: no such model file") from None
     except OSError as exc:
-        raise ModelError(LOAD_ERROR, f"{path}: cannot read: {exc}") from None
+        raise ModelError(LOAD_ERROR, f"{path}: cannot read: {exc}", unreadable=True) from None
     try:
         session = ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own types for corrupt files
@@ -571,12 +574,16 @@ class OnnxLatency:
         self._err_hist = PREDICTION_ERROR.labels(self.cluster, "shadow" if options.shadow else "serving")
         self._load_error_reason = MISSING_FILE
         self._watched_key: tuple[int, int, int] | None = None
+        # The file could not be read at the last look: tried again at every look.
+        self._retry_read = False
+        self._failure_said = ""  # the last load failure logged (each is said once)
         self._warming = options.min_history > 0
         self._update_plain()
         try:
             self._install(load_model(options.model_path))
         except ModelError as exc:
             self._load_error_reason = exc.reason
+            self._retry_read, self._failure_said = exc.unreadable, str(exc)
             RELOADS.labels(self.cluster, "failed").inc()
             log.warning("cluster %s: %s; routing with %s until a valid model appears",
                         self.cluster, exc, options.fallback)
@@ -633,11 +640,15 @@ class OnnxLatency:
                 fallback_task.cancel()
 
     async def check_reload(self) -> bool:
-        """Load the model file if it changed since the last look; True when a new model serves."""
+        """Load the model file if it changed since the last look, or could not be read then
+        (a chmod changes neither mtime, size nor inode); True when a new model serves.
+        A failure is logged and counted once, not at every retry."""
         key = self._key_or_none()
-        if key == self._watched_key:
+        changed = key != self._watched_key
+        if not changed and not self._retry_read:
             return False
         self._watched_key = key
+        self._retry_read = False
         if key is None:  # deleted (or unreadable) since the last look: said once
             log.warning("cluster %s: model file %s is gone; %s", self.cluster,
                         self.options.model_path, self._what_serves())
@@ -645,12 +656,18 @@ class OnnxLatency:
         try:
             model = await asyncio.to_thread(load_model, self.options.model_path)
         except ModelError as exc:
-            RELOADS.labels(self.cluster, "failed").inc()
+            self._retry_read = exc.unreadable
             if self.model is None:
                 self._load_error_reason = exc.reason
-            log.error("cluster %s: model reload refused, %s: %s", self.cluster,
-                      self._what_serves(), exc)
+            if changed or str(exc) != self._failure_said:
+                self._failure_said = str(exc)
+                RELOADS.labels(self.cluster, "failed").inc()
+                log.error("cluster %s: model reload refused, %s%s: %s", self.cluster,
+                          self._what_serves(),
+                          "; tried again at every look until it can be read"
+                          if exc.unreadable else "", exc)
             return False
+        self._failure_said = ""
         self._install(model)
         return True
 

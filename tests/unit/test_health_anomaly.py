@@ -33,6 +33,7 @@ from health.base import Verdict
 from health.checker import HealthChecker
 from health.config import ActiveProbe, Anomaly, Ejection, HealthConfig
 from proxy.state import Backend, Cluster, Health, Outcome
+from tests.unit.file_support import CHMOD_NO_BAR, Unreadable
 from tests.unit.health_support import Clock
 from train.anomaly import fit_and_export
 
@@ -309,6 +310,47 @@ async def test_a_hot_reload_updates_the_threshold_gauge_and_failures_are_counted
         assert det.model.threshold == 0.6135 and threshold() == 0.6135
     finally:
         await hc.stop()
+
+
+async def test_a_model_that_could_not_be_read_is_loaded_once_it_can(
+        model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The file changed while unreadable, then becomes readable without changing (a chmod
+    changes neither mtime, size nor inode): loaded at the next look, the failure logged
+    and counted once."""
+    live = tmp_path / "live.onnx"
+    live.write_bytes(model_path.read_bytes())
+    clock = Clock()
+    det = AnomalyDetector(Anomaly(model_path=live), clock, cluster_of(clock), lambda _b: None)
+    old = det.model
+    blocked = Unreadable(monkeypatch, live)
+    with_threshold(model_path, live, 0.6135)
+    with caplog.at_level(logging.ERROR, logger="foretell.health"):
+        results = [await det.check_reload() for _ in range(3)]
+    assert results == [RELOAD_FAILED, None, None] and det.model is old
+    assert caplog.text.count("anomaly model reload failed") == 1
+    assert "live.onnx: cannot read anomaly model" in caplog.text
+    blocked.on = False
+    assert await det.check_reload() == RELOAD_OK
+    assert det.model is not None and det.model.threshold == 0.6135
+    assert await det.check_reload() is None
+
+
+@CHMOD_NO_BAR
+async def test_a_model_file_made_readable_by_chmod_is_loaded(model_path: Path,
+                                                             tmp_path: Path) -> None:
+    live = tmp_path / "live.onnx"
+    live.write_bytes(model_path.read_bytes())
+    clock = Clock()
+    det = AnomalyDetector(Anomaly(model_path=live), clock, cluster_of(clock), lambda _b: None)
+    tmp = tmp_path / "new.onnx"
+    with_threshold(model_path, tmp, 0.6135)
+    tmp.chmod(0)
+    os.replace(tmp, live)
+    assert await det.check_reload() == RELOAD_FAILED
+    live.chmod(0o644)
+    assert await det.check_reload() == RELOAD_OK
+    assert det.model is not None and det.model.threshold == 0.6135
 
 
 def test_checker_ejects_on_anomaly(model_path: Path) -> None:

@@ -45,6 +45,7 @@ from policies.onnx_latency import (
 )
 from policies.registry import create
 from proxy.state import Backend, Cluster, Outcome, Tracker
+from tests.unit.file_support import CHMOD_NO_BAR, Unreadable
 from tests.unit.learning_sim import ROUTES, FakeClock, Sim
 from train.latency import make_candidate, to_onnx
 
@@ -236,6 +237,42 @@ async def test_a_deleted_model_file_is_logged_once_and_the_model_keeps_serving(
     p.pick(sim.cluster.ready(), REQ)
     assert p.model is not None and p.last_reason is None
     inflight_model(path, version="v2")  # back: loaded as any new file
+    assert await p.check_reload() is True and p.model.version == "v2"
+
+
+async def test_a_model_that_could_not_be_read_is_loaded_once_it_can(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The file changed while unreadable; then it becomes readable without changing (a
+    chmod changes neither mtime, size nor inode): loaded at the next look, the failure
+    logged and counted once."""
+    sim = Sim(n_backends=2)
+    path = inflight_model(tmp_path / "m.onnx", version="v1")
+    p = policy(sim, path)
+    blocked = Unreadable(monkeypatch, path)
+    tmp = inflight_model(tmp_path / "new.onnx", version="v2")
+    os.replace(tmp, path)
+    failed = RELOADS.labels("t", "failed")._value.get()
+    for _ in range(3):
+        assert await p.check_reload() is False
+    assert p.model is not None and p.model.version == "v1"
+    refused = [r.getMessage() for r in caplog.records if "model reload refused" in r.getMessage()]
+    assert len(refused) == 1 and "m.onnx: cannot read" in refused[0], refused
+    assert RELOADS.labels("t", "failed")._value.get() == failed + 1
+    blocked.on = False
+    assert await p.check_reload() is True and p.model.version == "v2"
+    assert await p.check_reload() is False
+
+
+@CHMOD_NO_BAR
+async def test_a_model_file_made_readable_by_chmod_is_loaded(tmp_path: Path) -> None:
+    sim = Sim(n_backends=2)
+    path = inflight_model(tmp_path / "m.onnx", version="v1")
+    p = policy(sim, path)
+    tmp = inflight_model(tmp_path / "new.onnx", version="v2")
+    tmp.chmod(0)
+    os.replace(tmp, path)
+    assert await p.check_reload() is False and p.model is not None and p.model.version == "v1"
+    path.chmod(0o644)
     assert await p.check_reload() is True and p.model.version == "v2"
 
 
