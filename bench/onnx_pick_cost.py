@@ -61,7 +61,10 @@ def synthetic_model(kind: str, path: Path) -> Path:
         warnings.simplefilter("ignore", ConvergenceWarning)
         model = make_candidate(kind, seed=0).fit(x, y)
     path.write_bytes(to_onnx(model, {**schema_metadata(ROUTES), "foretell.target": "latency_ms",
-                                     "foretell.model_kind": kind}))
+                                     "foretell.model_kind": kind,
+                                     "foretell.model_version": f"synthetic-{kind}",
+                                     "foretell.training_window": "{}",
+                                     "foretell.validation": "{}"}))
     return path
 
 

@@ -11,11 +11,14 @@ model is trained offline (`foretell train anomaly`, train/anomaly.py) and
 carries in its ONNX metadata the schema version, the feature names and the
 threshold chosen from training data; a model that does not match is refused.
 
-Never on the request path: `observe` only appends to a bounded deque.
+Never on the request path: `observe` only appends to a bounded deque. A changed
+model file is loaded in a thread (`check_reload`, called by the checker every
+`interval_s`) and swapped in whole; a file that fails to load leaves the old model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -50,11 +53,20 @@ FEATURE_NAMES: tuple[str, ...] = (
 # Latency floor in the ratios so sub-millisecond noise is not a 10x change.
 LATENCY_FLOOR_S = 0.001
 MIN_FLEET = 3
+# Results of a model (re)load (metric label values).
+RELOAD_OK = "ok"
+RELOAD_FAILED = "failed"
 _MAX_SAMPLES = 1024
 
 
 class AnomalyModelError(Exception):
-    """An anomaly model file that cannot be used; the message names the file and the problem."""
+    """An anomaly model file that cannot be used; the message names the file and the problem.
+    `unreadable`: the file is there but could not be read (permissions, too many open files,
+    an I/O error), which may pass without the file changing."""
+
+    def __init__(self, message: str, *, unreadable: bool = False) -> None:
+        super().__init__(message)
+        self.unreadable = unreadable
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +158,8 @@ class AnomalyModel:
         except FileNotFoundError:
             raise AnomalyModelError(f"{self.path}: anomaly model file not found") from None
         except OSError as exc:
-            raise AnomalyModelError(f"{self.path}: cannot read anomaly model: {exc}") from None
+            raise AnomalyModelError(f"{self.path}: cannot read anomaly model: {exc}",
+                                    unreadable=True) from None
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
@@ -208,11 +221,14 @@ class AnomalyDetector:
         self._verdicts: list[Verdict] = []
         self._last_eval: float | None = None
         self.model: AnomalyModel | None = None
-        self._model_mtime_ns: int | None = None
+        self._model_key: tuple[int, int, int] | None = None
+        # The file could not be read at the last look: tried again at every look.
+        self._retry_read = False
+        self._failure_said = ""  # the last load failure logged (each is said once)
         if config.model_path is not None:
             # Start-up: a missing or invalid model is an error the operator sees.
             self.model = AnomalyModel(config.model_path)
-            self._model_mtime_ns = _mtime_ns(config.model_path)
+            self._model_key = _file_key(config.model_path)
 
     def observe(self, backend_id: str, outcome: Outcome) -> None:
         samples = self._samples.get(backend_id)
@@ -226,22 +242,40 @@ class AnomalyDetector:
         self._streak.pop(backend_id, None)
         self.scores.pop(backend_id, None)
 
-    def maybe_reload(self) -> bool:
-        """Reload the model when its file changed; on failure log and keep the old one."""
+    async def check_reload(self) -> str | None:
+        """Load the model file if it changed since the last look (mtime, size, inode), or
+        could not be read then (a chmod changes none of them): RELOAD_OK when a new model
+        scores, RELOAD_FAILED when a load failed in a way not said before (logged once, not
+        at every retry), None otherwise.
+
+        The load runs in a thread (a 400-tree forest takes ~1 s to build, which on the
+        event loop stalled every request); the old model scores until the new one is
+        swapped in, here on the loop, and stays when the load fails.
+        """
         path = self.config.model_path
         if path is None:
-            return False
-        mtime = _mtime_ns(path)
-        if mtime == self._model_mtime_ns:
-            return False
-        self._model_mtime_ns = mtime
+            return None
+        key = _file_key(path)
+        changed = key != self._model_key
+        if not changed and not self._retry_read:
+            return None
+        self._model_key = key
         try:
-            self.model = AnomalyModel(path)
+            model = await asyncio.to_thread(AnomalyModel, path)
         except AnomalyModelError as exc:
-            log.error("anomaly model reload failed, keeping the previous model: %s", exc)
-            return False
-        log.info("anomaly model reloaded from %s (threshold %.4f)", path, self.model.threshold)
-        return True
+            self._retry_read = exc.unreadable
+            if not changed and str(exc) == self._failure_said:
+                return None
+            self._failure_said = str(exc)
+            log.error("anomaly model reload failed, keeping the previous model%s: %s",
+                      "; tried again at every look until it can be read"
+                      if exc.unreadable else "", exc)
+            return RELOAD_FAILED
+        self._retry_read = False
+        self._failure_said = ""
+        self.model = model
+        log.info("anomaly model reloaded from %s (threshold %.4f)", path, model.threshold)
+        return RELOAD_OK
 
     def features(self, now: float) -> tuple[list[str], np.ndarray, dict[str, WindowStats]]:
         horizon = now - self.config.window_s
@@ -332,8 +366,9 @@ def load_feature_rows(paths: Sequence[Path]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float32).reshape(-1, len(FEATURE_NAMES))
 
 
-def _mtime_ns(path: Path) -> int | None:
+def _file_key(path: Path) -> tuple[int, int, int] | None:
     try:
-        return os.stat(path).st_mtime_ns
+        st = os.stat(path)
     except OSError:
         return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from health import metrics
-from health.anomaly import AnomalyDetector
+from health.anomaly import RELOAD_OK, AnomalyDetector
 from health.base import Detector, Prober, ProbeResult, Verdict
 from health.config import HealthConfig
 from health.consecutive import ConsecutiveFailures
@@ -93,7 +93,7 @@ class HealthChecker:
             self.anomaly = AnomalyDetector(an, clock, cluster, self.probe_rtt_s)
             self._add(self.anomaly, an.shadow)
             if self.anomaly.model is not None:
-                metrics.anomaly_threshold.labels(cluster.name).set(self.anomaly.model.threshold)
+                self._anomaly_loaded(RELOAD_OK)
         self._prober: Prober | None = None
         if config.active.enabled:
             self._prober = prober or HttpProber(config.active, clock=clock, ssl=ssl)
@@ -166,6 +166,9 @@ class HealthChecker:
         self._sync_members()
         self._tasks["\0evaluate"] = asyncio.create_task(self._evaluate_loop(),
                                                          name=f"health {self.cluster.name}")
+        if self.anomaly is not None and self.anomaly.config.model_path is not None:
+            self._tasks["\0anomaly model"] = asyncio.create_task(
+                self._anomaly_reload_loop(), name=f"anomaly model {self.cluster.name}")
 
     async def stop(self) -> None:
         self._stopped = True
@@ -190,12 +193,30 @@ class HealthChecker:
             self._wake.clear()
             try:
                 self._sync_members()
-                if self.anomaly is not None:
-                    self.anomaly.maybe_reload()
                 self.evaluate()
             except Exception:  # a bug here must not silently stop health checking
                 log.exception("cluster %s: health evaluation failed", self.cluster.name)
             await asyncio.sleep(_MIN_EARLY_GAP_S)
+
+    async def _anomaly_reload_loop(self) -> None:
+        """Reload the anomaly model when its file changes, every anomaly `interval_s`, beside
+        the evaluations: they go on with the old model while the new one loads."""
+        assert self.anomaly is not None
+        while True:
+            await asyncio.sleep(self.anomaly.config.interval_s)
+            try:
+                result = await self.anomaly.check_reload()
+                if result is not None:
+                    self._anomaly_loaded(result)
+            except Exception:  # a bug here must not silently stop reloading
+                log.exception("cluster %s: anomaly model reload failed", self.cluster.name)
+
+    def _anomaly_loaded(self, result: str) -> None:
+        """Count a (re)load of the anomaly model; show the threshold of the one scoring."""
+        assert self.anomaly is not None
+        metrics.anomaly_reloads.labels(self.cluster.name, result).inc()
+        if self.anomaly.model is not None:
+            metrics.anomaly_threshold.labels(self.cluster.name).set(self.anomaly.model.threshold)
 
     async def _probe_loop(self, backend: Backend) -> None:
         assert self._prober is not None

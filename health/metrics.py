@@ -38,6 +38,11 @@ anomaly_threshold = Gauge(
     "foretell_health_anomaly_threshold", "Anomaly score threshold of the loaded model",
     ["cluster"], multiprocess_mode="max")
 
+anomaly_reloads = Counter(
+    "foretell_health_anomaly_reloads",
+    "Anomaly model (re)loads by result (ok, failed: the previous model, if any, still scores)",
+    ["cluster", "result"])
+
 probe_duration = Histogram(
     "foretell_health_probe_duration_seconds", "Active probe round-trip time",
     ["cluster", "backend"],

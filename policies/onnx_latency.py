@@ -48,17 +48,19 @@ counts it. `shadow: true` routes with the fallback while still predicting,
 so prediction-error metrics can be read before trusting the model.
 
 `run_background()` polls the model file every `reload_interval_s`; a changed
-file is loaded off the event loop, validated (schema version, feature names,
-a trial run) and swapped in whole; a bad file is logged and counted, and the
-previous model keeps serving.
+file is loaded off the event loop, validated (the metadata the trainer writes,
+its checksum, schema version, feature names, a trial run) and swapped in whole;
+a bad file is logged and counted, and the previous model keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -96,6 +98,20 @@ log = logging.getLogger("foretell.policies.onnx_latency")
 TARGET = "latency_ms"
 TARGET_RATIO = "latency_ms_over_route_cost"
 TARGETS = (TARGET, TARGET_RATIO)
+
+# Metadata every trainer version has written into every model (train/latency.py); a model
+# without any of them is refused. ONNX stores metadata after the graph, so a file cut
+# short loses it first and may still parse: 842 of a 960-byte model's bytes loaded,
+# without route classes, target and version, and served (fed the config's route slots,
+# its output read as ms whatever its target). foretell.validation, which serving does not
+# read, is written last (but for the checksum): no file cut after the graph has it.
+REQUIRED_METADATA = ("foretell.schema_version", "foretell.feature_names",
+                     "foretell.route_classes", "foretell.target", "foretell.model_kind",
+                     "foretell.model_version", "foretell.training_window", "foretell.validation")
+# SHA-256 (hex) of the file without this entry, which the trainer appends last: a model
+# carrying it must match it (a damaged or edited file is refused). Models written before
+# it have none and are checked for the metadata above only.
+CHECKSUM = "foretell.sha256"
 
 # Outcomes per prediction-error observation (a power of two: a mask picks them).
 ERROR_SAMPLE_EVERY = 32
@@ -140,6 +156,28 @@ MODEL_ACTIVE = Gauge(
     multiprocess_mode="min",
 )
 
+# The newest onnx_latency policy of each cluster shows the cluster's gauges above (info,
+# active, rescore gap), and its close takes them out: a config reload builds the new
+# policy before it closes the old one, whose close must leave the new one's alone.
+# Cluster -> the newest policy's token.
+_GAUGE_OWNER: dict[str, object] = {}
+# Cluster -> the (version, kind) foretell_model_info shows.
+_INFO_SHOWN: dict[str, tuple[str, str]] = {}
+
+
+def _drop_series(gauge: Gauge, *labels: str) -> None:
+    """Take one series of a gauge out; prometheus_client cannot remove a series in
+    multiprocess mode (the proxy's workers > 1), where it stays at 0."""
+    gauge.labels(*labels).set(0)
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ and "prometheus_multiproc_dir" not in os.environ:
+        gauge.remove(*labels)
+
+
+def _drop_info(cluster: str) -> None:
+    shown = _INFO_SHOWN.pop(cluster, None)
+    if shown is not None:
+        _drop_series(MODEL_INFO, cluster, *shown)
+
 
 # A rescore also predicts every backend at inflight + SLOPE_STEP, for the slope
 # (wider than 1 so a tree model's flat step still shows the queueing cost).
@@ -168,11 +206,14 @@ REASONS = (MISSING_FILE, LOAD_ERROR, SCHEMA_MISMATCH, INFERENCE_ERROR, OVER_BUDG
 
 
 class ModelError(Exception):
-    """A model file that cannot serve; `reason` is one of REASONS."""
+    """A model file that cannot serve; `reason` is one of REASONS. `unreadable`: the file is
+    there but could not be read (permissions, too many open files, an I/O error), which
+    may pass without the file changing."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, unreadable: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        self.unreadable = unreadable
 
 
 def session_options() -> Any:
@@ -316,6 +357,29 @@ def affine_of(data: bytes) -> tuple[np.ndarray, float, tuple[float, float] | Non
     return weights, bias, log_clip
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def checksum_entry(digest: str) -> bytes:
+    """The checksum as ONNX encodes it: one ModelProto.metadata_props entry (field 14, a
+    StringStringEntryProto of key 1 and value 2). Appended to a serialized model it adds
+    the entry (protobuf merges repeated fields in any order)."""
+    key, value = CHECKSUM.encode(), digest.encode()
+    inner = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(value)) + value
+    return b"\x72" + _varint(len(inner)) + inner
+
+
+def with_checksum(data: bytes) -> bytes:
+    """A serialized model with its checksum appended (what the trainer writes)."""
+    return data + checksum_entry(hashlib.sha256(data).hexdigest())
+
+
 def file_key(path: Path) -> tuple[int, int, int]:
     st = path.stat()
     return (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -332,21 +396,32 @@ def load_model(path: str | Path) -> LoadedModel:
     except FileNotFoundError:
         raise ModelError(MISSING_FILE, f"{path}: no such model file") from None
     except OSError as exc:
-        raise ModelError(LOAD_ERROR, f"{path}: cannot read: {exc}") from None
+        raise ModelError(LOAD_ERROR, f"{path}: cannot read: {exc}", unreadable=True) from None
     try:
         session = ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own types for corrupt files
         raise ModelError(LOAD_ERROR, f"{path}: not a loadable ONNX model: {exc}") from None
     meta = dict(session.get_modelmeta().custom_metadata_map)
+    digest = meta.get(CHECKSUM)
+    if digest is not None:
+        entry = checksum_entry(digest)
+        if not data.endswith(entry) or hashlib.sha256(data[:-len(entry)]).hexdigest() != digest:
+            raise ModelError(LOAD_ERROR, f"{path}: the file does not match its {CHECKSUM} "
+                                         "(damaged, or edited after training)")
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise ModelError(SCHEMA_MISMATCH, f"{path}: no {', '.join(missing)} in the model "
+                                          "metadata (the trainer writes them all; a file cut "
+                                          "short loses them first)")
     try:
-        if "foretell.schema_version" not in meta:
-            raise SchemaError("no foretell.schema_version in the model metadata")
-        check_schema(meta["foretell.schema_version"],
-                     json.loads(meta.get("foretell.feature_names", "[]")))
-        target = meta.get("foretell.target", TARGET)
+        check_schema(meta["foretell.schema_version"], json.loads(meta["foretell.feature_names"]))
+        target = meta["foretell.target"]
         if target not in TARGETS:
             raise SchemaError(f"target {target!r}, expected one of {TARGETS}")
-        route_classes = list(json.loads(meta.get("foretell.route_classes", "[]")))
+        route_classes = json.loads(meta["foretell.route_classes"])
+        if not isinstance(route_classes, list) or not all(isinstance(r, str) for r in route_classes):
+            raise SchemaError(f"foretell.route_classes {meta['foretell.route_classes']!r} is not "
+                              "a list of names")
     except (SchemaError, ValueError, TypeError) as exc:
         raise ModelError(SCHEMA_MISMATCH, f"{path}: {exc}") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
@@ -356,8 +431,8 @@ def load_model(path: str | Path) -> LoadedModel:
     model = LoadedModel(
         path=path, session=session, input_name=inputs[0].name, output_name=outputs[0].name,
         metadata=meta, route_classes=route_classes,
-        version=meta.get("foretell.model_version", "unknown")[:64],
-        kind=meta.get("foretell.model_kind", "unknown")[:32], file_key=key,
+        version=meta["foretell.model_version"][:64],
+        kind=meta["foretell.model_kind"][:32], file_key=key,
         ratio=target == TARGET_RATIO)
     # A trial run: shape and finiteness, so a broken model never reaches a request.
     try:
@@ -475,7 +550,12 @@ class OnnxLatency:
         self._clip_lo, self._clip_hi = 1.0 / options.residual_clip, options.residual_clip
         # True while pick can go straight to the model: loaded, enabled, warm, not shadow.
         self._plain = False
-        MODEL_ACTIVE.labels(ctx.cluster).set(0)  # _update_plain sets it on every change
+        # This policy shows the cluster's gauges from now on: no model yet, not active
+        # (_update_plain sets it on every change).
+        self._gauge_token = object()
+        _GAUGE_OWNER[self.cluster] = self._gauge_token
+        _drop_info(self.cluster)
+        MODEL_ACTIVE.labels(self.cluster).set(0)
         self.model: LoadedModel | None = None
         self._features = FeatureMatrix(self._ctx_routes, ctx.clock, options.refresh_s)
         self._corr_of: dict[str, float] = {}
@@ -494,18 +574,26 @@ class OnnxLatency:
         self._err_hist = PREDICTION_ERROR.labels(self.cluster, "shadow" if options.shadow else "serving")
         self._load_error_reason = MISSING_FILE
         self._watched_key: tuple[int, int, int] | None = None
+        # The file could not be read at the last look: tried again at every look.
+        self._retry_read = False
+        self._failure_said = ""  # the last load failure logged (each is said once)
         self._warming = options.min_history > 0
         self._update_plain()
         try:
             self._install(load_model(options.model_path))
         except ModelError as exc:
             self._load_error_reason = exc.reason
+            self._retry_read, self._failure_said = exc.unreadable, str(exc)
             RELOADS.labels(self.cluster, "failed").inc()
             log.warning("cluster %s: %s; routing with %s until a valid model appears",
                         self.cluster, exc, options.fallback)
             self._watched_key = self._key_or_none()
 
     # -- model lifecycle ----------------------------------------------------------
+    def _shows_gauges(self) -> bool:
+        """Whether this policy's state is what the cluster's gauges show (the newest one's)."""
+        return _GAUGE_OWNER.get(self.cluster) is self._gauge_token
+
     def _key_or_none(self) -> tuple[int, int, int] | None:
         try:
             return file_key(self.options.model_path)
@@ -513,7 +601,6 @@ class OnnxLatency:
             return None
 
     def _install(self, model: LoadedModel) -> None:
-        old = self.model
         routes = model.route_classes or self._ctx_routes
         if model.route_classes and model.route_classes != self._ctx_routes:
             log.warning("cluster %s: model was trained with route classes %s, config has %s; "
@@ -532,9 +619,10 @@ class OnnxLatency:
         self._pick_ewma_us = 0.0
         self._picks = 0
         self._update_plain()
-        if old is not None:
-            MODEL_INFO.remove(self.cluster, old.version, old.kind)
-        MODEL_INFO.labels(self.cluster, model.version, model.kind).set(1)
+        if self._shows_gauges():
+            _drop_info(self.cluster)
+            _INFO_SHOWN[self.cluster] = (model.version, model.kind)
+            MODEL_INFO.labels(self.cluster, model.version, model.kind).set(1)
         RELOADS.labels(self.cluster, "ok").inc()
         log.info("cluster %s: latency model %s (%s) loaded from %s",
                  self.cluster, model.version, model.kind, model.path)
@@ -552,11 +640,15 @@ class OnnxLatency:
                 fallback_task.cancel()
 
     async def check_reload(self) -> bool:
-        """Load the model file if it changed since the last look; True when a new model serves."""
+        """Load the model file if it changed since the last look, or could not be read then
+        (a chmod changes neither mtime, size nor inode); True when a new model serves.
+        A failure is logged and counted once, not at every retry."""
         key = self._key_or_none()
-        if key == self._watched_key:
+        changed = key != self._watched_key
+        if not changed and not self._retry_read:
             return False
         self._watched_key = key
+        self._retry_read = False
         if key is None:  # deleted (or unreadable) since the last look: said once
             log.warning("cluster %s: model file %s is gone; %s", self.cluster,
                         self.options.model_path, self._what_serves())
@@ -564,12 +656,18 @@ class OnnxLatency:
         try:
             model = await asyncio.to_thread(load_model, self.options.model_path)
         except ModelError as exc:
-            RELOADS.labels(self.cluster, "failed").inc()
+            self._retry_read = exc.unreadable
             if self.model is None:
                 self._load_error_reason = exc.reason
-            log.error("cluster %s: model reload refused, %s: %s", self.cluster,
-                      self._what_serves(), exc)
+            if changed or str(exc) != self._failure_said:
+                self._failure_said = str(exc)
+                RELOADS.labels(self.cluster, "failed").inc()
+                log.error("cluster %s: model reload refused, %s%s: %s", self.cluster,
+                          self._what_serves(),
+                          "; tried again at every look until it can be read"
+                          if exc.unreadable else "", exc)
             return False
+        self._failure_said = ""
         self._install(model)
         return True
 
@@ -641,7 +739,7 @@ class OnnxLatency:
         warming up, shadow)."""
         plain = (self.model is not None and self._disabled_until == -math.inf
                  and not self._warming and not self.options.shadow)
-        if plain is not self._plain:
+        if plain is not self._plain and self._shows_gauges():
             MODEL_ACTIVE.labels(self.cluster).set(1 if plain else 0)
         self._plain = plain
 
@@ -814,7 +912,7 @@ class OnnxLatency:
         # Set on change only: a gauge's set takes a lock, and while not busy the gap stays
         # rescore_s.
         gap_s = self._effective_gap_s()
-        if gap_s != self._gap_shown_s:
+        if gap_s != self._gap_shown_s and self._shows_gauges():
             self._gap_shown_s = gap_s
             self._rescore_gap_gauge.set(gap_s)
         return scores
@@ -983,6 +1081,13 @@ class OnnxLatency:
             self._corr_rows[i] = new
 
     def close(self) -> None:
+        """Stop showing gauges (the README's deploy check greps foretell_model_info and
+        foretell_model_active: a cluster routed by another policy now shows neither)."""
+        if self._shows_gauges():
+            del _GAUGE_OWNER[self.cluster]
+            _drop_info(self.cluster)
+            _drop_series(MODEL_ACTIVE, self.cluster)
+            _drop_series(RESCORE_GAP, self.cluster)
         close = getattr(self.fallback, "close", None)
         if close is not None:
             close()

@@ -52,7 +52,10 @@ Steps, each reported on the terminal:
 Metadata in the ONNX file (model.metadata_props): foretell.schema_version,
 foretell.feature_names, foretell.route_classes, foretell.target,
 foretell.model_kind, foretell.model_version, foretell.training_window
-(JSON: first/last decision time, rows), foretell.validation (JSON metrics).
+(JSON: first/last decision time, rows), foretell.validation (JSON metrics),
+and last foretell.sha256 (of the file without that entry). The policy refuses
+a model that lacks any key it reads or does not match its checksum
+(policies.onnx_latency.load_model).
 """
 
 from __future__ import annotations
@@ -337,13 +340,14 @@ def to_onnx(model: Any, metadata: dict[str, str], *, log: bool = False) -> bytes
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
 
+    from policies.onnx_latency import with_checksum
+
     onx = convert_sklearn(model, initial_types=[("features", FloatTensorType([None, N_FEATURES]))])
     if log:
         append_exp(onx)
         onnx.checker.check_model(onx)
     onnx.helper.set_model_props(onx, metadata)
-    data: bytes = onx.SerializeToString()
-    return data
+    return with_checksum(onx.SerializeToString())
 
 
 def ort_session(data: bytes) -> Any:
@@ -501,6 +505,7 @@ def train_latency(data: Telemetry, out: Path | None, *, candidates: tuple[str, .
                                                           "faster_when_busier": r.herding}
                                  for r in results},
                   "failures_left_out": p.failures, "target_clip_ms": p.clip_ms}
+    # foretell.validation last: a file cut short lacks it, and the policy requires it.
     metadata = {**common, "foretell.model_kind": best.kind, "foretell.model_version": version,
                 "foretell.training_window": json.dumps(window),
                 "foretell.validation": json.dumps(validation)}

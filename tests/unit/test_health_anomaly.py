@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import random
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from prometheus_client import REGISTRY
 
+import health.anomaly
 from health.anomaly import (
     FEATURE_NAMES,
+    RELOAD_FAILED,
+    RELOAD_OK,
     SCHEMA_VERSION,
     AnomalyDetector,
     AnomalyModel,
@@ -21,9 +29,11 @@ from health.anomaly import (
     fleet_features,
     load_feature_rows,
 )
+from health.base import Verdict
 from health.checker import HealthChecker
-from health.config import ActiveProbe, Anomaly, HealthConfig
+from health.config import ActiveProbe, Anomaly, Ejection, HealthConfig
 from proxy.state import Backend, Cluster, Health, Outcome
+from tests.unit.file_support import CHMOD_NO_BAR, Unreadable
 from tests.unit.health_support import Clock
 from train.anomaly import fit_and_export
 
@@ -45,8 +55,8 @@ def simulate(det: AnomalyDetector, clock: Clock, rng: random.Random, seconds: fl
         det.evaluate(clock())
 
 
-def cluster_of(clock: Clock) -> Cluster:
-    return Cluster("c", [Backend(f"b{i}", f"http://127.0.0.1:{9000 + i}")
+def cluster_of(clock: Callable[[], float], name: str = "c") -> Cluster:
+    return Cluster(name, [Backend(f"b{i}", f"http://127.0.0.1:{9000 + i}")
                          for i in range(len(SPEEDS))], clock=clock)
 
 
@@ -167,8 +177,6 @@ def test_missing_and_invalid_model_files_are_clear_errors(tmp_path: Path) -> Non
 
 
 def test_wrong_schema_refused(model_path: Path, tmp_path: Path) -> None:
-    import onnx
-
     m = onnx.load(str(model_path))
     for p in m.metadata_props:
         if p.key == "schema_version":
@@ -179,7 +187,7 @@ def test_wrong_schema_refused(model_path: Path, tmp_path: Path) -> None:
         AnomalyModel(bad)
 
 
-def test_reload_keeps_old_model_on_error_and_takes_a_good_one(
+async def test_reload_keeps_old_model_on_error_and_takes_a_good_one(
         model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     live = tmp_path / "live.onnx"
     live.write_bytes(model_path.read_bytes())
@@ -189,13 +197,160 @@ def test_reload_keeps_old_model_on_error_and_takes_a_good_one(
     live.write_bytes(b"truncated")
     os.utime(live, ns=(1, 1))
     with caplog.at_level(logging.ERROR, logger="foretell.health"):
-        assert not det.maybe_reload()
+        assert await det.check_reload() == RELOAD_FAILED
     assert det.model is old
     assert "anomaly model reload failed, keeping the previous model" in caplog.text
     assert "live.onnx: not a loadable ONNX model" in caplog.text
     live.write_bytes(model_path.read_bytes())
     os.utime(live, ns=(2, 2))
-    assert det.maybe_reload() and det.model is not old
+    assert await det.check_reload() == RELOAD_OK and det.model is not old
+    assert await det.check_reload() is None  # unchanged since
+
+
+async def test_a_slow_model_load_neither_stalls_the_loop_nor_the_evaluations(
+        model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose load takes 0.6 s (as a 400-tree forest's ~1 s): requests and health
+    evaluations go on, with the old model, until the new one is swapped in."""
+    live = tmp_path / "live.onnx"
+    live.write_bytes(model_path.read_bytes())
+    cluster = cluster_of(time.monotonic)
+    cfg = HealthConfig(anomaly=Anomaly(model_path=live, interval_s=0.05),
+                       active=ActiveProbe(enabled=False), ejection=Ejection(evaluate_interval_s=0.02))
+    hc = HealthChecker(cluster, cfg)
+    det = hc.anomaly
+    assert det is not None and det.model is not None
+    old = det.model
+    load_span: list[float] = []
+
+    class SlowModel(AnomalyModel):
+        def __init__(self, path: Path) -> None:
+            load_span.append(time.monotonic())
+            time.sleep(0.6)  # holds its thread as building a big session does
+            super().__init__(path)
+            load_span.append(time.monotonic())
+
+    monkeypatch.setattr(health.anomaly, "AnomalyModel", SlowModel)
+    evaluated: list[tuple[float, object]] = []
+    evaluate = det.evaluate
+
+    def recording_evaluate(now: float) -> list[Verdict]:
+        evaluated.append((time.monotonic(), det.model))
+        return evaluate(now)
+
+    det.evaluate = recording_evaluate  # type: ignore[method-assign]
+    await hc.start()
+    try:
+        tmp = tmp_path / "new.onnx"
+        tmp.write_bytes(model_path.read_bytes())
+        os.utime(tmp, ns=(1, 1))
+        os.replace(tmp, live)
+        lag_s = 0.0
+        deadline = time.monotonic() + 5.0
+        while det.model is old and time.monotonic() < deadline:
+            t0 = time.monotonic()
+            await asyncio.sleep(0.005)
+            lag_s = max(lag_s, time.monotonic() - t0 - 0.005)
+    finally:
+        await hc.stop()
+    assert det.model is not old and len(load_span) == 2
+    assert lag_s < 0.3, f"the event loop stalled {lag_s * 1e3:.0f} ms during a 600 ms load"
+    during = [m for t, m in evaluated if load_span[0] < t < load_span[1]]
+    assert len(during) >= 5 and all(m is old for m in during)
+
+
+def with_threshold(model_path: Path, path: Path, threshold: float) -> Path:
+    """The trained model with another threshold in its metadata, atomically in place."""
+    m = onnx.load(str(model_path))
+    for p in m.metadata_props:
+        if p.key == "threshold":
+            p.value = repr(threshold)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(m, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_hot_reload_updates_the_threshold_gauge_and_failures_are_counted(
+        model_path: Path, tmp_path: Path) -> None:
+    live = tmp_path / "live.onnx"
+    live.write_bytes(model_path.read_bytes())
+    cfg = HealthConfig(anomaly=Anomaly(model_path=live, interval_s=0.02),
+                       active=ActiveProbe(enabled=False))
+    name = "anomaly-reload-metrics"
+
+    def threshold() -> float | None:
+        return REGISTRY.get_sample_value("foretell_health_anomaly_threshold", {"cluster": name})
+
+    def reloads(result: str) -> float:
+        value = REGISTRY.get_sample_value("foretell_health_anomaly_reloads_total",
+                                          {"cluster": name, "result": result})
+        return value or 0.0
+
+    hc = HealthChecker(cluster_of(time.monotonic, name), cfg)
+    det = hc.anomaly
+    assert det is not None and det.model is not None
+    assert threshold() == det.model.threshold
+    first = det.model
+    await hc.start()
+    try:
+        with_threshold(model_path, live, 0.6135)
+        await until(lambda: det.model is not first)
+        assert threshold() == 0.6135
+        assert reloads("ok") == 2.0  # the start-up load and this one
+        live.write_bytes(b"truncated")
+        os.utime(live, ns=(1, 1))
+        await until(lambda: reloads("failed") == 1.0)
+        assert det.model.threshold == 0.6135 and threshold() == 0.6135
+    finally:
+        await hc.stop()
+
+
+async def test_a_model_that_could_not_be_read_is_loaded_once_it_can(
+        model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The file changed while unreadable, then becomes readable without changing (a chmod
+    changes neither mtime, size nor inode): loaded at the next look, the failure logged
+    and counted once."""
+    live = tmp_path / "live.onnx"
+    live.write_bytes(model_path.read_bytes())
+    clock = Clock()
+    det = AnomalyDetector(Anomaly(model_path=live), clock, cluster_of(clock), lambda _b: None)
+    old = det.model
+    blocked = Unreadable(monkeypatch, live)
+    with_threshold(model_path, live, 0.6135)
+    with caplog.at_level(logging.ERROR, logger="foretell.health"):
+        results = [await det.check_reload() for _ in range(3)]
+    assert results == [RELOAD_FAILED, None, None] and det.model is old
+    assert caplog.text.count("anomaly model reload failed") == 1
+    assert "live.onnx: cannot read anomaly model" in caplog.text
+    blocked.on = False
+    assert await det.check_reload() == RELOAD_OK
+    assert det.model is not None and det.model.threshold == 0.6135
+    assert await det.check_reload() is None
+
+
+@CHMOD_NO_BAR
+async def test_a_model_file_made_readable_by_chmod_is_loaded(model_path: Path,
+                                                             tmp_path: Path) -> None:
+    live = tmp_path / "live.onnx"
+    live.write_bytes(model_path.read_bytes())
+    clock = Clock()
+    det = AnomalyDetector(Anomaly(model_path=live), clock, cluster_of(clock), lambda _b: None)
+    tmp = tmp_path / "new.onnx"
+    with_threshold(model_path, tmp, 0.6135)
+    tmp.chmod(0)
+    os.replace(tmp, live)
+    assert await det.check_reload() == RELOAD_FAILED
+    live.chmod(0o644)
+    assert await det.check_reload() == RELOAD_OK
+    assert det.model is not None and det.model.threshold == 0.6135
 
 
 def test_checker_ejects_on_anomaly(model_path: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -34,31 +35,44 @@ from policies.onnx_latency import (
     OBSERVED_LOG_MAX,
     OVER_BUDGET,
     RELOADS,
+    REQUIRED_METADATA,
     SCHEMA_MISMATCH,
     SHADOW,
     LoadedModel,
+    ModelError,
     OnnxLatency,
     load_model,
 )
 from policies.registry import create
 from proxy.state import Backend, Cluster, Outcome, Tracker
+from tests.unit.file_support import CHMOD_NO_BAR, Unreadable
 from tests.unit.learning_sim import ROUTES, FakeClock, Sim
 from train.latency import make_candidate, to_onnx
 
 REQ = RequestInfo(route_class="fast")
 
 
+def trained_metadata(version: str = "v1") -> dict[str, str]:
+    """The metadata the trainer writes that the policy requires (train/latency.py)."""
+    return {**schema_metadata(ROUTES), "foretell.target": "latency_ms",
+            "foretell.model_kind": "test", "foretell.model_version": version,
+            "foretell.training_window": "{}", "foretell.validation": "{}"}
+
+
 def linear_model(path: Path, weights: np.ndarray, bias: float = 1.0,
-                 meta: dict[str, str] | None = None, version: str = "v1") -> Path:
-    """A real linear regressor exported through the same path as training."""
+                 meta: dict[str, str] | None = None, version: str = "v1",
+                 without: tuple[str, ...] = ()) -> Path:
+    """A real linear regressor exported through the same path as training (`without`
+    these metadata keys)."""
     from sklearn.linear_model import LinearRegression
 
     m = LinearRegression()
     m.coef_ = weights.astype(np.float64)
     m.intercept_ = bias
     m.n_features_in_ = N_FEATURES
-    metadata = {**schema_metadata(ROUTES), "foretell.target": "latency_ms",
-                "foretell.model_version": version, **(meta or {})}
+    metadata = {**trained_metadata(version), **(meta or {})}
+    for key in without:
+        del metadata[key]
     path.write_bytes(to_onnx(m, metadata))
     return path
 
@@ -91,7 +105,7 @@ def tree_model(path: Path) -> Path:
     x[:, EWMA] *= 40
     y = 5.0 + 3.0 * x[:, INFLIGHT] + 0.5 * x[:, EWMA] + 4.0 * x[:, ROUTE0]
     model = make_candidate("hgb", seed=0).fit(x, y)
-    path.write_bytes(to_onnx(model, {**schema_metadata(ROUTES), "foretell.target": "latency_ms"}))
+    path.write_bytes(to_onnx(model, trained_metadata()))
     return path
 
 
@@ -107,7 +121,7 @@ def fails_beyond_two_rows(path: Path) -> Path:
          helper.make_node("ReduceSum", ["r", "axes"], ["variable"], keepdims=1)],
         "fails", [x], [y], initializer=[shape, axes])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    helper.set_model_props(model, {**schema_metadata(ROUTES), "foretell.target": "latency_ms"})
+    helper.set_model_props(model, trained_metadata())
     path.write_bytes(model.SerializeToString())
     return path
 
@@ -179,6 +193,14 @@ def test_bad_file_at_start_falls_back(tmp_path: Path, make: object, reason: str)
     assert p.last_reason == reason
 
 
+@pytest.mark.parametrize("key", REQUIRED_METADATA)
+def test_a_model_without_metadata_the_trainer_writes_is_refused(tmp_path: Path, key: str) -> None:
+    path = linear_model(tmp_path / "m.onnx", np.zeros(N_FEATURES), without=(key,))
+    with pytest.raises(ModelError, match=rf"m\.onnx: no {key} in the model metadata") as refused:
+        load_model(path)
+    assert refused.value.reason == SCHEMA_MISMATCH
+
+
 async def test_reload_good_then_corrupt_keeps_old(tmp_path: Path) -> None:
     sim = Sim(n_backends=3)
     path = inflight_model(tmp_path / "m.onnx", version="v1")
@@ -218,6 +240,42 @@ async def test_a_deleted_model_file_is_logged_once_and_the_model_keeps_serving(
     assert await p.check_reload() is True and p.model.version == "v2"
 
 
+async def test_a_model_that_could_not_be_read_is_loaded_once_it_can(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The file changed while unreadable; then it becomes readable without changing (a
+    chmod changes neither mtime, size nor inode): loaded at the next look, the failure
+    logged and counted once."""
+    sim = Sim(n_backends=2)
+    path = inflight_model(tmp_path / "m.onnx", version="v1")
+    p = policy(sim, path)
+    blocked = Unreadable(monkeypatch, path)
+    tmp = inflight_model(tmp_path / "new.onnx", version="v2")
+    os.replace(tmp, path)
+    failed = RELOADS.labels("t", "failed")._value.get()
+    for _ in range(3):
+        assert await p.check_reload() is False
+    assert p.model is not None and p.model.version == "v1"
+    refused = [r.getMessage() for r in caplog.records if "model reload refused" in r.getMessage()]
+    assert len(refused) == 1 and "m.onnx: cannot read" in refused[0], refused
+    assert RELOADS.labels("t", "failed")._value.get() == failed + 1
+    blocked.on = False
+    assert await p.check_reload() is True and p.model.version == "v2"
+    assert await p.check_reload() is False
+
+
+@CHMOD_NO_BAR
+async def test_a_model_file_made_readable_by_chmod_is_loaded(tmp_path: Path) -> None:
+    sim = Sim(n_backends=2)
+    path = inflight_model(tmp_path / "m.onnx", version="v1")
+    p = policy(sim, path)
+    tmp = inflight_model(tmp_path / "new.onnx", version="v2")
+    tmp.chmod(0)
+    os.replace(tmp, path)
+    assert await p.check_reload() is False and p.model is not None and p.model.version == "v1"
+    path.chmod(0o644)
+    assert await p.check_reload() is True and p.model.version == "v2"
+
+
 def active(cluster: str = "t") -> float | None:
     return REGISTRY.get_sample_value("foretell_model_active", {"cluster": cluster})
 
@@ -245,6 +303,54 @@ def test_the_active_gauge_is_one_exactly_while_the_model_routes(tmp_path: Path) 
     assert p.last_reason is None and active() == 1.0
     policy(sim, tmp_path / "missing.onnx")
     assert active() == 0.0
+
+
+def model_series(cluster: str) -> dict[str, float]:
+    """The README's deploy check: foretell_model_(info|active) of one cluster, by version."""
+    shown = {}
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if sample.name in ("foretell_model_info", "foretell_model_active") and \
+                    sample.labels["cluster"] == cluster:
+                shown[sample.labels.get("version", "active")] = sample.value
+    return shown
+
+
+async def test_model_gauges_follow_the_policy_across_config_reloads(tmp_path: Path) -> None:
+    """A reload builds the new policy before it closes the old: to another policy, the
+    model's series go; back with another model, only its version shows."""
+    from proxy import runtime
+    from proxy.config import parse_config
+    from proxy.loader import validate
+
+    v1 = inflight_model(tmp_path / "v1.onnx", version="v1")
+    v2 = inflight_model(tmp_path / "v2.onnx", version="v2")
+
+    def config(**policy: object) -> Any:
+        return validate(parse_config({
+            "clusters": {"gauges": {"policy": policy,
+                                    "backends": [{"id": "b0", "url": "http://127.0.0.1:9"}],
+                                    "health": {"active": {"enabled": False}}}},
+            "routes": [{"name": r, "path_prefix": f"/{r}", "cluster": "gauges"} for r in ROUTES]}),
+            "test")
+
+    learned = {"kind": "onnx_latency", "min_history": 0}
+    rt, _ = await runtime.build(config(**learned, model_path=str(v1)), None)
+    try:
+        assert model_series("gauges") == {"v1": 1.0, "active": 1.0}
+        steps: list[tuple[dict[str, object], dict[str, float]]] = [
+            ({"kind": "p2c_peak_ewma"}, {}),
+            ({**learned, "model_path": str(v2)}, {"v2": 1.0, "active": 1.0}),
+            ({**learned, "model_path": str(v1), "epsilon": 0.1}, {"v1": 1.0, "active": 1.0}),
+            ({**learned, "model_path": str(tmp_path / "missing.onnx")}, {"active": 0.0}),
+        ]
+        for policy, expected in steps:
+            rt, retired = await runtime.build(config(**policy), rt)
+            await runtime.retire(retired.now)
+            assert model_series("gauges") == expected, policy
+    finally:
+        await runtime.close(rt)
+    assert model_series("gauges") == {}
 
 
 def test_inference_error_falls_back_for_cooldown(tmp_path: Path) -> None:
@@ -670,8 +776,8 @@ def test_log_target_linear_model_uses_numpy_path_matching_onnxruntime(tmp_path: 
     y_log = 0.05 * x[:, INFLIGHT] + 0.01 * x.sum(axis=1) + rng.normal(0, 0.1, 400)
     model = make_pipeline(StandardScaler(), Ridge(alpha=1.0)).fit(x, y_log)
     path = tmp_path / "log.onnx"
-    path.write_bytes(to_onnx(model, {**schema_metadata(ROUTES), "foretell.target": "latency_ms",
-                                     "foretell.fit_target": "log_latency"}, log=True))
+    path.write_bytes(to_onnx(model, {**trained_metadata(), "foretell.fit_target": "log_latency"},
+                             log=True))
     loaded = load_model(path)
     assert loaded.weights is not None and loaded.log_clip == pytest.approx((LOG_MIN, LOG_MAX))
     rows = np.ascontiguousarray(np.concatenate([x[:50], x[:5] * 1e3]))  # some hit the clip

@@ -12,7 +12,14 @@ import pytest
 
 from policies.base import PolicyContext, RequestInfo
 from policies.features import FEATURE_NAMES, SCHEMA_VERSION
-from policies.onnx_latency import OnnxLatency, load_model
+from policies.onnx_latency import (
+    CHECKSUM,
+    REQUIRED_METADATA,
+    ModelError,
+    OnnxLatency,
+    checksum_entry,
+    load_model,
+)
 from policies.registry import create
 from proxy.config import Telemetry
 from proxy.telemetry import (
@@ -214,6 +221,53 @@ def test_log_target_and_l1_boosting_export_with_parity(telemetry_dir: Path,
         if target.startswith("log_"):
             ops = [n.op_type for n in onnx.load(out).graph.node]
             assert ops[-2:] == ["Clip", "Exp"]
+
+
+def test_no_part_of_a_trained_model_file_serves(telemetry_dir: Path, tmp_path: Path) -> None:
+    """A file cut short (a copy or a write interrupted) loses its metadata first: ONNX
+    stores it after the graph. Every prefix of a trained model is refused, but the one
+    that drops only the checksum (the file as trainers wrote it before the checksum)."""
+    data = load_telemetry(telemetry_dir)
+    out = tmp_path / "latency.onnx"
+    train_latency(data, out, candidates=("ridge",), target="latency", force=True,
+                  max_inference_us=1e6, progress=lambda _line: None)
+    whole = out.read_bytes()
+    model = load_model(out)
+    assert model.route_classes == list(ROUTES)
+    entry = checksum_entry(model.metadata[CHECKSUM])
+    assert whole.endswith(entry)
+    expected = {k: model.metadata[k] for k in REQUIRED_METADATA}
+    cut = tmp_path / "cut.onnx"
+    accepted = []
+    for n in range(len(whole)):
+        cut.write_bytes(whole[:n])
+        try:
+            served = load_model(cut)
+        except ModelError:
+            continue
+        accepted.append(n)
+        assert {k: served.metadata.get(k) for k in REQUIRED_METADATA} == expected
+    assert accepted == [len(whole) - len(entry)]
+
+
+def test_a_damaged_model_file_is_refused_by_its_checksum(telemetry_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """One bit of a weight flipped: the file still parses and runs, with another weight."""
+    import onnx
+
+    data = load_telemetry(telemetry_dir)
+    out = tmp_path / "latency.onnx"
+    train_latency(data, out, candidates=("ridge",), target="latency", force=True,
+                  max_inference_us=1e6, progress=lambda _line: None)
+    whole = bytearray(out.read_bytes())
+    regressor = next(n for n in onnx.load(out).graph.node if n.op_type == "LinearRegressor")
+    coefficients = next(a.floats for a in regressor.attribute if a.name == "coefficients")
+    at = whole.find(np.float32(coefficients[0]).tobytes())
+    assert at > 0
+    whole[at] ^= 0x10  # the mantissa's low bits: still a finite weight
+    out.write_bytes(bytes(whole))
+    with pytest.raises(ModelError, match=rf"latency\.onnx: the file does not match its {CHECKSUM}"):
+        load_model(out)
 
 
 def test_atomic_write_gives_the_umask_mode_not_mkstemps(tmp_path: Path) -> None:
