@@ -65,6 +65,11 @@ class Explore:
         if run is not None:
             await run()
 
+    def take_over(self, previous: object) -> None:
+        take_over = getattr(self.base, "take_over", None)
+        if take_over is not None:
+            take_over(previous.base if isinstance(previous, Explore) else previous)
+
     def close(self) -> None:
         close = getattr(self.base, "close", None)
         if close is not None:

@@ -62,6 +62,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,7 @@ MODEL_ACTIVE = Gauge(
 # policy before it closes the old one, whose close must leave the new one's alone.
 # Cluster -> the newest policy's token.
 _GAUGE_OWNER: dict[str, object] = {}
+_OWNER_POLICY: weakref.WeakValueDictionary[str, OnnxLatency] = weakref.WeakValueDictionary()
 # Cluster -> the (version, kind) foretell_model_info shows.
 _INFO_SHOWN: dict[str, tuple[str, str]] = {}
 
@@ -553,7 +555,14 @@ class OnnxLatency:
         # This policy shows the cluster's gauges from now on: no model yet, not active
         # (_update_plain sets it on every change).
         self._gauge_token = object()
+        # The policy this one took the gauges from: they go back to it if this one is
+        # closed unused (a reload that failed after building it).
+        # (Weakly: a chain of every policy a reload ever replaced would stay alive.)
+        shown = _OWNER_POLICY.get(self.cluster)
+        self._displaced = weakref.ref(shown) if shown is not None else None
+        self._closed = False
         _GAUGE_OWNER[self.cluster] = self._gauge_token
+        _OWNER_POLICY[self.cluster] = self
         _drop_info(self.cluster)
         MODEL_ACTIVE.labels(self.cluster).set(0)
         self.model: LoadedModel | None = None
@@ -590,6 +599,15 @@ class OnnxLatency:
             self._watched_key = self._key_or_none()
 
     # -- model lifecycle ----------------------------------------------------------
+    def _show_gauges(self) -> None:
+        """Take the cluster's gauges (back) and show this policy's state on them."""
+        _GAUGE_OWNER[self.cluster] = self._gauge_token
+        _OWNER_POLICY[self.cluster] = self
+        MODEL_ACTIVE.labels(self.cluster).set(1 if self._plain else 0)
+        if self.model is not None:
+            _INFO_SHOWN[self.cluster] = (self.model.version, self.model.kind)
+            MODEL_INFO.labels(self.cluster, self.model.version, self.model.kind).set(1)
+
     def _shows_gauges(self) -> bool:
         """Whether this policy's state is what the cluster's gauges show (the newest one's)."""
         return _GAUGE_OWNER.get(self.cluster) is self._gauge_token
@@ -1080,14 +1098,28 @@ class OnnxLatency:
         if i is not None:
             self._corr_rows[i] = new
 
+    def take_over(self, previous: object) -> None:
+        """Called when this policy replaces `previous` (a reload): a model file that no
+        longer loads does not cost the model `previous` serves from that same file."""
+        if (self.model is None and isinstance(previous, OnnxLatency) and previous.model is not None
+                and previous.options.model_path == self.options.model_path):
+            log.warning("cluster %s: keeping the model loaded before (%s), %s does not load now",
+                        self.cluster, previous.model.version, self.options.model_path)
+            self._install(previous.model)
+
     def close(self) -> None:
         """Stop showing gauges (the README's deploy check greps foretell_model_info and
         foretell_model_active: a cluster routed by another policy now shows neither)."""
+        self._closed = True
         if self._shows_gauges():
             del _GAUGE_OWNER[self.cluster]
+            _OWNER_POLICY.pop(self.cluster, None)
             _drop_info(self.cluster)
             _drop_series(MODEL_ACTIVE, self.cluster)
             _drop_series(RESCORE_GAP, self.cluster)
+            back = self._displaced() if self._displaced is not None else None
+            if back is not None and not back._closed:
+                back._show_gauges()
         close = getattr(self.fallback, "close", None)
         if close is not None:
             close()

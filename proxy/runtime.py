@@ -77,9 +77,13 @@ class ClusterRuntime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.tasks.clear()
-        close = getattr(self.policy, "close", None)
-        if close is not None:
-            close()
+        _close_policy(self.policy)
+
+
+def _close_policy(policy: Policy) -> None:
+    close = getattr(policy, "close", None)
+    if close is not None:
+        close()
 
 
 @dataclass
@@ -143,6 +147,9 @@ async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[],
             prepared[name] = (prev, upstream, policy)
     except BaseException:
         await retire(started)
+        for _, _, policy in prepared.values():
+            if all(policy is not cr.policy for cr in old.values()):
+                _close_policy(policy)
         raise
     clusters: dict[str, ClusterRuntime] = {}
     retired = Retired()
@@ -167,6 +174,9 @@ async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[],
         if prev is not None and policy is prev.policy:
             cr.tasks = prev.tasks
         else:
+            take_over = getattr(policy, "take_over", None)
+            if take_over is not None and prev is not None:
+                take_over(prev.policy)  # e.g. a model the new one could not load itself
             cr.start_policy_background()
             if prev is not None:
                 retired.now.append(("policy", prev))

@@ -316,25 +316,36 @@ def model_series(cluster: str) -> dict[str, float]:
     return shown
 
 
+def gauges_config(policy: dict[str, object], **more_clusters: dict[str, object]) -> Any:
+    """A validated config: cluster "gauges" routed by `policy`, plus any other clusters
+    (name -> policy), one unreachable backend each, probes off."""
+    from proxy.config import parse_config
+    from proxy.loader import validate
+
+    clusters = {name: {"policy": p, "backends": [{"id": "b0", "url": "http://127.0.0.1:9"}],
+                       "health": {"active": {"enabled": False}}}
+                for name, p in {"gauges": policy, **more_clusters}.items()}
+    return validate(parse_config({
+        "clusters": clusters,
+        "routes": [{"name": r, "path_prefix": f"/{r}", "cluster": "gauges"} for r in ROUTES]}),
+        "test")
+
+
+LEARNED = {"kind": "onnx_latency", "min_history": 0}
+
+
 async def test_model_gauges_follow_the_policy_across_config_reloads(tmp_path: Path) -> None:
     """A reload builds the new policy before it closes the old: to another policy, the
     model's series go; back with another model, only its version shows."""
     from proxy import runtime
-    from proxy.config import parse_config
-    from proxy.loader import validate
 
     v1 = inflight_model(tmp_path / "v1.onnx", version="v1")
     v2 = inflight_model(tmp_path / "v2.onnx", version="v2")
 
     def config(**policy: object) -> Any:
-        return validate(parse_config({
-            "clusters": {"gauges": {"policy": policy,
-                                    "backends": [{"id": "b0", "url": "http://127.0.0.1:9"}],
-                                    "health": {"active": {"enabled": False}}}},
-            "routes": [{"name": r, "path_prefix": f"/{r}", "cluster": "gauges"} for r in ROUTES]}),
-            "test")
+        return gauges_config(policy)
 
-    learned = {"kind": "onnx_latency", "min_history": 0}
+    learned = LEARNED
     rt, _ = await runtime.build(config(**learned, model_path=str(v1)), None)
     try:
         assert model_series("gauges") == {"v1": 1.0, "active": 1.0}
@@ -351,6 +362,45 @@ async def test_model_gauges_follow_the_policy_across_config_reloads(tmp_path: Pa
     finally:
         await runtime.close(rt)
     assert model_series("gauges") == {}
+
+
+async def test_a_reload_that_changes_options_keeps_the_model_a_broken_file_would_cost(
+        tmp_path: Path) -> None:
+    """v1 serves; its file is then cut short (refused), and a reload changes epsilon: the
+    new policy cannot load the file, and takes over the model the old one serves."""
+    from proxy import runtime
+
+    v1 = inflight_model(tmp_path / "v1.onnx", version="v1")
+    rt, _ = await runtime.build(gauges_config({**LEARNED, "model_path": str(v1)}), None)
+    try:
+        v1.write_bytes(v1.read_bytes()[:200])
+        rt, retired = await runtime.build(
+            gauges_config({**LEARNED, "model_path": str(v1), "epsilon": 0.1}), rt)
+        await runtime.retire(retired.now)
+        policy = rt.clusters["gauges"].policy
+        assert isinstance(policy, OnnxLatency) and policy.options.epsilon == 0.1
+        assert policy.model is not None and policy.model.version == "v1"
+        assert model_series("gauges") == {"v1": 1.0, "active": 1.0}
+    finally:
+        await runtime.close(rt)
+
+
+async def test_a_failed_reload_gives_the_gauges_back_to_the_policy_that_serves(
+        tmp_path: Path) -> None:
+    """The new onnx_latency policy is built (and takes the cluster's gauges) before another
+    cluster's policy fails to build: the reload is refused and the old policy shows again."""
+    from proxy import runtime
+
+    v1 = inflight_model(tmp_path / "v1.onnx", version="v1")
+    v2 = inflight_model(tmp_path / "v2.onnx", version="v2")
+    rt, _ = await runtime.build(gauges_config({**LEARNED, "model_path": str(v1)}), None)
+    try:
+        with pytest.raises(RuntimeError, match="cannot be built"):
+            await runtime.build(gauges_config({**LEARNED, "model_path": str(v2)},
+                                              other={"kind": "tests.support.FailingPolicy"}), rt)
+        assert model_series("gauges") == {"v1": 1.0, "active": 1.0}
+    finally:
+        await runtime.close(rt)
 
 
 def test_inference_error_falls_back_for_cooldown(tmp_path: Path) -> None:
