@@ -273,6 +273,19 @@ def _bound_port(site: web.TCPSite) -> int | None:
     return port
 
 
+def report_ready() -> None:
+    """Tell the supervisor this worker serves: one byte on the pipe it passed (none when alone)."""
+    fd = os.environ.pop("FORETELL_READY_FD", None)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), b"r")
+    except OSError as exc:  # the supervisor is gone: its death signal follows
+        log.warning("cannot tell the supervisor this worker is ready: %s", exc)
+    finally:
+        os.close(int(fd))
+
+
 async def run(config_path: str | Path, worker_id: int) -> int:
     os.environ["FORETELL_WORKER_ID"] = str(worker_id)
     worker = Worker(config_path, worker_id)
@@ -288,6 +301,7 @@ async def run(config_path: str | Path, worker_id: int) -> int:
         await worker.stop()
         return 1
     worker.install_signal_handlers()
+    report_ready()
     await worker.wait_stopped()
     log.info("worker %d draining", worker_id)
     await worker.stop()

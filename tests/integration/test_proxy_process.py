@@ -206,3 +206,83 @@ async def test_two_workers_recommend_replicas_from_their_summed_forecast(backend
     replicas = re.findall(r"^foretell_recommended_replicas (\S+)$", text, re.M)
     assert rps > 4 * capacity, text  # enough load that twice it would need more replicas
     assert [float(r) for r in replicas] == [math.ceil(rps / capacity - 1e-9)]
+
+
+def _worker(parent: psutil.Process, worker_id: int) -> psutil.Process | None:
+    """The supervisor's live child serving as worker `worker_id`, if there is one."""
+    for child in parent.children():
+        try:
+            if child.environ().get("FORETELL_WORKER_ID") == str(worker_id):
+                return child
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return None
+
+
+async def _replacement(proc: ProxyProcess, parent: psutil.Process, worker_id: int,
+                       old_pid: int) -> psutil.Process:
+    deadline = time.monotonic() + 20
+    while True:
+        assert proc.proc.poll() is None, f"the supervisor exited:\n{proc.log()}"
+        worker = _worker(parent, worker_id)
+        if worker is not None and worker.pid != old_pid:
+            return worker
+        assert time.monotonic() < deadline, proc.log()
+        await asyncio.sleep(0.1)
+
+
+async def test_supervisor_restarts_a_killed_worker(backends: Backends, run_proxy) -> None:
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls, workers=2))
+    parent = await _two_workers_up(proc)
+    for worker_id in (1, 0):  # then the one that also serves the admin port
+        old = _worker(parent, worker_id)
+        assert old is not None
+        old.kill()
+        await _replacement(proc, parent, worker_id, old.pid)
+        await _wait_ready(proc)
+        for _ in range(20):  # new connections: the kernel spreads them over the workers listening
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as one, one.get(proc.url + "/echo") as resp:
+                assert resp.status == 200
+        async with aiohttp.ClientSession() as client, client.get(proc.admin_url + "/metrics") as resp:
+            assert resp.status == 200, await resp.text()
+            assert "foretell_requests_total" in await resp.text()
+        assert f"worker {worker_id} (pid {old.pid}) was killed by SIGKILL" in proc.log()
+
+
+async def test_supervisor_gives_up_on_a_worker_that_keeps_failing_to_start(backends: Backends,
+                                                                          run_proxy) -> None:
+    """A restarted worker reads the config file again: one gone bad since fails every start."""
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls, workers=2))
+    parent = await _two_workers_up(proc)
+    workers = parent.children()
+    proc.config_path.write_text(proc.config_path.read_text() + "\nbogus_key: 1\n")
+    victim = _worker(parent, 1)
+    assert victim is not None
+    victim.kill()
+    code = await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 40)
+    log = proc.log()
+    assert code == 2, log  # the workers' own exit code for a bad config
+    assert "bogus_key" in log
+    assert "worker 1 failed to start 5 times in a row" in log
+    assert not [w for w in workers if w.is_running()], log  # worker 0 was stopped, not left behind
+
+
+async def test_workers_exit_when_the_supervisor_is_killed(backends: Backends, run_proxy) -> None:
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls, workers=2))
+    parent = await _two_workers_up(proc)
+    workers = parent.children()
+    proc.proc.kill()
+    proc.proc.wait()
+    deadline = time.monotonic() + 10
+    try:
+        while any(w.is_running() for w in workers):
+            assert time.monotonic() < deadline, "workers outlived their supervisor"
+            await asyncio.sleep(0.1)
+    finally:
+        for w in workers:
+            if w.is_running():
+                w.kill()
