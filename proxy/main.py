@@ -9,11 +9,16 @@ with each death, until a worker has served for STABLE_S. When START_ATTEMPTS
 workers in a row die before they serve (a busy port, a config file that has
 gone bad since), it gives up: it stops the other workers and exits non-zero.
 Workers are told to stop (SIGTERM) when the supervisor dies, however it dies.
+
+SIGHUP ends a process by default. The first thing `serve` does is hold it: a
+HUP that comes while the proxy starts is logged and applied as a reload once
+the worker serves (the file may have changed since it was read). The
+supervisor starts its workers with SIGHUP blocked, so one forwarded before a
+worker's interpreter reaches `serve` waits for it there.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import logging
 import os
@@ -24,13 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from proxy.config import ConfigError
-from proxy.loader import load
 
 log = logging.getLogger("foretell")
 
@@ -63,6 +65,8 @@ def raise_fd_limit() -> None:
 
 def run_loop(coro: Coroutine[Any, Any, int]) -> int:
     """Run on uvloop when it is installed, else the default asyncio loop."""
+    import asyncio  # here: it takes longer to import than all before serve() holds SIGHUP
+
     try:
         import uvloop
     except ImportError:
@@ -71,7 +75,25 @@ def run_loop(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
+class HeldHup:
+    """SIGHUP remembered until the process can act on it, instead of ending it."""
+
+    def __init__(self) -> None:
+        self.received = False
+        signal.signal(signal.SIGHUP, self._on_hup)
+        # A worker starts with SIGHUP blocked (see Supervisor._start): one sent since arrives now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+    def _on_hup(self, signum: int, _frame: object) -> None:
+        self.received = True
+
+
 def serve(config_path: str | Path) -> int:
+    held_hup = HeldHup()  # first: until the proxy serves, SIGHUP's default action would end it
+    # Imported after: reading and validating config (pydantic) takes a while to load.
+    from proxy.config import ConfigError
+    from proxy.loader import load
+
     worker_id = os.environ.get("FORETELL_WORKER_ID")
     if worker_id is not None and not follow_supervisor():
         return 1
@@ -88,8 +110,10 @@ def serve(config_path: str | Path) -> int:
     if worker_id is not None or single:
         from proxy import worker
 
-        return run_loop(worker.run(config_path, int(worker_id or 0)))
-    return supervise(Path(config_path), loaded.config.workers, loaded.config.timeouts.drain_s)
+        return run_loop(worker.run(config_path, int(worker_id or 0), loaded,
+                                   hup_received=lambda: held_hup.received))
+    return supervise(Path(config_path), loaded.config.workers, loaded.config.timeouts.drain_s,
+                     hup_received=lambda: held_hup.received)
 
 
 def follow_supervisor() -> bool:
@@ -100,11 +124,12 @@ def follow_supervisor() -> bool:
     return os.environ.get("FORETELL_SUPERVISOR_PID") in (None, str(os.getppid()))
 
 
-def supervise(config_path: Path, workers: int, drain_s: float) -> int:
+def supervise(config_path: Path, workers: int, drain_s: float, *,
+              hup_received: Callable[[], bool] = lambda: False) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="foretell-metrics-")
     supervisor = Supervisor(config_path, workers, drain_s, metrics_dir)
     try:
-        return supervisor.run()
+        return supervisor.run(hup_received)
     finally:
         supervisor.kill_all()  # whatever ended the supervisor, no worker outlives it
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -168,10 +193,12 @@ class Supervisor:
         self._stopping = False
         self._reload_requested = False
 
-    def run(self) -> int:
+    def run(self, hup_received: Callable[[], bool]) -> int:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
+        if hup_received():
+            log.info("supervisor: SIGHUP before the workers started: they read the config file as it is now")
         for slot in self.slots:
             self._start(slot)
         exit_code = 0
@@ -220,6 +247,9 @@ class Supervisor:
 
     def _start(self, slot: Slot) -> None:
         read_fd, write_fd = os.pipe()
+        # The worker inherits the blocked signal: a HUP forwarded while its interpreter
+        # starts is held for it, where the default action would end it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             slot.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "--config", str(self.config_path)],
@@ -230,6 +260,7 @@ class Supervisor:
             os.close(read_fd)
             raise
         finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             os.close(write_fd)
         os.set_blocking(read_fd, False)
         slot.ready_fd, slot.ready_at, slot.restart_at = read_fd, None, None

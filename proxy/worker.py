@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,8 @@ class Worker:
         self._pending_upstreams: list[Any] = []
         self.listen_port: int | None = None
         self.admin_port: int | None = None
+        self._serving = False
+        self._hup_held = False
 
     # -- lifecycle --------------------------------------------------------------
     async def start(self, loaded: Loaded | None = None) -> None:
@@ -168,11 +171,28 @@ class Worker:
             if self.proxy is not None:
                 admin.refresh_gauges(self.proxy)
 
-    def install_signal_handlers(self) -> None:
+    def catch_sighup(self, held: bool = False) -> None:
+        """SIGHUP reloads the config from now on; until `serving()` it is held (as one from
+        before this, `held`) and applied then."""
+        self._hup_held = held
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self) -> None:
+        if self._serving:
+            self._spawn(self.reload())
+        elif not self._hup_held:
+            self._hup_held = True
+            log.info("SIGHUP during start-up: worker %d reloads the config once it serves", self.worker_id)
+
+    def serving(self) -> None:
+        """Started: SIGTERM and SIGINT drain from now on, and a held SIGHUP is applied."""
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        self._serving = True
+        if self._hup_held:
+            log.info("worker %d: applying the SIGHUP received during start-up", self.worker_id)
+            self._spawn(self.reload())
 
     async def wait_stopped(self) -> None:
         await self._stop.wait()
@@ -286,11 +306,16 @@ def report_ready() -> None:
         os.close(int(fd))
 
 
-async def run(config_path: str | Path, worker_id: int) -> int:
+async def run(config_path: str | Path, worker_id: int, loaded: Loaded | None = None, *,
+              hup_received: Callable[[], bool] = lambda: False) -> int:
+    """Serve until SIGTERM. `loaded`: the config as already read; `hup_received`: whether a
+    SIGHUP came before this (held by the caller), to be applied once serving."""
     os.environ["FORETELL_WORKER_ID"] = str(worker_id)
     worker = Worker(config_path, worker_id)
+    # First: SIGHUP's default action would end the process while it starts.
+    worker.catch_sighup(held=hup_received())
     try:
-        await worker.start()
+        await worker.start(loaded)
     except ConfigError as exc:
         log.error("%s", exc)
         await worker.stop()
@@ -300,7 +325,7 @@ async def run(config_path: str | Path, worker_id: int) -> int:
         log.error("cannot start: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
         await worker.stop()
         return 1
-    worker.install_signal_handlers()
+    worker.serving()
     report_ready()
     await worker.wait_stopped()
     log.info("worker %d draining", worker_id)

@@ -6,6 +6,7 @@ import asyncio
 import math
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -286,3 +287,44 @@ async def test_workers_exit_when_the_supervisor_is_killed(backends: Backends, ru
         for w in workers:
             if w.is_running():
                 w.kill()
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler for `sig` (SigCgt in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sighup_during_startup_is_applied_once_started(backends: Backends, run_proxy,
+                                                             workers: int) -> None:
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls, workers=workers))
+    parent = psutil.Process(proc.proc.pid)
+    # As early as the process can take it (the first thing it does), or once the supervisor
+    # has started its workers; at the latest 0.3 s in, well before the proxy serves.
+    deadline = time.monotonic() + (0.3 if workers == 1 else 10)
+    while time.monotonic() < deadline:
+        if (len(parent.children()) == workers) if workers > 1 else _catches(parent.pid, signal.SIGHUP):
+            break
+        await asyncio.sleep(0.005)
+    assert not _listening(proc.port) and not _listening(proc.admin_port), "the proxy started too fast"
+    pids = {c.pid for c in parent.children()}
+    proc.signal(signal.SIGHUP)
+    await _wait_ready(proc)
+    async with aiohttp.ClientSession() as client, client.get(proc.url + "/echo") as resp:
+        assert resp.status == 200
+    # Each worker reloads once it serves: the file may have changed since it was read.
+    deadline = time.monotonic() + 10
+    while proc.log().count("reload: applied") < workers:
+        assert time.monotonic() < deadline, proc.log()
+        await asyncio.sleep(0.1)
+    assert {c.pid for c in parent.children()} == pids, proc.log()  # no worker died and came back
+    assert "restarting" not in proc.log()
