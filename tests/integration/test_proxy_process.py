@@ -16,6 +16,7 @@ import aiohttp
 import psutil
 import pytest
 import yaml
+from aiohttp import web
 
 from tests.support import (
     Backends,
@@ -328,3 +329,59 @@ async def test_sighup_during_startup_is_applied_once_started(backends: Backends,
         await asyncio.sleep(0.1)
     assert {c.pid for c in parent.children()} == pids, proc.log()  # no worker died and came back
     assert "restarting" not in proc.log()
+
+
+async def _sigterm_and_time_exit(proc: ProxyProcess) -> tuple[int, float]:
+    """SIGTERM the proxy: its exit code and how long it took to exit."""
+    sent = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    code = await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 60)
+    return code, time.monotonic() - sent
+
+
+@pytest.mark.parametrize(("drain_s", "workers"), [(0, 1), (2, 1), (2, 2)])
+async def test_sigterm_answers_requests_drain_s_cuts_and_exits_in_time(backends: Backends, run_proxy,
+                                                                       drain_s: float, workers: int) -> None:
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls, workers=workers,
+                                  timeouts={"drain_s": drain_s, "per_try_s": 60, "total_s": 60}))
+    if workers > 1:
+        await _two_workers_up(proc)
+    await _wait_ready(proc)
+    async with aiohttp.ClientSession() as client:
+        async def slow() -> tuple[int, str | None]:
+            async with client.get(proc.url + "/sleep/20000") as resp:
+                await resp.read()
+                return resp.status, resp.headers.get("x-foretell-error")
+
+        pending = asyncio.create_task(slow())
+        await asyncio.sleep(0.5)  # at the backend by now
+        code, exit_s = await _sigterm_and_time_exit(proc)
+        answer = await pending
+    assert answer == (503, "shutting_down"), proc.log()
+    assert exit_s < drain_s + 1.5, proc.log()
+    assert code == 0
+
+
+async def test_sigterm_closes_a_response_drain_s_cuts_after_its_headers(backends: Backends,
+                                                                       run_proxy) -> None:
+    async def dribble(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"first bytes")
+        await asyncio.sleep(20)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/dribble", dribble)
+    urls = {"slow": await backends.start("slow", app)}
+    proc = run_proxy(proxy_config(urls, timeouts={"drain_s": 1, "per_try_s": 60, "total_s": 60}))
+    await _wait_ready(proc)
+    async with aiohttp.ClientSession() as client, client.get(proc.url + "/dribble") as resp:
+        assert resp.status == 200
+        assert await resp.content.readexactly(11) == b"first bytes"
+        code, exit_s = await _sigterm_and_time_exit(proc)
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut, not passed off as complete
+            await resp.read()
+    assert exit_s < 1 + 1.5, proc.log()
+    assert code == 0
