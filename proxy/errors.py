@@ -19,6 +19,8 @@ BODY_TOO_LARGE = "request_body_too_large"
 HEADERS_TOO_LARGE = "request_headers_too_large"
 NOT_IMPLEMENTED = "not_implemented"
 VERSION_NOT_SUPPORTED = "http_version_not_supported"
+# Still in progress when SIGTERM's drain_s ran out.
+SHUTTING_DOWN = "shutting_down"
 
 STATUS = {
     BAD_REQUEST: 400,
@@ -30,6 +32,7 @@ STATUS = {
     RESET: 502,
     UPSTREAM_ERROR_STATUS: 502,
     NO_BACKEND: 503,
+    SHUTTING_DOWN: 503,
     TIMEOUT: 504,
     VERSION_NOT_SUPPORTED: 505,
 }

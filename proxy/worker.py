@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,11 @@ from proxy.server import Proxy
 log = logging.getLogger("foretell.worker")
 
 GAUGE_REFRESH_S = 1.0
+DRAIN_POLL_S = 0.05
+# After drain_s: how long requests cut then have to send their 503, and how long aiohttp
+# then waits for a connection to finish (twice: before and after cancelling its handler).
+CUT_GRACE_S = 0.5
+CLOSE_GRACE_S = 0.2
 RETIRE_POLL_S = 0.5
 # A replaced runtime's upstream pools live at most this long for requests still on them.
 UPSTREAM_RETIRE_CAP_S = 600.0
@@ -86,6 +92,9 @@ class Worker:
         self._pending_upstreams: list[Any] = []
         self.listen_port: int | None = None
         self.admin_port: int | None = None
+        self._serving = False
+        self._hup_held = False
+        self._drain_s = 0.0
 
     # -- lifecycle --------------------------------------------------------------
     async def start(self, loaded: Loaded | None = None) -> None:
@@ -107,8 +116,9 @@ class Worker:
             handler_cancellation=True,
             json_log=access_log,
         )
-        self._runner = web.ServerRunner(server, handle_signals=False,
-                                        shutdown_timeout=config.timeouts.drain_s)
+        self._drain_s = config.timeouts.drain_s
+        # stop() drains; aiohttp's own wait (twice this) only bounds the last writes.
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=CLOSE_GRACE_S)
         await self._runner.setup()
         self._ssl = listen_ssl(config)
         site = web.TCPSite(self._runner, config.listen.host, config.listen.port,
@@ -119,7 +129,8 @@ class Worker:
         self.listen_port = _bound_port(site)
         if self.worker_id == 0:
             app = admin.admin_app(self._get_proxy, self.is_ready)
-            self._admin_runner = web.AppRunner(app, handle_signals=False, access_log=None)
+            self._admin_runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                               shutdown_timeout=CLOSE_GRACE_S)
             await self._admin_runner.setup()
             admin_site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port)
             await admin_site.start()
@@ -168,11 +179,28 @@ class Worker:
             if self.proxy is not None:
                 admin.refresh_gauges(self.proxy)
 
-    def install_signal_handlers(self) -> None:
+    def catch_sighup(self, held: bool = False) -> None:
+        """SIGHUP reloads the config from now on; until `serving()` it is held (as one from
+        before this, `held`) and applied then."""
+        self._hup_held = held
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self) -> None:
+        if self._serving:
+            self._spawn(self.reload())
+        elif not self._hup_held:
+            self._hup_held = True
+            log.info("SIGHUP during start-up: worker %d reloads the config once it serves", self.worker_id)
+
+    def serving(self) -> None:
+        """Started: SIGTERM and SIGINT drain from now on, and a held SIGHUP is applied."""
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        self._serving = True
+        if self._hup_held:
+            log.info("worker %d: applying the SIGHUP received during start-up", self.worker_id)
+            self._spawn(self.reload())
 
     async def wait_stopped(self) -> None:
         await self._stop.wait()
@@ -244,11 +272,34 @@ class Worker:
         for upstream in upstreams:
             self._pending_upstreams.remove(upstream)
 
+    async def _drain(self, runner: web.BaseRunner) -> None:
+        """Close the listener and idle connections at once; wait up to drain_s for the requests
+        in progress, then cut those still going."""
+        for site in list(runner.sites):
+            await site.stop()
+        # Connections accepted just before get their request under way (as aiohttp's cleanup).
+        await asyncio.sleep(0)
+        if runner.server is not None:
+            runner.server.pre_shutdown()  # idle keep-alive connections now, busy ones after their answer
+        proxy = self.proxy
+        if proxy is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._drain_s
+        while proxy.active_requests and loop.time() < deadline:
+            await asyncio.sleep(min(DRAIN_POLL_S, max(0.0, deadline - loop.time())))
+        if proxy.active_requests:
+            cut = await proxy.cut(CUT_GRACE_S)
+            log.warning("worker %d: drain_s (%g s) is over: cut %d request(s) still in progress",
+                        self.worker_id, self._drain_s, cut)
+
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to drain_s), then close."""
+        """Stop accepting, let in-flight requests finish for up to drain_s, cut the rest
+        (a 503 where no response has started), then close."""
         if self.proxy is not None:
             self.proxy.draining = True
         if self._runner is not None:
+            await self._drain(self._runner)
             await self._runner.cleanup()
         for task in list(self._tasks):
             task.cancel()
@@ -273,11 +324,29 @@ def _bound_port(site: web.TCPSite) -> int | None:
     return port
 
 
-async def run(config_path: str | Path, worker_id: int) -> int:
+def report_ready() -> None:
+    """Tell the supervisor this worker serves: one byte on the pipe it passed (none when alone)."""
+    fd = os.environ.pop("FORETELL_READY_FD", None)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), b"r")
+    except OSError as exc:  # the supervisor is gone: its death signal follows
+        log.warning("cannot tell the supervisor this worker is ready: %s", exc)
+    finally:
+        os.close(int(fd))
+
+
+async def run(config_path: str | Path, worker_id: int, loaded: Loaded | None = None, *,
+              hup_received: Callable[[], bool] = lambda: False) -> int:
+    """Serve until SIGTERM. `loaded`: the config as already read; `hup_received`: whether a
+    SIGHUP came before this (held by the caller), to be applied once serving."""
     os.environ["FORETELL_WORKER_ID"] = str(worker_id)
     worker = Worker(config_path, worker_id)
+    # First: SIGHUP's default action would end the process while it starts.
+    worker.catch_sighup(held=hup_received())
     try:
-        await worker.start()
+        await worker.start(loaded)
     except ConfigError as exc:
         log.error("%s", exc)
         await worker.stop()
@@ -287,7 +356,8 @@ async def run(config_path: str | Path, worker_id: int) -> int:
         log.error("cannot start: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
         await worker.stop()
         return 1
-    worker.install_signal_handlers()
+    worker.serving()
+    report_ready()
     await worker.wait_stopped()
     log.info("worker %d draining", worker_id)
     await worker.stop()

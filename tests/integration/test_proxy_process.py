@@ -6,6 +6,7 @@ import asyncio
 import math
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import aiohttp
 import psutil
 import pytest
 import yaml
+from aiohttp import web
 
 from tests.support import (
     Backends,
@@ -206,3 +208,180 @@ async def test_two_workers_recommend_replicas_from_their_summed_forecast(backend
     replicas = re.findall(r"^foretell_recommended_replicas (\S+)$", text, re.M)
     assert rps > 4 * capacity, text  # enough load that twice it would need more replicas
     assert [float(r) for r in replicas] == [math.ceil(rps / capacity - 1e-9)]
+
+
+def _worker(parent: psutil.Process, worker_id: int) -> psutil.Process | None:
+    """The supervisor's live child serving as worker `worker_id`, if there is one."""
+    for child in parent.children():
+        try:
+            if child.environ().get("FORETELL_WORKER_ID") == str(worker_id):
+                return child
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return None
+
+
+async def _replacement(proc: ProxyProcess, parent: psutil.Process, worker_id: int,
+                       old_pid: int) -> psutil.Process:
+    deadline = time.monotonic() + 20
+    while True:
+        assert proc.proc.poll() is None, f"the supervisor exited:\n{proc.log()}"
+        worker = _worker(parent, worker_id)
+        if worker is not None and worker.pid != old_pid:
+            return worker
+        assert time.monotonic() < deadline, proc.log()
+        await asyncio.sleep(0.1)
+
+
+async def test_supervisor_restarts_a_killed_worker(backends: Backends, run_proxy) -> None:
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls, workers=2))
+    parent = await _two_workers_up(proc)
+    for worker_id in (1, 0):  # then the one that also serves the admin port
+        old = _worker(parent, worker_id)
+        assert old is not None
+        old.kill()
+        await _replacement(proc, parent, worker_id, old.pid)
+        await _wait_ready(proc)
+        for _ in range(20):  # new connections: the kernel spreads them over the workers listening
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as one, one.get(proc.url + "/echo") as resp:
+                assert resp.status == 200
+        async with aiohttp.ClientSession() as client, client.get(proc.admin_url + "/metrics") as resp:
+            assert resp.status == 200, await resp.text()
+            assert "foretell_requests_total" in await resp.text()
+        assert f"worker {worker_id} (pid {old.pid}) was killed by SIGKILL" in proc.log()
+
+
+async def test_supervisor_gives_up_on_a_worker_that_keeps_failing_to_start(backends: Backends,
+                                                                          run_proxy) -> None:
+    """A restarted worker reads the config file again: one gone bad since fails every start."""
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls, workers=2))
+    parent = await _two_workers_up(proc)
+    workers = parent.children()
+    proc.config_path.write_text(proc.config_path.read_text() + "\nbogus_key: 1\n")
+    victim = _worker(parent, 1)
+    assert victim is not None
+    victim.kill()
+    code = await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 40)
+    log = proc.log()
+    assert code == 2, log  # the workers' own exit code for a bad config
+    assert "bogus_key" in log
+    assert "worker 1 failed to start 5 times in a row" in log
+    assert not [w for w in workers if w.is_running()], log  # worker 0 was stopped, not left behind
+
+
+async def test_workers_exit_when_the_supervisor_is_killed(backends: Backends, run_proxy) -> None:
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls, workers=2))
+    parent = await _two_workers_up(proc)
+    workers = parent.children()
+    proc.proc.kill()
+    proc.proc.wait()
+    deadline = time.monotonic() + 10
+    try:
+        while any(w.is_running() for w in workers):
+            assert time.monotonic() < deadline, "workers outlived their supervisor"
+            await asyncio.sleep(0.1)
+    finally:
+        for w in workers:
+            if w.is_running():
+                w.kill()
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler for `sig` (SigCgt in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sighup_during_startup_is_applied_once_started(backends: Backends, run_proxy,
+                                                             workers: int) -> None:
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls, workers=workers))
+    parent = psutil.Process(proc.proc.pid)
+    # As early as the process can take it (the first thing it does), or once the supervisor
+    # has started its workers; at the latest 0.3 s in, well before the proxy serves.
+    deadline = time.monotonic() + (0.3 if workers == 1 else 10)
+    while time.monotonic() < deadline:
+        if (len(parent.children()) == workers) if workers > 1 else _catches(parent.pid, signal.SIGHUP):
+            break
+        await asyncio.sleep(0.005)
+    assert not _listening(proc.port) and not _listening(proc.admin_port), "the proxy started too fast"
+    pids = {c.pid for c in parent.children()}
+    proc.signal(signal.SIGHUP)
+    await _wait_ready(proc)
+    async with aiohttp.ClientSession() as client, client.get(proc.url + "/echo") as resp:
+        assert resp.status == 200
+    # Each worker reloads once it serves: the file may have changed since it was read.
+    deadline = time.monotonic() + 10
+    while proc.log().count("reload: applied") < workers:
+        assert time.monotonic() < deadline, proc.log()
+        await asyncio.sleep(0.1)
+    assert {c.pid for c in parent.children()} == pids, proc.log()  # no worker died and came back
+    assert "restarting" not in proc.log()
+
+
+async def _sigterm_and_time_exit(proc: ProxyProcess) -> tuple[int, float]:
+    """SIGTERM the proxy: its exit code and how long it took to exit."""
+    sent = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    code = await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 60)
+    return code, time.monotonic() - sent
+
+
+@pytest.mark.parametrize(("drain_s", "workers"), [(0, 1), (2, 1), (2, 2)])
+async def test_sigterm_answers_requests_drain_s_cuts_and_exits_in_time(backends: Backends, run_proxy,
+                                                                       drain_s: float, workers: int) -> None:
+    urls = {"a": await backends.start("a")}
+    proc = run_proxy(proxy_config(urls, workers=workers,
+                                  timeouts={"drain_s": drain_s, "per_try_s": 60, "total_s": 60}))
+    if workers > 1:
+        await _two_workers_up(proc)
+    await _wait_ready(proc)
+    async with aiohttp.ClientSession() as client:
+        async def slow() -> tuple[int, str | None]:
+            async with client.get(proc.url + "/sleep/20000") as resp:
+                await resp.read()
+                return resp.status, resp.headers.get("x-foretell-error")
+
+        pending = asyncio.create_task(slow())
+        await asyncio.sleep(0.5)  # at the backend by now
+        code, exit_s = await _sigterm_and_time_exit(proc)
+        answer = await pending
+    assert answer == (503, "shutting_down"), proc.log()
+    assert exit_s < drain_s + 1.5, proc.log()
+    assert code == 0
+
+
+async def test_sigterm_closes_a_response_drain_s_cuts_after_its_headers(backends: Backends,
+                                                                       run_proxy) -> None:
+    async def dribble(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"first bytes")
+        await asyncio.sleep(20)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/dribble", dribble)
+    urls = {"slow": await backends.start("slow", app)}
+    proc = run_proxy(proxy_config(urls, timeouts={"drain_s": 1, "per_try_s": 60, "total_s": 60}))
+    await _wait_ready(proc)
+    async with aiohttp.ClientSession() as client, client.get(proc.url + "/dribble") as resp:
+        assert resp.status == 200
+        assert await resp.content.readexactly(11) == b"first bytes"
+        code, exit_s = await _sigterm_and_time_exit(proc)
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut, not passed off as complete
+            await resp.read()
+    assert exit_s < 1 + 1.5, proc.log()
+    assert code == 0
