@@ -153,6 +153,8 @@ class AnomalyModel:
         import onnxruntime as ort
 
         self.path = Path(path)
+        # Taken before the read: a file replaced during it shows as changed next time.
+        self.file_key = _file_key(self.path)
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -209,7 +211,10 @@ class AnomalyDetector:
     name = "anomaly"
 
     def __init__(self, config: AnomalyConfig, clock: Clock, cluster: Cluster,
-                 probe_rtt: Callable[[str], float | None]) -> None:
+                 probe_rtt: Callable[[str], float | None],
+                 model: AnomalyModel | None = None) -> None:
+        """`model`: config.model_path already loaded (the config's validation loads it,
+        off the event loop on a reload; loading it again here would be on it)."""
         self.config = config
         self._clock = clock
         self._cluster = cluster
@@ -227,8 +232,8 @@ class AnomalyDetector:
         self._failure_said = ""  # the last load failure logged (each is said once)
         if config.model_path is not None:
             # Start-up: a missing or invalid model is an error the operator sees.
-            self.model = AnomalyModel(config.model_path)
-            self._model_key = _file_key(config.model_path)
+            self.model = model if model is not None else AnomalyModel(config.model_path)
+            self._model_key = self.model.file_key
 
     def observe(self, backend_id: str, outcome: Outcome) -> None:
         samples = self._samples.get(backend_id)

@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from health import metrics
-from health.anomaly import RELOAD_OK, AnomalyDetector
+from health.anomaly import RELOAD_OK, AnomalyDetector, AnomalyModel
 from health.base import Detector, Prober, ProbeResult, Verdict
 from health.config import HealthConfig
 from health.consecutive import ConsecutiveFailures
@@ -70,7 +70,8 @@ class _Record:
 class HealthChecker:
     def __init__(self, cluster: Cluster, config: HealthConfig, *, clock: Clock = time.monotonic,
                  ssl: ssl_module.SSLContext | bool | None = None,
-                 rng: random.Random | None = None, prober: Prober | None = None) -> None:
+                 rng: random.Random | None = None, prober: Prober | None = None,
+                 anomaly_model: AnomalyModel | None = None) -> None:
         self.cluster = cluster
         self.config = config
         self._clock = clock
@@ -90,7 +91,7 @@ class HealthChecker:
         an = config.anomaly
         if an.model_path is not None or an.record_path is not None:
             # Raises AnomalyModelError (naming the file) when the model is missing or invalid.
-            self.anomaly = AnomalyDetector(an, clock, cluster, self.probe_rtt_s)
+            self.anomaly = AnomalyDetector(an, clock, cluster, self.probe_rtt_s, anomaly_model)
             self._add(self.anomaly, an.shadow)
             if self.anomaly.model is not None:
                 self._anomaly_loaded(RELOAD_OK)

@@ -7,7 +7,7 @@ start-up and SIGHUP reload all reject the same files with the same messages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,14 @@ class Loaded:
     source: Path
     # Validated policy options per cluster name.
     policy_options: dict[str, Any]
+    # Anomaly models loaded while validating, per cluster name: the health checker takes
+    # them instead of loading the files again.
+    anomaly_models: dict[str, Any] = field(default_factory=dict)
 
 
 def validate(config: Config, source: str | Path) -> Loaded:
     options: dict[str, Any] = {}
+    anomaly_models: dict[str, Any] = {}
     for name, cluster in config.clusters.items():
         try:
             options[name] = validate_options(cluster.policy.kind, cluster.policy.options)
@@ -36,11 +40,12 @@ def validate(config: Config, source: str | Path) -> Loaded:
             from health.anomaly import AnomalyModel, AnomalyModelError
 
             try:
-                AnomalyModel(model_path)
+                anomaly_models[name] = AnomalyModel(model_path)
             except AnomalyModelError as exc:
                 raise ConfigError(f"{source}: invalid config\n  clusters.{name}.health.anomaly.model_path: "
                                   f"{exc}") from None
-    return Loaded(config=config, source=Path(source), policy_options=options)
+    return Loaded(config=config, source=Path(source), policy_options=options,
+                  anomaly_models=anomaly_models)
 
 
 def load(path: str | Path) -> Loaded:

@@ -166,7 +166,8 @@ async def build(loaded: Loaded, previous: Runtime | None, *, clock: Callable[[],
                 and prev.spec.backends == spec.backends and prev.spec.tls == spec.tls:
             checker = prev.checker
         else:
-            checker = HealthChecker(cluster, spec.health, clock=clock, ssl=upstream_ssl(spec.tls))
+            checker = HealthChecker(cluster, spec.health, clock=clock, ssl=upstream_ssl(spec.tls),
+                                    anomaly_model=loaded.anomaly_models.get(name))
             await checker.start()
             if prev is not None:
                 retired.now.append(prev.checker)

@@ -209,7 +209,9 @@ class Worker:
         """Re-read the config file; apply it if valid, else keep serving with the old one."""
         proxy = self._get_proxy()
         try:
-            loaded = load(self.config_path)
+            # In a thread: validating loads model files (an anomaly model of a few MB
+            # takes a second to build), which on the loop would stall every request.
+            loaded = await asyncio.to_thread(load, self.config_path)
             effective, held = held_for_restart(loaded.config, proxy.runtime.config)
             if held:
                 log.warning("reload: not applied until a restart (the rest is): %s",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from proxy.state import Health
@@ -399,6 +401,39 @@ async def test_retry_budget_limits_retries(backends: Backends, start_proxy, clie
     assert statuses.count(502) == 5  # every try on the dead backend fails: no budget to retry
     text = await (await client.get(proxy.admin_url + "/metrics")).text()
     assert 'foretell_retries_budget_exhausted_total{cluster="default"}' in text
+
+
+async def test_a_reload_loads_the_anomaly_model_once_and_off_the_event_loop(
+        backends: Backends, start_proxy, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few-MB forest takes a second to build: validating it on the loop and again in the
+    new health checker stalled every request twice per SIGHUP."""
+    import threading
+
+    import numpy as np
+
+    from health.anomaly import FEATURE_NAMES, AnomalyModel
+    from tests.support import write_config
+    from train.anomaly import fit_and_export
+
+    model = tmp_path / "anomaly.onnx"
+    rows = np.random.default_rng(0).normal(size=(400, len(FEATURE_NAMES)))
+    fit_and_export(rows, model, n_estimators=10, seed=0)
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls))
+    threads: list[str] = []
+    real_init = AnomalyModel.__init__
+
+    def recording_init(self: AnomalyModel, path: Path) -> None:
+        threads.append(threading.current_thread().name)
+        real_init(self, path)
+
+    monkeypatch.setattr(AnomalyModel, "__init__", recording_init)
+    cfg = yaml.safe_load(proxy.worker.config_path.read_text())
+    cfg["health"] = {"active": {"enabled": False}, "anomaly": {"model_path": str(model)}}
+    write_config(proxy.worker.config_path, cfg)
+    assert await proxy.worker.reload()
+    assert proxy.worker.proxy.runtime.clusters["default"].checker.anomaly.model is not None
+    assert len(threads) == 1 and threads[0] != threading.main_thread().name
 
 
 async def test_reload_with_missing_anomaly_model_keeps_serving(
