@@ -326,15 +326,76 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
-def read_config(path: str | Path) -> Config:
-    """Read and validate one YAML file; every failure is a ConfigError naming the file."""
-    path = Path(path)
+# Deeper than any real config (policy options nested in policy options included);
+# without a limit PyYAML's recursive composer ends in RecursionError.
+MAX_NESTING = 100
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that refuses mappings or lists nested deeper than MAX_NESTING."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_NESTING} levels deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _where(text: str, position: int) -> str:
+    line = text.count("\n", 0, position) + 1
+    column = position - text.rfind("\n", 0, position)
+    return f"line {line}, column {column}"
+
+
+def _at(mark: yaml.Mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found and where, in one line (without its source excerpts)."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return str(exc)
+    text = f"{_at(exc.problem_mark)}: {exc.problem}"
+    if exc.context and exc.context_mark is not None:
+        text += f" ({exc.context} at {_at(exc.context_mark)})"
+    return text
+
+
+def load_yaml(path: Path) -> Any:
+    """The YAML document in `path`; ConfigError naming the file, and the line when there is one."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = raw[:exc.start].decode("utf-8")  # valid up to the bad byte
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at "
+                          f"{_where(before, len(before))} ({exc.reason})") from None
+    try:
+        loader = _ConfigLoader(text)
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {_where(text, exc.position)}: character "
+                          f"#x{exc.character:04x} is not allowed") from None
+    try:
+        return loader.get_single_data()
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(data, str(path))
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    except ValueError as exc:
+        # SafeLoader's constructors: `!!int x`, a timestamp such as 2020-13-45.
+        raise ConfigError(f"{path}: not valid YAML: a value cannot be read: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def read_config(path: str | Path) -> Config:
+    """Read and validate one YAML file; every failure is a ConfigError naming the file."""
+    path = Path(path)
+    return parse_config(load_yaml(path), str(path))

@@ -45,6 +45,22 @@ def test_check_config_names_the_bad_field(tmp_path: Path, text: str, field: str,
     assert field in done.stderr and problem in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+@pytest.mark.parametrize(("content", "problem"), [
+    pytest.param(b"backends: ['http://127.0.0.1:1']\n# \xff\n", "not UTF-8 text: byte 0xff at line 2",
+                 id="not-utf8"),
+    pytest.param(b"[" * 5000, "nested more than 100 levels deep", id="deep"),
+])
+def test_an_unreadable_config_is_exit_2_without_a_traceback(tmp_path: Path, command: str, content: bytes,
+                                                             problem: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    done = _run(*([command, str(path)] if command == "check-config" else [command, "--config", str(path)]))
+    assert done.returncode == 2, done.stderr
+    assert str(path) in done.stderr and problem in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     done = _run("serve", "--config", str(tmp_path / "nope.yaml"))
     assert done.returncode == 2

@@ -1,0 +1,55 @@
+"""proxy/config.py: reading config.yaml, and the models rejecting what the proxy cannot use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.config import ConfigError, read_config
+
+BACKENDS = "backends: ['http://127.0.0.1:1']\n"
+
+
+def _config_error(tmp_path: Path, content: str | bytes) -> str:
+    path = tmp_path / "bad.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        read_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    return message
+
+
+def test_a_file_that_is_not_utf8_names_the_byte_and_line(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, BACKENDS.encode() + b"# caf\xe9\n")
+    assert "not UTF-8 text: byte 0xe9 at line 2, column 6" in message
+
+
+def test_a_deeply_nested_file_is_an_error_not_a_recursion(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, "[" * 5000)
+    assert "line 1, column 101: nested more than 100 levels deep" in message
+
+
+def test_a_control_character_is_named_with_its_line(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, BACKENDS + "a: \x01\n")
+    assert "not valid YAML: line 2, column 4: character #x0001 is not allowed" in message
+
+
+def test_yaml_errors_say_line_and_column_in_one_line(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, "listen: [\n")
+    assert "not valid YAML: line 2, column 1: expected the node content" in message
+    assert "\n" not in message
+
+
+def test_a_value_pyyaml_cannot_construct_is_a_config_error(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, BACKENDS + "when: 2020-13-45\n")
+    assert "not valid YAML: a value cannot be read: month must be in 1..12" in message
+
+
+def test_the_shipped_config_reads() -> None:
+    config = read_config(Path(__file__).resolve().parents[2] / "config.yaml")
+    assert config.clusters
