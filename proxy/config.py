@@ -332,7 +332,8 @@ MAX_NESTING = 100
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """SafeLoader that refuses mappings or lists nested deeper than MAX_NESTING."""
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the
+    last, silently) and mappings or lists nested deeper than MAX_NESTING."""
 
     _depth = 0
 
@@ -345,6 +346,19 @@ class _ConfigLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
+        node: yaml.MappingNode = super().compose_mapping_node(anchor)
+        first: dict[tuple[str, str], yaml.Node] = {}
+        for key, _ in node.value:
+            # A `<<: *anchor` merge is not a key; the keys it brings may be overridden here.
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            seen = first.setdefault((key.tag, key.value), key)
+            if seen is not key:
+                raise yaml.composer.ComposerError(
+                    "first", seen.start_mark, f"duplicate key {key.value!r}", key.start_mark)
+        return node
 
 
 def _where(text: str, position: int) -> str:

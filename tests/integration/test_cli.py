@@ -35,6 +35,8 @@ def test_check_config_accepts_the_shipped_config() -> None:
     ("routes: [{cluster: missing}]\nbackends: ['http://127.0.0.1:1']\n",
      "routes.0.cluster", "unknown cluster"),
     ("listen: [\n", "", "not valid YAML"),
+    ("backends: ['http://127.0.0.1:1']\nlisten: {port: 1}\nlisten: {port: 2}\n", "line 3",
+     "duplicate key 'listen'"),
 ])
 def test_check_config_names_the_bad_field(tmp_path: Path, text: str, field: str, problem: str) -> None:
     path = tmp_path / "bad.yaml"

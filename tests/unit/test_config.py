@@ -50,6 +50,28 @@ def test_a_value_pyyaml_cannot_construct_is_a_config_error(tmp_path: Path) -> No
     assert "not valid YAML: a value cannot be read: month must be in 1..12" in message
 
 
+def test_a_duplicate_key_is_named_with_both_lines(tmp_path: Path) -> None:
+    # PyYAML keeps the last one silently: here the first cluster would vanish.
+    text = ("clusters:\n"
+            "  a: {backends: ['http://127.0.0.1:1']}\n"
+            "  a: {backends: ['http://127.0.0.1:2']}\n")
+    message = _config_error(tmp_path, text)
+    assert "not valid YAML: line 3, column 3: duplicate key 'a' (first at line 2, column 3)" in message
+    assert "listen" in _config_error(tmp_path, BACKENDS + "listen: {port: 1}\nlisten: {port: 2}\n")
+
+
+def test_a_merged_key_may_still_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text("clusters:\n"
+                    "  a: {backends: ['http://127.0.0.1:1'], health: &h {active: {enabled: false}}}\n"
+                    "  b: {backends: ['http://127.0.0.1:2'], health: {<<: *h, active: {rise: 3}}}\n"
+                    "routes: [{cluster: a}]\n")
+    config = read_config(path)
+    assert config.clusters["a"].health.active.enabled is False
+    assert config.clusters["b"].health.active.enabled is True
+    assert config.clusters["b"].health.active.rise == 3
+
+
 def test_the_shipped_config_reads() -> None:
     config = read_config(Path(__file__).resolve().parents[2] / "config.yaml")
     assert config.clusters
