@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Numbers are StrictInt/StrictFloat (YAML `true` is not 1) and finite (`.inf` is no timeout).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ActiveProbe(_Frozen):
@@ -20,14 +21,14 @@ class ActiveProbe(_Frozen):
 
     enabled: bool = True
     path: str = "/healthz"
-    expected_statuses: list[int] = Field(default_factory=lambda: [200])
-    interval_s: float = Field(default=2.0, gt=0)
+    expected_statuses: list[StrictInt] = Field(default_factory=lambda: [200])
+    interval_s: StrictFloat = Field(default=2.0, gt=0)
     # Ejected backends are probed faster so they can come back sooner.
-    ejected_interval_s: float = Field(default=0.5, gt=0)
-    timeout_s: float = Field(default=1.0, gt=0)
-    jitter_s: float = Field(default=0.2, ge=0)
-    rise: int = Field(default=2, ge=1)
-    fall: int = Field(default=3, ge=1)
+    ejected_interval_s: StrictFloat = Field(default=0.5, gt=0)
+    timeout_s: StrictFloat = Field(default=1.0, gt=0)
+    jitter_s: StrictFloat = Field(default=0.2, ge=0)
+    rise: StrictInt = Field(default=2, ge=1)
+    fall: StrictInt = Field(default=3, ge=1)
     # Log and count probe-driven ejections without ejecting.
     shadow: bool = False
 
@@ -38,9 +39,9 @@ class ConsecutiveFailures(_Frozen):
 
     enabled: bool = True
     shadow: bool = False
-    consecutive_5xx: int = Field(default=5, ge=1)
+    consecutive_5xx: StrictInt = Field(default=5, ge=1)
     # A refused or reset connection is a stronger signal than one 5xx.
-    consecutive_transport: int = Field(default=2, ge=1)
+    consecutive_transport: StrictInt = Field(default=2, ge=1)
 
 
 class SuccessRate(_Frozen):
@@ -48,16 +49,16 @@ class SuccessRate(_Frozen):
 
     enabled: bool = True
     shadow: bool = False
-    window_s: float = Field(default=2.0, gt=0)
-    bucket_s: float = Field(default=0.25, gt=0)
+    window_s: StrictFloat = Field(default=2.0, gt=0)
+    bucket_s: StrictFloat = Field(default=0.25, gt=0)
     # Backends with fewer requests in the window are not judged.
-    min_requests: int = Field(default=20, ge=1)
+    min_requests: StrictInt = Field(default=20, ge=1)
     # The fleet median is only used when this many backends have enough volume;
     # otherwise the comparison is against zero failures.
-    min_hosts: int = Field(default=3, ge=1)
+    min_hosts: StrictInt = Field(default=3, ge=1)
     # Detected when failure_rate >= fleet median + margin and >= min_failure_rate.
-    margin: float = Field(default=0.2, gt=0, le=1)
-    min_failure_rate: float = Field(default=0.25, gt=0, le=1)
+    margin: StrictFloat = Field(default=0.2, gt=0, le=1)
+    min_failure_rate: StrictFloat = Field(default=0.25, gt=0, le=1)
 
     @model_validator(mode="after")
     def _buckets(self) -> SuccessRate:
@@ -71,26 +72,26 @@ class LatencyOutlier(_Frozen):
 
     enabled: bool = True
     shadow: bool = False
-    quantile: float = Field(default=90.0, gt=0, lt=100)
+    quantile: StrictFloat = Field(default=90.0, gt=0, lt=100)
     # Only samples younger than window_s, and at most the last max_samples, count.
-    window_s: float = Field(default=5.0, gt=0)
-    max_samples: int = Field(default=32, ge=4)
-    min_requests: int = Field(default=8, ge=1)
-    min_hosts: int = Field(default=3, ge=1)
+    window_s: StrictFloat = Field(default=5.0, gt=0)
+    max_samples: StrictInt = Field(default=32, ge=4)
+    min_requests: StrictInt = Field(default=8, ge=1)
+    min_hosts: StrictInt = Field(default=3, ge=1)
     # Detected when quantile >= ratio * fleet median and exceeds it by min_excess_s.
-    ratio: float = Field(default=4.0, gt=1)
-    min_excess_s: float = Field(default=0.010, ge=0)
+    ratio: StrictFloat = Field(default=4.0, gt=1)
+    min_excess_s: StrictFloat = Field(default=0.010, ge=0)
     # Also detected when the geometric mean latency of the backend's last
     # recent_requests attempts (by start time; a still-waiting one counts once past
     # the limit) reaches ratio x the fleet median p50: routing starves a slow
     # backend, so its window turns over slowly. They must also be 2x the backend's
     # earlier kept samples (a change, not a steadily ~3x slower backend) unless those
     # are past the limit themselves. 0 turns this rule off.
-    recent_requests: int = Field(default=5, ge=0)
+    recent_requests: StrictInt = Field(default=5, ge=0)
     # The recent rule's attempts may be older than window_s, up to this age (by when
     # they finished): a backend starved to fewer than recent_requests per window is
     # still judged on its last few answers.
-    recent_max_age_s: float = Field(default=30.0, gt=0)
+    recent_max_age_s: StrictFloat = Field(default=30.0, gt=0)
     # Scale each sample by (fleet median) / (its route class's fleet median) before
     # comparing, so a backend that gets the expensive requests (request-aware routing)
     # is not taken for a slow one (health/latency.py).
@@ -112,11 +113,11 @@ class Anomaly(_Frozen):
 
     model_path: Path | None = None
     shadow: bool = False
-    interval_s: float = Field(default=1.0, gt=0)
-    window_s: float = Field(default=5.0, gt=0)
-    min_requests: int = Field(default=10, ge=1)
+    interval_s: StrictFloat = Field(default=1.0, gt=0)
+    window_s: StrictFloat = Field(default=5.0, gt=0)
+    min_requests: StrictInt = Field(default=10, ge=1)
     # Evaluations in a row above the model's threshold before it counts as detected.
-    consecutive: int = Field(default=3, ge=1)
+    consecutive: StrictInt = Field(default=3, ge=1)
     # Append each evaluation's feature rows (JSON lines) here: training data
     # for `foretell train anomaly`. Works without a model.
     record_path: Path | None = None
@@ -129,22 +130,22 @@ class Ejection(_Frozen):
     """Guards applied to every detector's decision."""
 
     # How often passive detectors are evaluated (5xx detection within ~1 s needs <= 0.5).
-    evaluate_interval_s: float = Field(default=0.25, gt=0)
+    evaluate_interval_s: StrictFloat = Field(default=0.25, gt=0)
     # Passive and anomaly ejections stop once this share of the cluster is out
     # (as in Envoy, one ejection is always allowed).
-    max_ejection_percent: float = Field(default=50.0, ge=0, le=100)
+    max_ejection_percent: StrictFloat = Field(default=50.0, ge=0, le=100)
     # Panic: when fewer than this share would stay ready, route to all and say so.
-    panic_threshold_percent: float = Field(default=30.0, ge=0, le=100)
+    panic_threshold_percent: StrictFloat = Field(default=30.0, ge=0, le=100)
     # Ejection time is base * n for the n-th recent ejection, at most max.
-    base_ejection_s: float = Field(default=5.0, gt=0)
-    max_ejection_s: float = Field(default=60.0, gt=0)
+    base_ejection_s: StrictFloat = Field(default=5.0, gt=0)
+    max_ejection_s: StrictFloat = Field(default=60.0, gt=0)
     # Ejection time when the backend did not answer at all (transport errors, failed
     # probes) and active probes are on: it returns once `rise` probes pass.
-    unreachable_ejection_s: float = Field(default=1.0, gt=0)
+    unreachable_ejection_s: StrictFloat = Field(default=1.0, gt=0)
     # n drops by one per this much time without an ejection.
-    multiplier_decay_s: float = Field(default=30.0, gt=0)
+    multiplier_decay_s: StrictFloat = Field(default=30.0, gt=0)
     # Re-admission waits a random extra 0..jitter so ejected backends do not return together.
-    readmit_jitter_s: float = Field(default=0.5, ge=0)
+    readmit_jitter_s: StrictFloat = Field(default=0.5, ge=0)
 
     @model_validator(mode="after")
     def _order(self) -> Ejection:

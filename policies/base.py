@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, get_args, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 Clock = Callable[[], float]
 
@@ -59,9 +59,22 @@ class RequestInfo(NamedTuple):
 
 
 class PolicyOptions(BaseModel):
-    """Base for a policy's options: frozen, unknown keys rejected."""
+    """Base for a policy's options: frozen, unknown keys rejected, numbers finite and
+    given as numbers (YAML `true` would otherwise pass for 1, and "3" for 3), as in
+    proxy.config."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool | str) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            types = set(get_args(annotation)) or {annotation}
+            if types & {int, float} and type(value) not in types:
+                shown = str(value).lower() if isinstance(value, bool) else repr(value)
+                raise ValueError(f"must be a number, not {shown}")
+        return value
 
 
 @dataclass(frozen=True, slots=True)

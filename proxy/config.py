@@ -15,7 +15,16 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from health.config import HealthConfig
 
@@ -29,7 +38,8 @@ class ConfigError(Exception):
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Numbers are StrictInt/StrictFloat (YAML `true` is not 1) and finite (`.inf` is no timeout).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ListenTls(Frozen):
@@ -39,21 +49,21 @@ class ListenTls(Frozen):
 
 class Listen(Frozen):
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: StrictInt = Field(8080, ge=0, le=65535)
     tls: ListenTls | None = None
     # Kernel accept queue length.
-    backlog: int = Field(1024, ge=1)
+    backlog: StrictInt = Field(1024, ge=1)
 
 
 class Admin(Frozen):
     host: str = "127.0.0.1"
-    port: int = Field(9901, ge=0, le=65535)
+    port: StrictInt = Field(9901, ge=0, le=65535)
 
 
 class BackendSpec(Frozen):
     url: str
     id: str = ""
-    weight: int = Field(1, ge=1, le=1000)
+    weight: StrictInt = Field(1, ge=1, le=1000)
 
     @model_validator(mode="before")
     @classmethod
@@ -123,7 +133,7 @@ class ClusterSpec(Frozen):
     health: HealthConfig = HealthConfig()
     tls: UpstreamTls = UpstreamTls()
     # Time constant of the peak-EWMA latency estimate.
-    ewma_decay_s: float = Field(10.0, gt=0)
+    ewma_decay_s: StrictFloat = Field(10.0, gt=0)
     # When every backend is ejected: route to all of them anyway (true) or answer 503.
     panic_routing: bool = True
 
@@ -170,30 +180,30 @@ class Route(Frozen):
 
 
 class Timeouts(Frozen):
-    connect_s: float = Field(1.0, gt=0)
-    per_try_s: float = Field(15.0, gt=0)
+    connect_s: StrictFloat = Field(1.0, gt=0)
+    per_try_s: StrictFloat = Field(15.0, gt=0)
     # All tries together, counted from the moment the request is complete (as Envoy's
     # route timeout): a slow upload is bounded by client_body_idle_s, not by this.
-    total_s: float = Field(30.0, gt=0)
+    total_s: StrictFloat = Field(30.0, gt=0)
     # Time a client has to send complete request headers (slowloris guard).
-    client_header_s: float = Field(10.0, gt=0)
-    client_idle_s: float = Field(75.0, gt=0)
+    client_header_s: StrictFloat = Field(10.0, gt=0)
+    client_idle_s: StrictFloat = Field(75.0, gt=0)
     # A request body that sends nothing for this long is abandoned (400).
-    client_body_idle_s: float = Field(30.0, gt=0)
+    client_body_idle_s: StrictFloat = Field(30.0, gt=0)
     # On SIGTERM, how long in-flight requests may finish before the exit.
-    drain_s: float = Field(15.0, ge=0)
+    drain_s: StrictFloat = Field(15.0, ge=0)
 
 
 class RetryBudget(Frozen):
     """Concurrent retries allowed: `percent` of active requests, never below `min_concurrent`."""
 
-    percent: float = Field(20.0, ge=0, le=100)
-    min_concurrent: int = Field(10, ge=0)
+    percent: StrictFloat = Field(20.0, ge=0, le=100)
+    min_concurrent: StrictInt = Field(10, ge=0)
 
 
 class Retries(Frozen):
     # Total tries per request, the first included.
-    attempts: int = Field(3, ge=1, le=10)
+    attempts: StrictInt = Field(3, ge=1, le=10)
     retry_on: list[RetryOn] = Field(
         default_factory=lambda: ["connect-failure", "reset", "timeout", "gateway-error"]  # type: ignore[arg-type]
     )
@@ -202,17 +212,17 @@ class Retries(Frozen):
 
 class Limits(Frozen):
     # All request header lines together (431 above this).
-    max_header_bytes: int = Field(32 * 1024, ge=1024)
-    max_header_count: int = Field(100, ge=1)
+    max_header_bytes: StrictInt = Field(32 * 1024, ge=1024)
+    max_header_count: StrictInt = Field(100, ge=1)
     # Request body (413 above this); None means unlimited.
-    max_body_bytes: int | None = Field(4 * 1024**3, ge=0)
+    max_body_bytes: StrictInt | None = Field(4 * 1024**3, ge=0)
 
 
 class AccessLog(Frozen):
     enabled: bool = False
     # "-" is standard output.
     path: str = "-"
-    sample_rate: float = Field(1.0, ge=0, le=1)
+    sample_rate: StrictFloat = Field(1.0, ge=0, le=1)
 
 
 class Telemetry(Frozen):
@@ -220,13 +230,13 @@ class Telemetry(Frozen):
 
     enabled: bool = False
     path: Path = Path("telemetry")
-    sample_rate: float = Field(0.1, ge=0, le=1)
-    max_file_bytes: int = Field(64 * 1024**2, ge=1024)
-    max_total_bytes: int = Field(1024**3, ge=1024)
+    sample_rate: StrictFloat = Field(0.1, ge=0, le=1)
+    max_file_bytes: StrictInt = Field(64 * 1024**2, ge=1024)
+    max_total_bytes: StrictInt = Field(1024**3, ge=1024)
     # How often the writer thread writes what is queued.
-    flush_interval_s: float = Field(0.5, gt=0)
+    flush_interval_s: StrictFloat = Field(0.5, gt=0)
     # Records waiting for the writer beyond this are dropped (and counted).
-    max_pending_rows: int = Field(200_000, ge=1)
+    max_pending_rows: StrictInt = Field(200_000, ge=1)
 
     @model_validator(mode="after")
     def _file_fits_the_budget(self) -> Telemetry:
@@ -244,11 +254,11 @@ class Forecast(Frozen):
     # JSON written by `foretell train forecast`; without it the forecast is
     # the last interval's count (a=0, b=1, c=0).
     coefficients_path: Path | None = None
-    interval_s: float = Field(10.0, gt=0)
+    interval_s: StrictFloat = Field(10.0, gt=0)
     # Requests per second one replica serves at its target utilisation.
-    capacity_rps_per_replica: float = Field(100.0, gt=0)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1000, ge=1)
+    capacity_rps_per_replica: StrictFloat = Field(100.0, gt=0)
+    min_replicas: StrictInt = Field(1, ge=0)
+    max_replicas: StrictInt = Field(1000, ge=1)
     # Append "interval_end_s,requests" per interval here (training data for
     # `foretell train forecast --counts`).
     counts_path: Path | None = None
@@ -257,7 +267,7 @@ class Forecast(Frozen):
 class Config(Frozen):
     listen: Listen = Listen()
     admin: Admin = Admin()
-    workers: int = Field(1, ge=1, le=64)
+    workers: StrictInt = Field(1, ge=1, le=64)
     clusters: dict[str, ClusterSpec] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
     timeouts: Timeouts = Timeouts()

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from proxy.config import ConfigError, read_config
+from proxy.config import ConfigError, parse_config, read_config
 
 BACKENDS = "backends: ['http://127.0.0.1:1']\n"
+
+
+def _field_errors(data: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"backends": ["http://127.0.0.1:1"], **data}, "test.yaml")
+    return str(info.value)
 
 
 def _config_error(tmp_path: Path, content: str | bytes) -> str:
@@ -75,3 +82,53 @@ def test_a_merged_key_may_still_be_overridden(tmp_path: Path) -> None:
 def test_the_shipped_config_reads() -> None:
     config = read_config(Path(__file__).resolve().parents[2] / "config.yaml")
     assert config.clusters
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"listen": {"port": True}}, "listen.port"),  # was port 1
+    ({"admin": {"port": False}}, "admin.port"),
+    ({"workers": True}, "workers"),
+    ({"listen": {"backlog": 10.5}}, "listen.backlog"),
+    ({"retries": {"attempts": "3"}}, "retries.attempts"),
+    ({"limits": {"max_body_bytes": True}}, "limits.max_body_bytes"),
+    ({"timeouts": {"connect_s": True}}, "timeouts.connect_s"),
+    ({"health": {"active": {"rise": True}}}, "clusters.default.health.active.rise"),
+    ({"health": {"active": {"expected_statuses": [True]}}},
+     "clusters.default.health.active.expected_statuses.0"),
+])
+def test_true_false_and_strings_are_not_numbers(data: dict[str, Any], field: str) -> None:
+    message = _field_errors(data)
+    assert f"  {field}: Input should be a valid" in message, message
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"timeouts": {"client_header_s": float("inf")}}, "timeouts.client_header_s"),  # no slowloris guard
+    ({"timeouts": {"total_s": float("inf"), "per_try_s": float("inf")}}, "timeouts.total_s"),
+    ({"timeouts": {"drain_s": float("nan")}}, "timeouts.drain_s"),
+    ({"retries": {"budget": {"percent": float("nan")}}}, "retries.budget.percent"),
+    ({"health": {"active": {"interval_s": float("inf")}}}, "clusters.default.health.active.interval_s"),
+    ({"health": {"ejection": {"max_ejection_s": float("inf")}}},
+     "clusters.default.health.ejection.max_ejection_s"),
+    ({"forecast": {"capacity_rps_per_replica": float("inf")}}, "forecast.capacity_rps_per_replica"),
+])
+def test_durations_and_rates_are_finite(data: dict[str, Any], field: str) -> None:
+    message = _field_errors(data)
+    assert f"  {field}: Input should be a finite number" in message, message
+
+
+def test_whole_numbers_still_do_for_seconds() -> None:
+    config = parse_config({"backends": ["http://127.0.0.1:1"], "timeouts": {"connect_s": 2}})
+    assert config.timeouts.connect_s == 2.0 and isinstance(config.timeouts.connect_s, float)
+
+
+@pytest.mark.parametrize(("options", "problem"), [
+    ({"kind": "hcl", "d": True}, "d: must be a number, not true"),
+    ({"kind": "hcl", "q_rif": "0.5"}, "q_rif: must be a number, not '0.5'"),
+    ({"kind": "p2c_peak_ewma", "slow_start_s": float("inf")},
+     "slow_start_s: Input should be a finite number"),
+])
+def test_policy_options_are_numbers_and_finite_too(options: dict[str, Any], problem: str) -> None:
+    from proxy.loader import validate
+
+    with pytest.raises(ConfigError, match=problem):
+        validate(parse_config({"backends": ["http://127.0.0.1:1"], "policy": options}), "test.yaml")
