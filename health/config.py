@@ -7,8 +7,9 @@ gets them, and they are what bench/health_bench.py measures.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
 
 class _Frozen(BaseModel):
@@ -16,12 +17,24 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+def _starts_with_slash(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f"must start with '/', got {path!r}")
+    return path
+
+
+# The path part of a URL (a probe's, a route's prefix).
+UrlPath = Annotated[str, AfterValidator(_starts_with_slash)]
+
+
 class ActiveProbe(_Frozen):
     """HTTP probe; defaults in the spirit of HAProxy (2 s, rise 2, fall 3)."""
 
     enabled: bool = True
-    path: str = "/healthz"
-    expected_statuses: list[StrictInt] = Field(default_factory=lambda: [200])
+    # Appended to the backend's URL: without the '/' every probe would fail.
+    path: UrlPath = "/healthz"
+    expected_statuses: list[Annotated[StrictInt, Field(ge=100, le=599)]] = Field(
+        default_factory=lambda: [200], min_length=1)
     interval_s: StrictFloat = Field(default=2.0, gt=0)
     # Ejected backends are probed faster so they can come back sooner.
     ejected_interval_s: StrictFloat = Field(default=0.5, gt=0)

@@ -26,11 +26,13 @@ from pydantic import (
     model_validator,
 )
 
-from health.config import HealthConfig
+from health.config import HealthConfig, UrlPath
 
 DEFAULT_CLUSTER = "default"
 RetryOn = Literal["connect-failure", "reset", "timeout", "5xx", "gateway-error"]
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+# An HTTP token (RFC 9110 section 5.6.2): what a method or a header name is made of.
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
 class ConfigError(Exception):
@@ -155,22 +157,26 @@ class Route(Frozen):
     # The route class: a bounded label used in metrics and model features.
     name: str = ""
     host: str | None = None
-    path_prefix: str = "/"
+    path_prefix: UrlPath = "/"
     methods: list[str] | None = None
     # Header name -> exact value, or "*" for "present with any value".
     headers: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("path_prefix")
-    @classmethod
-    def _slash(cls, prefix: str) -> str:
-        if not prefix.startswith("/"):
-            raise ValueError(f"must start with '/', got {prefix!r}")
-        return prefix
-
     @field_validator("methods")
     @classmethod
     def _upper(cls, methods: list[str] | None) -> list[str] | None:
+        for method in methods or ():
+            if not _TOKEN_RE.match(method):
+                raise ValueError(f"{method!r} is not an HTTP method (letters, digits and !#$%&'*+-.^_`|~)")
         return [m.upper() for m in methods] if methods else None
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name in headers:
+            if not _TOKEN_RE.match(name):
+                raise ValueError(f"{name!r} is not a header name (letters, digits and !#$%&'*+-.^_`|~)")
+        return headers
 
     @model_validator(mode="after")
     def _default_name(self) -> Route:

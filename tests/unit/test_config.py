@@ -132,3 +132,30 @@ def test_policy_options_are_numbers_and_finite_too(options: dict[str, Any], prob
 
     with pytest.raises(ConfigError, match=problem):
         validate(parse_config({"backends": ["http://127.0.0.1:1"], "policy": options}), "test.yaml")
+
+
+@pytest.mark.parametrize(("data", "field", "problem"), [
+    # Appended to the backend URL: every probe failed, the whole cluster panicked.
+    ({"health": {"active": {"path": "healthz"}}}, "clusters.default.health.active.path",
+     "must start with '/', got 'healthz'"),
+    ({"health": {"active": {"expected_statuses": [999]}}},
+     "clusters.default.health.active.expected_statuses.0", "less than or equal to 599"),
+    ({"health": {"active": {"expected_statuses": [200, 0]}}},
+     "clusters.default.health.active.expected_statuses.1", "greater than or equal to 100"),
+    ({"health": {"active": {"expected_statuses": []}}},
+     "clusters.default.health.active.expected_statuses", "at least 1 item"),
+    ({"routes": [{"methods": ["GE T"]}]}, "routes.0.methods", "'GE T' is not an HTTP method"),
+    ({"routes": [{"methods": ["GET", ""]}]}, "routes.0.methods", "'' is not an HTTP method"),
+    ({"routes": [{"headers": {"x tenant": "a"}}]}, "routes.0.headers", "'x tenant' is not a header name"),
+])
+def test_values_that_cannot_work_are_refused(data: dict[str, Any], field: str, problem: str) -> None:
+    message = _field_errors(data)
+    assert f"  {field}: " in message and problem in message, message
+
+
+def test_methods_and_statuses_that_can_work_pass() -> None:
+    route = {"methods": ["get", "PURGE", "M-SEARCH"], "headers": {"X-Tenant": "*"}}
+    config = parse_config({"backends": ["http://127.0.0.1:1"], "routes": [route],
+                           "health": {"active": {"path": "/ready?deep=1", "expected_statuses": [200, 204]}}})
+    assert config.routes[0].methods == ["GET", "PURGE", "M-SEARCH"]
+    assert config.clusters["default"].health.active.expected_statuses == [200, 204]
