@@ -78,6 +78,21 @@ class PolicyOptions(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
+class NestedPolicy:
+    """Marks an option that names another policy, built inside this one:
+
+        base: Annotated[str, NestedPolicy("base_options")] = "p2c_peak_ewma"
+
+    The registry validates the named policy and its options (the option
+    `options_field`) with the outer one, recursively, so a bad one is a config
+    error that names its option. `heuristic`: it must not be a learned policy
+    (one whose class says `learned = True`) nor wrap one."""
+
+    options_field: str
+    heuristic: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyContext:
     """What a policy is built with. Clock and RNG are injected so tests are exact."""
 

@@ -20,25 +20,23 @@ probability at least epsilon/n, and the logged probability is exact.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
 from policies import registry
-from policies.base import BackendView, PolicyContext, PolicyOptions, RequestInfo
+from policies.base import BackendView, NestedPolicy, PolicyContext, PolicyOptions, RequestInfo
 
 
 class Explore:
     name: ClassVar[str] = "explore"
 
     class Options(PolicyOptions):
-        base: str = "p2c_peak_ewma"
+        base: Annotated[str, NestedPolicy("base_options")] = "p2c_peak_ewma"
         base_options: dict[str, Any] = Field(default_factory=dict)
         epsilon: float = Field(0.1, ge=0, le=1)
 
     def __init__(self, options: Options, ctx: PolicyContext) -> None:
-        if options.base == self.name:
-            raise registry.PolicyError("explore: base must be another policy")
         self.options = options
         self._rng = ctx.rng
         self.base = registry.create(options.base, options.base_options, ctx)

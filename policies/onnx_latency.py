@@ -66,14 +66,14 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field
 
 from policies import registry
-from policies.base import BackendView, Policy, PolicyContext, PolicyOptions, RequestInfo
+from policies.base import BackendView, NestedPolicy, Policy, PolicyContext, PolicyOptions, RequestInfo
 from policies.features import (
     ERROR_RATE,
     EWMA,
@@ -466,11 +466,12 @@ def load_model(path: str | Path) -> LoadedModel:
 
 class OnnxLatency:
     name: ClassVar[str] = "onnx_latency"
+    learned: ClassVar[bool] = True
 
     class Options(PolicyOptions):
         model_path: Path = Path("models/latency.onnx")
         # The heuristic that routes whenever the model cannot (and in shadow mode).
-        fallback: str = "p2c_peak_ewma"
+        fallback: Annotated[str, NestedPolicy("fallback_options", heuristic=True)] = "p2c_peak_ewma"
         fallback_options: dict[str, Any] = Field(default_factory=dict)
         epsilon: float = Field(0.0, ge=0, lt=1)
         failure_penalty_ms: float = Field(1000.0, ge=0)
@@ -536,8 +537,6 @@ class OnnxLatency:
         self._rng = ctx.rng
         self.cluster = ctx.cluster
         self._ctx_routes = list(ctx.route_classes)
-        if options.fallback == self.name:
-            raise registry.PolicyError("onnx_latency: fallback must be a heuristic, not itself")
         self.fallback: Policy = registry.create(options.fallback, options.fallback_options, ctx)
         self._fallback_observe = getattr(self.fallback, "observe", None)
         self.last_propensity: float | None = None

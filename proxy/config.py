@@ -10,6 +10,7 @@ This module imports only other leaf modules of ours (health.config).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -322,13 +323,11 @@ class Config(Frozen):
         return list(dict.fromkeys(r.name for r in self.routes))
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config ({exc.error_count()} error(s))"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+def invalid_config(source: str, problems: Sequence[tuple[str, str]]) -> ConfigError:
+    """One error listing every bad field by its dotted path, and what is wrong with it."""
+    lines = [f"{source}: invalid config ({len(problems)} error(s))"]
+    lines += [f"  {field or '(top level)'}: {problem}" for field, problem in problems]
+    return ConfigError("\n".join(lines))
 
 
 def parse_config(data: Any, source: str = "<config>") -> Config:
@@ -339,7 +338,9 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        problems = [(".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, "))
+                    for e in exc.errors()]
+        raise invalid_config(source, problems) from None
 
 
 # Deeper than any real config (policy options nested in policy options included);

@@ -1,8 +1,9 @@
 """Load config.yaml and validate everything the proxy will build from it.
 
 `proxy.config` checks structure; this module also checks what needs other
-packages (policy options, by each policy's own model), so `check-config`,
-start-up and SIGHUP reload all reject the same files with the same messages.
+packages (policy options, by each policy's own model, nested policies
+included), so `check-config`, start-up and SIGHUP reload all reject the same
+files with the same messages.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from policies.registry import PolicyError, validate_options
-from proxy.config import Config, ConfigError, read_config
+from proxy.config import Config, invalid_config, read_config
+
+# (dotted field, what is wrong with it)
+Problem = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -27,13 +31,17 @@ class Loaded:
 
 
 def validate(config: Config, source: str | Path) -> Loaded:
+    """Everything the proxy will build from `config`; ConfigError lists every problem."""
+    problems: list[Problem] = []
     options: dict[str, Any] = {}
     anomaly_models: dict[str, Any] = {}
     for name, cluster in config.clusters.items():
+        where = f"clusters.{name}"
         try:
             options[name] = validate_options(cluster.policy.kind, cluster.policy.options)
         except PolicyError as exc:
-            raise ConfigError(f"{source}: invalid config\n  clusters.{name}.policy: {exc}") from None
+            problems += [(f"{where}.policy.{field}" if field else f"{where}.policy", problem)
+                         for field, problem in exc.problems]
         model_path = cluster.health.anomaly.model_path
         if model_path is not None:
             # Load it now so a bad file is a config error, named, before any traffic.
@@ -42,8 +50,9 @@ def validate(config: Config, source: str | Path) -> Loaded:
             try:
                 anomaly_models[name] = AnomalyModel(model_path)
             except AnomalyModelError as exc:
-                raise ConfigError(f"{source}: invalid config\n  clusters.{name}.health.anomaly.model_path: "
-                                  f"{exc}") from None
+                problems.append((f"{where}.health.anomaly.model_path", str(exc)))
+    if problems:
+        raise invalid_config(str(source), problems)
     return Loaded(config=config, source=Path(source), policy_options=options,
                   anomaly_models=anomaly_models)
 

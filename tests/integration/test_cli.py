@@ -32,6 +32,10 @@ def test_check_config_accepts_the_shipped_config() -> None:
     ("backends: ['http://127.0.0.1:1']\npolicy: {kind: nope}\n", "clusters.default.policy", "no such policy"),
     ("backends: ['http://127.0.0.1:1']\npolicy: {kind: consistent_hash, colour: red}\n",
      "clusters.default.policy", "colour"),
+    ("backends: ['http://127.0.0.1:1']\npolicy: {kind: explore, base: nonsense}\n",
+     "clusters.default.policy.base", "no such policy 'nonsense'"),
+    ("backends: ['http://127.0.0.1:1']\npolicy: {kind: onnx_latency, fallback: onnx_latency}\n",
+     "clusters.default.policy.fallback", "must be a heuristic"),
     ("routes: [{cluster: missing}]\nbackends: ['http://127.0.0.1:1']\n",
      "routes.0.cluster", "unknown cluster"),
     ("listen: [\n", "", "not valid YAML"),
@@ -61,6 +65,16 @@ def test_an_unreadable_config_is_exit_2_without_a_traceback(tmp_path: Path, comm
     assert done.returncode == 2, done.stderr
     assert str(path) in done.stderr and problem in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_serve_refuses_what_check_config_refuses_with_the_same_message(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("backends: ['http://127.0.0.1:1']\npolicy: {kind: explore, base_options: {bogus: 1}}\n")
+    checked, served = _run("check-config", str(path)), _run("serve", "--config", str(path))
+    assert checked.returncode == served.returncode == 2, served.stderr
+    assert f"{path}: invalid config" in served.stderr
+    assert "clusters.default.policy.base_options.bogus: Extra inputs are not permitted" in served.stderr
+    assert checked.stderr == served.stderr
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ BACKENDS = "backends: ['http://127.0.0.1:1']\n"
 @pytest.mark.parametrize(("content", "problem"), [
     pytest.param(BACKENDS.encode() + b"# \xff\n", "not UTF-8 text: byte 0xff at line 2", id="not-utf8"),
     pytest.param(b"[" * 5000, "nested more than 100 levels deep", id="deep"),
+    pytest.param(BACKENDS.encode() + b"policy: {kind: explore, base: nonsense}\n",
+                 "clusters.default.policy.base: no such policy 'nonsense'", id="nested-policy"),
 ])
 async def test_a_bad_config_on_reload_is_logged_with_file_and_problem(
         backends: Backends, start_proxy, caplog: pytest.LogCaptureFixture, content: bytes,
