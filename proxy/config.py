@@ -9,14 +9,16 @@ This module imports only other leaf modules of ours (health.config).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -40,6 +42,26 @@ class ConfigError(Exception):
     """A config file that cannot be used; the message names file, field and problem."""
 
 
+# A host name as DNS allows it (RFC 1123 labels; '_' too, as resolvers accept it).
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
+                          r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+
+
+def _check_host(host: str) -> str:
+    """An IP address or a host name, by its spelling alone: it is resolved when bound."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME_RE.match(host):
+            raise ValueError(f"{host!r} is not an IP address or a host name "
+                             "(0.0.0.0 or :: for every interface)") from None
+    return host
+
+
+# Where the proxy listens: an IP address or a name (not looked up before it is bound).
+Host = Annotated[str, AfterValidator(_check_host)]
+
+
 class Frozen(BaseModel):
     # Numbers are StrictInt/StrictFloat (YAML `true` is not 1) and finite (`.inf` is no timeout).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -51,7 +73,7 @@ class ListenTls(Frozen):
 
 
 class Listen(Frozen):
-    host: str = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: StrictInt = Field(8080, ge=0, le=65535)
     tls: ListenTls | None = None
     # Kernel accept queue length.
@@ -59,7 +81,7 @@ class Listen(Frozen):
 
 
 class Admin(Frozen):
-    host: str = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: StrictInt = Field(9901, ge=0, le=65535)
 
 
@@ -270,6 +292,13 @@ class Forecast(Frozen):
     # `foretell train forecast --counts`).
     counts_path: Path | None = None
 
+    @model_validator(mode="after")
+    def _replica_range(self) -> Forecast:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas "
+                             f"({self.max_replicas})")
+        return self
+
 
 class Config(Frozen):
     listen: Listen = Listen()
@@ -316,6 +345,9 @@ class Config(Frozen):
                     f"(known: {', '.join(sorted(self.clusters))})")
         if self.timeouts.per_try_s > self.timeouts.total_s:
             raise ValueError("timeouts.per_try_s must not exceed timeouts.total_s")
+        if _same_socket(self.listen, self.admin):
+            raise ValueError(f"admin.port: {self.admin.host}:{self.admin.port} is taken by listen "
+                             f"({self.listen.host}:{self.listen.port}); give admin another port")
         return self
 
     def route_classes(self) -> list[str]:
@@ -323,10 +355,25 @@ class Config(Frozen):
         return list(dict.fromkeys(r.name for r in self.routes))
 
 
+def _same_socket(a: Listen | Admin, b: Listen | Admin) -> bool:
+    """Whether binding both would collide: one port (not 0, which picks a free one), and
+    one host or a wildcard of the other's family. Names are not resolved."""
+    if a.port != b.port or a.port == 0:
+        return False
+    if a.host == b.host:
+        return True
+    try:
+        ip_a, ip_b = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
+    except ValueError:
+        return False
+    return ip_a.version == ip_b.version and (ip_a.is_unspecified or ip_b.is_unspecified)
+
+
 def invalid_config(source: str, problems: Sequence[tuple[str, str]]) -> ConfigError:
     """One error listing every bad field by its dotted path, and what is wrong with it."""
     lines = [f"{source}: invalid config ({len(problems)} error(s))"]
-    lines += [f"  {field or '(top level)'}: {problem}" for field, problem in problems]
+    # A problem of the whole config names its fields itself.
+    lines += [f"  {field}: {problem}" if field else f"  {problem}" for field, problem in problems]
     return ConfigError("\n".join(lines))
 
 

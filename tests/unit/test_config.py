@@ -159,3 +159,48 @@ def test_methods_and_statuses_that_can_work_pass() -> None:
                            "health": {"active": {"path": "/ready?deep=1", "expected_statuses": [200, 204]}}})
     assert config.routes[0].methods == ["GET", "PURGE", "M-SEARCH"]
     assert config.clusters["default"].health.active.expected_statuses == [200, 204]
+
+
+@pytest.mark.parametrize("host", ["not a host!!", "", "[::1]", "-lead.example.com", "a..b", "http://x",
+                                  "x" * 64])
+def test_a_host_that_cannot_be_one_is_refused_by_its_spelling(host: str) -> None:
+    message = _field_errors({"listen": {"host": host}})
+    assert f"  listen.host: {host!r} is not an IP address or a host name" in message, message
+    assert "admin.host" in _field_errors({"admin": {"host": host}})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1%eth0", "localhost", "svc_a",
+                                  "proxy-1.internal.example.com", "example.com.", "no-such-host.invalid"])
+def test_addresses_and_names_pass_unresolved(host: str) -> None:
+    assert parse_config({"backends": ["http://127.0.0.1:1"], "listen": {"host": host}}).listen.host == host
+
+
+@pytest.mark.parametrize(("listen", "admin"), [
+    ({"port": 9901}, {}),
+    ({"host": "0.0.0.0", "port": 8000}, {"host": "127.0.0.1", "port": 8000}),
+    ({"host": "::1", "port": 8000}, {"host": "::", "port": 8000}),
+    ({"host": "proxy.local", "port": 8000}, {"host": "proxy.local", "port": 8000}),
+])
+def test_listen_and_admin_cannot_share_a_socket(listen: dict[str, Any], admin: dict[str, Any]) -> None:
+    message = _field_errors({"listen": listen, "admin": admin})
+    assert "  admin.port: " in message and "is taken by listen" in message, message
+
+
+@pytest.mark.parametrize(("listen", "admin"), [
+    ({"port": 0}, {"port": 0}),  # each gets a free port
+    ({"host": "127.0.0.1", "port": 8000}, {"host": "127.0.0.2", "port": 8000}),
+    ({"host": "0.0.0.0", "port": 8000}, {"host": "::1", "port": 8000}),
+])
+def test_listen_and_admin_may_share_a_port_number_on_other_addresses(listen: dict[str, Any],
+                                                                      admin: dict[str, Any]) -> None:
+    parse_config({"backends": ["http://127.0.0.1:1"], "listen": listen, "admin": admin})
+
+
+def test_forecast_replicas_range_is_checked() -> None:
+    message = _field_errors({"forecast": {"enabled": True, "min_replicas": 50, "max_replicas": 2}})
+    assert "  forecast: min_replicas (50) must not exceed max_replicas (2)" in message
+
+
+def test_a_problem_of_the_whole_config_is_printed_with_the_field_it_names() -> None:
+    message = _field_errors({"routes": [{"cluster": "missing"}]})
+    assert message.splitlines()[1] == "  routes.0.cluster: unknown cluster 'missing' (known: default)"
