@@ -123,6 +123,18 @@ def load_coefficients(path: str | Path) -> Coefficients:
     return Coefficients(values["a"], values["b"], values["c"], values["interval_s"], extra)
 
 
+def coefficients_for(config: Forecast) -> Coefficients:
+    """The coefficients `config` asks for: its file's, fitted for its interval, or persistence."""
+    if config.coefficients_path is None:
+        return Coefficients(0.0, 1.0, 0.0, config.interval_s)
+    coef = load_coefficients(config.coefficients_path)
+    if not math.isclose(coef.interval_s, config.interval_s, rel_tol=1e-6):
+        raise ForecastError(
+            f"{config.coefficients_path}: fitted for {coef.interval_s:g} s intervals "
+            f"but forecast.interval_s is {config.interval_s:g}")
+    return coef
+
+
 class LoadForecaster:
     """Counts requests per interval and publishes the forecast and the replica count."""
 
@@ -131,15 +143,7 @@ class LoadForecaster:
         self.config = config
         self.workers = max(1, workers)
         self._wall = wall
-        if config.coefficients_path is not None:
-            coef = load_coefficients(config.coefficients_path)
-            if not math.isclose(coef.interval_s, config.interval_s, rel_tol=1e-6):
-                raise ForecastError(
-                    f"{config.coefficients_path}: fitted for {coef.interval_s:g} s intervals "
-                    f"but forecast.interval_s is {config.interval_s:g}")
-        else:
-            coef = Coefficients(0.0, 1.0, 0.0, config.interval_s)
-        self.coefficients = coef
+        self.coefficients = coefficients_for(config)
         self.count = 0
         self.history: list[int] = [0, 0]  # requests in t-1, t-2
         self.intervals = 0

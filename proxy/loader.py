@@ -1,13 +1,18 @@
 """Load config.yaml and validate everything the proxy will build from it.
 
 `proxy.config` checks structure; this module also checks what needs other
-packages (policy options, by each policy's own model, nested policies
-included), so `check-config`, start-up and SIGHUP reload all reject the same
-files with the same messages.
+packages or the file system: policy options (by each policy's own model,
+nested policies included), model, certificate and coefficient files that
+must be readable, and the places output files go. So `check-config`,
+start-up and SIGHUP reload all reject the same files with the same messages.
+Nothing here writes (a probe file is removed at once) or looks a name up.
 """
 
 from __future__ import annotations
 
+import ssl
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,15 +47,18 @@ def validate(config: Config, source: str | Path) -> Loaded:
         except PolicyError as exc:
             problems += [(f"{where}.policy.{field}" if field else f"{where}.policy", problem)
                          for field, problem in exc.problems]
-        model_path = cluster.health.anomaly.model_path
-        if model_path is not None:
+        anomaly = cluster.health.anomaly
+        if anomaly.model_path is not None:
             # Load it now so a bad file is a config error, named, before any traffic.
             from health.anomaly import AnomalyModel, AnomalyModelError
 
             try:
-                anomaly_models[name] = AnomalyModel(model_path)
+                anomaly_models[name] = AnomalyModel(anomaly.model_path)
             except AnomalyModelError as exc:
                 problems.append((f"{where}.health.anomaly.model_path", str(exc)))
+        _check(problems, f"{where}.health.anomaly.record_path", anomaly.record_path, _appendable)
+        _check(problems, f"{where}.tls.ca_file", cluster.tls.ca_file, _ca_file)
+    _check_files(problems, config)
     if problems:
         raise invalid_config(str(source), problems)
     return Loaded(config=config, source=Path(source), policy_options=options,
@@ -59,3 +67,92 @@ def validate(config: Config, source: str | Path) -> Loaded:
 
 def load(path: str | Path) -> Loaded:
     return validate(read_config(path), path)
+
+
+def _check_files(problems: list[Problem], config: Config) -> None:
+    tls = config.listen.tls
+    if tls is not None:
+        before = len(problems)
+        _check(problems, "listen.tls.cert_file", tls.cert_file, _readable)
+        _check(problems, "listen.tls.key_file", tls.key_file, _readable)
+        if len(problems) == before:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                context.load_cert_chain(tls.cert_file, tls.key_file)
+            except ssl.SSLError as exc:
+                problems.append(("listen.tls", f"cannot load certificate {tls.cert_file} with key "
+                                               f"{tls.key_file} (PEM, and the key must match it): {exc}"))
+    if config.access_log.enabled and config.access_log.path != "-":
+        _check(problems, "access_log.path", Path(config.access_log.path), _appendable)
+    if config.telemetry.enabled:
+        _check(problems, "telemetry.path", config.telemetry.path, _directory)
+    forecast = config.forecast
+    if forecast.enabled:
+        from proxy.forecast import ForecastError, coefficients_for
+
+        try:
+            coefficients_for(forecast)
+        except ForecastError as exc:
+            problems.append(("forecast.coefficients_path", str(exc)))
+        _check(problems, "forecast.counts_path", forecast.counts_path, _appendable)
+
+
+def _check(problems: list[Problem], field: str, path: Path | None,
+           check: Callable[[Path], str | None]) -> None:
+    problem = check(path) if path is not None else None
+    if problem is not None:
+        problems.append((field, problem))
+
+
+def _readable(path: Path) -> str | None:
+    try:
+        with path.open("rb"):
+            return None
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+
+
+def _ca_file(path: Path) -> str | None:
+    problem = _readable(path)
+    if problem is None:
+        try:
+            ssl.create_default_context(cafile=path)
+        except ssl.SSLError as exc:
+            return f"no CA certificates in {path}: {exc}"
+    return problem
+
+
+def _appendable(path: Path) -> str | None:
+    """Why a file to append to cannot be opened (or created) at `path`, or None."""
+    if path.exists():
+        try:
+            with path.open("ab"):  # appending nothing changes nothing
+                return None
+        except OSError as exc:
+            return f"cannot write {path}: {exc.strerror or exc}"
+    if not path.parent.is_dir():
+        return f"cannot create {path}: no directory {path.parent}"
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            return None
+    except OSError as exc:
+        return f"cannot create {path}: {exc.strerror or exc}"
+
+
+def _directory(path: Path) -> str | None:
+    """Why files cannot be written in directory `path` (created with its parents if missing), or None."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        if existing == path:
+            tempfile.TemporaryFile(dir=path).close()
+        else:
+            tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as exc:
+        if existing == path:
+            return f"cannot write in {path}: {exc.strerror or exc}"
+        return f"cannot create {path} (in {existing}: {exc.strerror or exc})"
+    return None

@@ -16,6 +16,8 @@ BACKENDS = "backends: ['http://127.0.0.1:1']\n"
     pytest.param(b"[" * 5000, "nested more than 100 levels deep", id="deep"),
     pytest.param(BACKENDS.encode() + b"policy: {kind: explore, base: nonsense}\n",
                  "clusters.default.policy.base: no such policy 'nonsense'", id="nested-policy"),
+    pytest.param(BACKENDS.encode() + b"telemetry: {enabled: true, path: /proc/telemetry}\n",
+                 "telemetry.path: cannot create /proc/telemetry", id="output-directory"),
 ])
 async def test_a_bad_config_on_reload_is_logged_with_file_and_problem(
         backends: Backends, start_proxy, caplog: pytest.LogCaptureFixture, content: bytes,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from proxy.config import ConfigError, parse_config
+from proxy.forecast import FORMAT_NAME, FORMAT_VERSION
 from proxy.loader import validate
 
 BACKENDS = ["http://127.0.0.1:1"]
@@ -63,3 +67,95 @@ def test_a_learned_policy_may_be_wrapped_and_heuristics_nested() -> None:
         "kind": "explore", "base": "onnx_latency",
         "base_options": {"fallback": "explore", "fallback_options": fallback}}})
     assert validate(config, "test.yaml").policy_options["default"].base == "onnx_latency"
+
+
+def _file_problems(**sections: Any) -> list[str]:
+    """The problems validate finds (none: [])."""
+    config = parse_config({**({} if "clusters" in sections else {"backends": BACKENDS}), **sections},
+                          "test.yaml")
+    try:
+        validate(config, "test.yaml")
+    except ConfigError as exc:
+        return [line.strip() for line in str(exc).splitlines()[1:]]
+    return []
+
+
+def _cert(tmp_path: Path, ca: trustme.CA, tag: str) -> tuple[str, str]:
+    cert = ca.issue_cert("localhost")
+    cert_file, key_file = tmp_path / f"{tag}.crt", tmp_path / f"{tag}.key"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    return str(cert_file), str(key_file)
+
+
+def test_listen_certificate_and_key_must_be_readable_and_match(tmp_path: Path) -> None:
+    assert _file_problems(listen={"tls": {"cert_file": str(tmp_path / "no.crt"),
+                                                    "key_file": str(tmp_path / "no.key")}}) == [
+        f"listen.tls.cert_file: cannot read {tmp_path}/no.crt: No such file or directory",
+        f"listen.tls.key_file: cannot read {tmp_path}/no.key: No such file or directory"]
+    ca = trustme.CA()
+    (cert, key), (_, other_key) = _cert(tmp_path, ca, "a"), _cert(tmp_path, ca, "b")
+    assert _file_problems(listen={"tls": {"cert_file": cert, "key_file": key}}) == []
+    [problem] = _file_problems(listen={"tls": {"cert_file": cert, "key_file": other_key}})
+    assert problem.startswith(f"listen.tls: cannot load certificate {cert} with key {other_key}")
+
+
+def test_an_upstream_ca_file_must_hold_certificates(tmp_path: Path) -> None:
+    def problems(ca_file: Path) -> list[str]:
+        return _file_problems(clusters={
+            "a": {"backends": ["https://127.0.0.1:1"], "tls": {"ca_file": str(ca_file)}}})
+
+    assert problems(tmp_path / "ca.pem") == [
+        f"clusters.a.tls.ca_file: cannot read {tmp_path}/ca.pem: No such file or directory"]
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    [problem] = problems(tmp_path / "ca.pem")
+    assert problem.startswith(f"clusters.a.tls.ca_file: no CA certificates in {tmp_path}/ca.pem")
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    assert problems(tmp_path / "ca.pem") == []
+
+
+def test_output_files_need_a_directory_they_can_be_written_in(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    assert _file_problems(access_log={"enabled": True, "path": f"{missing}/access.log"}) == [
+        f"access_log.path: cannot create {missing}/access.log: no directory {missing}"]
+    assert _file_problems(forecast={"enabled": True, "counts_path": f"{missing}/counts.csv"}) == [
+        f"forecast.counts_path: cannot create {missing}/counts.csv: no directory {missing}"]
+    assert _file_problems(health={"anomaly": {"record_path": f"{missing}/rows.jsonl"}}) == [
+        f"clusters.default.health.anomaly.record_path: cannot create {missing}/rows.jsonl: "
+        f"no directory {missing}"]
+    assert _file_problems(access_log={"enabled": True, "path": str(tmp_path)}) == [
+        f"access_log.path: cannot write {tmp_path}: Is a directory"]
+    # Off (or standard output): not checked.
+    assert _file_problems(access_log={"enabled": False, "path": f"{missing}/access.log"}) == []
+    assert _file_problems(access_log={"enabled": True, "path": "-"}) == []
+
+
+def test_the_telemetry_directory_must_be_creatable(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    assert _file_problems(telemetry={"enabled": True, "path": str(tmp_path / "file" / "t")}) == [
+        f"telemetry.path: {tmp_path}/file is not a directory"]
+    if Path("/proc/self").is_dir():
+        [problem] = _file_problems(telemetry={"enabled": True, "path": "/proc/telemetry"})
+        assert problem.startswith("telemetry.path: cannot create /proc/telemetry (in /proc: ")
+
+
+def test_validation_writes_nothing(tmp_path: Path) -> None:
+    assert _file_problems(
+        telemetry={"enabled": True, "path": str(tmp_path / "t" / "u")},
+        access_log={"enabled": True, "path": str(tmp_path / "access.log")},
+        forecast={"enabled": True, "counts_path": str(tmp_path / "counts.csv")}) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_forecast_coefficients_are_loaded_when_the_forecast_is_on(tmp_path: Path) -> None:
+    path = tmp_path / "coef.json"
+    [problem] = _file_problems(forecast={"enabled": True, "coefficients_path": str(path)})
+    assert problem == f"forecast.coefficients_path: {path}: no such coefficients file " \
+                      "(create it with `foretell train forecast`)"
+    path.write_text(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, "interval_s": 5.0,
+                                "a": 0.0, "b": 1.0, "c": 0.0}))
+    [problem] = _file_problems(forecast={"enabled": True, "coefficients_path": str(path)})
+    assert "fitted for 5 s intervals but forecast.interval_s is 10" in problem
+    assert _file_problems(forecast={"enabled": True, "coefficients_path": str(path),
+                                              "interval_s": 5.0}) == []
+    assert _file_problems(forecast={"enabled": False, "coefficients_path": f"{tmp_path}/no"}) == []
