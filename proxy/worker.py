@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -125,7 +126,7 @@ class Worker:
                            backlog=config.listen.backlog, ssl_context=self._ssl,
                            # Workers share the port; a lone worker must see "address in use".
                            reuse_port=config.workers > 1)
-        await site.start()
+        await _bind(site, "listen", config.listen.host, config.listen.port)
         self.listen_port = _bound_port(site)
         if self.worker_id == 0:
             app = admin.admin_app(self._get_proxy, self.is_ready)
@@ -133,7 +134,7 @@ class Worker:
                                                shutdown_timeout=CLOSE_GRACE_S)
             await self._admin_runner.setup()
             admin_site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port)
-            await admin_site.start()
+            await _bind(admin_site, "admin", config.admin.host, config.admin.port)
             self.admin_port = _bound_port(admin_site)
         self._spawn(self._refresh_gauges())
         # Everything allocated so far (config, policies, libraries) lives as
@@ -315,6 +316,22 @@ class Worker:
                 self.proxy.access_log.close()
         for extra in self._extras:
             await extra.stop()
+
+
+class BindError(OSError):
+    """A listening socket that cannot be opened; the message names the address and its fields."""
+
+
+async def _bind(site: web.TCPSite, field: str, host: str, port: int) -> None:
+    try:
+        await site.start()
+    except socket.gaierror as exc:
+        raise BindError(f"cannot resolve {field}.host {host!r}: {exc.strerror or exc}") from None
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise BindError(f"cannot bind {field} address {address} ({field}.host, {field}.port): "
+                        f"{reason}") from None
 
 
 def _bound_port(site: web.TCPSite) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,33 @@ def test_serve_refuses_what_check_config_refuses_with_the_same_message(tmp_path:
     assert f"{path}: invalid config" in served.stderr
     assert "clusters.default.policy.base_options.bogus: Extra inputs are not permitted" in served.stderr
     assert checked.stderr == served.stderr
+
+
+@pytest.mark.parametrize("taken", ["listen", "admin"])
+def test_a_port_in_use_at_start_names_the_address(tmp_path: Path, taken: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        ports = {"listen": 0, "admin": 0, taken: port}
+        path = tmp_path / "taken.yaml"
+        path.write_text(f"backends: ['http://127.0.0.1:1']\nlisten: {{port: {ports['listen']}}}\n"
+                        f"admin: {{port: {ports['admin']}}}\n")
+        done = _run("serve", "--config", str(path))
+    assert done.returncode == 1
+    assert (f"cannot start: cannot bind {taken} address 127.0.0.1:{port} ({taken}.host, {taken}.port): "
+            "Address already in use") in done.stderr, done.stderr
+
+
+def test_a_host_name_that_does_not_resolve_is_named_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "dns.yaml"
+    # .invalid never resolves (RFC 6761); check-config does not look names up.
+    path.write_text("backends: ['http://127.0.0.1:1']\nlisten: {host: no-such-host.invalid, port: 0}\n"
+                    "admin: {port: 0}\n")
+    assert _run("check-config", str(path)).returncode == 0
+    done = _run("serve", "--config", str(path))
+    assert done.returncode == 1
+    assert "cannot start: cannot resolve listen.host 'no-such-host.invalid'" in done.stderr, done.stderr
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
