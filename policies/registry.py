@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from policies.base import NestedPolicy, Policy, PolicyContext, PolicyFactory, PolicyOptions
 
 _BUILTIN_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_DOTTED_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*[.:][A-Za-z_]\w*$")
 
 
 # (dotted path of an option within the policy's spec, what is wrong with it)
@@ -40,10 +41,11 @@ def resolve(kind: str) -> PolicyFactory:
     """The policy class for `kind`, or PolicyError saying why not."""
     if _BUILTIN_RE.match(kind):
         module_name, attr = f"policies.{kind}", None
-    else:
+    elif _DOTTED_RE.match(kind):
         module_name, _, attr = kind.replace(":", ".").rpartition(".")
-        if not module_name:
-            raise PolicyError(f"{kind!r} is not a built-in policy name nor a dotted path")
+    else:
+        raise PolicyError(f"{kind!r} is not a built-in policy name nor a dotted path "
+                          "(mypkg.mymodule.MyPolicy)")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -51,6 +53,9 @@ def resolve(kind: str) -> PolicyFactory:
             known = ", ".join(builtin_kinds())
             raise PolicyError(f"no such policy {kind!r} (known: {known})") from None
         raise PolicyError(f"policy {kind!r}: cannot import {module_name}: {exc}") from None
+    except Exception as exc:  # a user's module that fails as it is imported
+        raise PolicyError(f"policy {kind!r}: importing {module_name} failed: "
+                          f"{type(exc).__name__}: {exc}") from None
     if attr is None:
         found = [v for v in vars(module).values()
                  if isinstance(v, type) and getattr(v, "name", None) == kind and hasattr(v, "Options")]

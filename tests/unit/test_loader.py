@@ -159,3 +159,22 @@ def test_forecast_coefficients_are_loaded_when_the_forecast_is_on(tmp_path: Path
     assert _file_problems(forecast={"enabled": True, "coefficients_path": str(path),
                                               "interval_s": 5.0}) == []
     assert _file_problems(forecast={"enabled": False, "coefficients_path": f"{tmp_path}/no"}) == []
+
+
+@pytest.mark.parametrize(("kind", "problem"), [
+    ("...", "kind: '...' is not a built-in policy name nor a dotted path"),  # was a TypeError
+    ("a b.c", "kind: 'a b.c' is not a built-in policy name nor a dotted path"),
+    ("tests.unit.test_loader_no_such_module.P", "kind: policy 'tests.unit.test_loader_no_such_module.P': "
+                                                 "cannot import tests.unit.test_loader_no_such_module"),
+])
+def test_a_kind_that_cannot_name_a_class_is_a_problem_not_a_crash(kind: str, problem: str) -> None:
+    [found] = _problems({"kind": kind})
+    assert found.startswith(problem), found
+
+
+def test_a_users_module_that_fails_on_import_is_a_problem(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "boom_policy.py").write_text("raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _problems({"kind": "boom_policy.Boom"}) == [
+        "kind: policy 'boom_policy.Boom': importing boom_policy failed: RuntimeError: boom"]
