@@ -107,6 +107,7 @@ class BackendSpec(Frozen):
             _ = parts.port
         except ValueError as exc:
             raise ValueError(f"bad port in {url!r}") from exc
+        _check_host(parts.hostname)
         return url.rstrip("/")
 
     @model_validator(mode="after")

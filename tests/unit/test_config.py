@@ -175,6 +175,18 @@ def test_addresses_and_names_pass_unresolved(host: str) -> None:
     assert parse_config({"backends": ["http://127.0.0.1:1"], "listen": {"host": host}}).listen.host == host
 
 
+@pytest.mark.parametrize("url", ["http://not a host!!:80", "http://x..y:80", "https://exa mple.com"])
+def test_a_backend_url_host_is_checked_the_same_way(url: str) -> None:
+    message = _field_errors({"backends": [url]})
+    assert "  clusters.default.backends.0.url: " in message, message
+    assert "is not an IP address or a host name" in message
+
+
+def test_backend_urls_with_addresses_and_names_pass() -> None:
+    urls = ["http://[::1]:8000", "http://10.0.0.5:8000", "https://api.internal:8443", "http://svc_b"]
+    assert [b.url for b in parse_config({"backends": urls}).clusters["default"].backends] == urls
+
+
 @pytest.mark.parametrize(("listen", "admin"), [
     ({"port": 9901}, {}),
     ({"host": "0.0.0.0", "port": 8000}, {"host": "127.0.0.1", "port": 8000}),
