@@ -218,7 +218,6 @@ class Worker:
                 log.warning("reload: not applied until a restart (the rest is): %s",
                             "; ".join(held))
                 loaded = dataclasses.replace(loaded, config=effective)
-            self._check_tls(loaded)
             new_rt, retired = await runtime.build(loaded, proxy.runtime)
         except ConfigError as exc:
             metrics.CONFIG_RELOADS.labels("invalid").inc()
@@ -240,26 +239,15 @@ class Worker:
             self._spawn(self._close_when_idle(old_rt, retired.upstreams))
         return True
 
-    def _check_tls(self, loaded: Loaded) -> None:
-        """Load the listener's certificate and key into a scratch context first: loading a
-        pair that does not match into the live one would leave it with no usable key."""
-        tls = loaded.config.listen.tls
-        if tls is None or self._ssl is None:
-            return
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                str(tls.cert_file), str(tls.key_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{loaded.source}: invalid config\n  listen.tls: cannot load "
-                              f"{tls.cert_file} with {tls.key_file}: {exc}") from None
-
     def _reload_tls(self, config: Config) -> None:
         tls = config.listen.tls
         if tls is None or self._ssl is None:
             return
+        # The loader has loaded this pair into a scratch context: one that does not match,
+        # loaded here, would leave the live context with no usable key.
         try:
             self._ssl.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        except (OSError, ssl.SSLError) as exc:  # replaced since _check_tls, a moment ago
+        except (OSError, ssl.SSLError) as exc:  # replaced since, a moment ago
             log.error("reload: the TLS files changed while being loaded, handshakes may fail "
                       "until the next reload: %s / %s: %s", tls.cert_file, tls.key_file, exc)
 
