@@ -21,6 +21,7 @@ import math
 import random
 import ssl as ssl_module
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -65,6 +66,10 @@ class _Record:
     held_back: set[str] = field(default_factory=set)
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     history: deque[str] = field(default_factory=lambda: deque(maxlen=_HISTORY))
+
+
+# Cluster name -> the checker whose state its gauges show (the one started last).
+_CURRENT: weakref.WeakValueDictionary[str, HealthChecker] = weakref.WeakValueDictionary()
 
 
 class HealthChecker:
@@ -151,6 +156,7 @@ class HealthChecker:
                 task.cancel()
             for d in self.detectors:
                 d.forget(backend_id)
+            metrics.forget_backend(self.cluster.name, backend_id)
         if self._wake is not None and self._prober is not None:
             for backend_id, state in self.cluster.states.items():
                 if backend_id not in self._tasks:
@@ -165,6 +171,16 @@ class HealthChecker:
         # This checker starts out of panic: a replaced one may have left the gauge at 1.
         metrics.panic.labels(self.cluster.name).set(0.0)
         self._sync_members()
+        # The cluster's gauges are this checker's now; series only its predecessor had
+        # (backends a reload removed, an anomaly model no longer configured) go.
+        name = self.cluster.name
+        previous = _CURRENT.get(name)
+        _CURRENT[name] = self
+        if previous is not None and previous is not self:
+            for backend_id in previous._records.keys() - self._records.keys():
+                metrics.forget_backend(name, backend_id)
+        if self.anomaly is None or self.anomaly.model is None:
+            metrics.forget_cluster_anomaly(name)
         self._tasks["\0evaluate"] = asyncio.create_task(self._evaluate_loop(),
                                                          name=f"health {self.cluster.name}")
         if self.anomaly is not None and self.anomaly.config.model_path is not None:
@@ -173,6 +189,11 @@ class HealthChecker:
 
     async def stop(self) -> None:
         self._stopped = True
+        if _CURRENT.get(self.cluster.name) is self:  # not replaced: the cluster is gone
+            del _CURRENT[self.cluster.name]
+            for backend_id in self._records:
+                metrics.forget_backend(self.cluster.name, backend_id)
+            metrics.forget_cluster(self.cluster.name)
         self.cluster.remove_outcome_listener(self._on_outcome)
         tasks = list(self._tasks.values())
         self._tasks.clear()

@@ -6,6 +6,9 @@ each with its own checker; "max" reports the worst view across workers.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from prometheus_client import Counter, Gauge, Histogram
 
 HEALTH_STATES = ("healthy", "suspect", "ejected")
@@ -55,3 +58,29 @@ probes = Counter(
 def set_state(cluster: str, backend: str, state: str) -> None:
     for s in HEALTH_STATES:
         backend_health.labels(cluster, backend, s).set(1.0 if s == state else 0.0)
+
+
+def _drop(gauge: Gauge, *labels: str) -> None:
+    """Take a series out, so a gone backend or cluster does not show its last state for
+    good (an "ejected" 1 an alert would fire on). With several workers (multiprocess
+    mode) prometheus_client cannot remove one: it stays at 0."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        gauge.labels(*labels).set(0.0)
+        return
+    with contextlib.suppress(KeyError):  # never set
+        gauge.remove(*labels)
+
+
+def forget_backend(cluster: str, backend: str) -> None:
+    for s in HEALTH_STATES:
+        _drop(backend_health, cluster, backend, s)
+    _drop(anomaly_score, cluster, backend)
+
+
+def forget_cluster_anomaly(cluster: str) -> None:
+    _drop(anomaly_threshold, cluster)
+
+
+def forget_cluster(cluster: str) -> None:
+    _drop(panic, cluster)
+    forget_cluster_anomaly(cluster)

@@ -270,3 +270,29 @@ async def test_a_new_checker_clears_the_panic_gauge_its_predecessor_left() -> No
     await old.stop()
     assert REGISTRY.get_sample_value("foretell_health_panic", {"cluster": "c"}) == 0.0
     await new.stop()
+
+
+async def test_a_backend_or_cluster_gone_by_reload_leaves_no_health_series() -> None:
+    """A removed backend's last state (an "ejected" 1 an alert fires on) stayed for good."""
+    from prometheus_client import REGISTRY
+
+    def states(backend: str) -> list[float | None]:
+        return [REGISTRY.get_sample_value("foretell_backend_health_state",
+                                          {"cluster": "gone", "backend": backend, "state": s})
+                for s in ("healthy", "suspect", "ejected")]
+
+    clock = Clock()
+    cluster = Cluster("gone", [Backend(f"b{i}", f"http://127.0.0.1:{10000 + i}") for i in range(2)],
+                      clock=clock)
+    off = HealthConfig.model_validate({"active": {"enabled": False}})
+    old = HealthChecker(cluster, off, clock=clock)
+    await old.start()
+    assert states("b1") == [1.0, 0.0, 0.0]
+    cluster.set_backends([Backend("b0", "http://127.0.0.1:10000")])  # a reload drops b1
+    new = HealthChecker(cluster, off, clock=clock)
+    await new.start()
+    await old.stop()
+    assert states("b1") == [None, None, None] and states("b0") == [1.0, 0.0, 0.0]
+    await new.stop()  # and then the whole cluster goes
+    assert states("b0") == [None, None, None]
+    assert REGISTRY.get_sample_value("foretell_health_panic", {"cluster": "gone"}) is None
