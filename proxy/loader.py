@@ -10,6 +10,7 @@ Nothing here writes (a probe file is removed at once) or looks a name up.
 
 from __future__ import annotations
 
+import os
 import ssl
 import tempfile
 from collections.abc import Callable
@@ -104,7 +105,15 @@ def _check(problems: list[Problem], field: str, path: Path | None,
         problems.append((field, problem))
 
 
+def _not_regular(path: Path) -> bool:
+    """A FIFO or device: opening one to check it could block (a FIFO without a reader or
+    writer) or take data from whoever reads it, so only its permissions are checked."""
+    return os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
+
+
 def _readable(path: Path) -> str | None:
+    if _not_regular(path):
+        return None if os.access(path, os.R_OK) else f"cannot read {path}: permission denied"
     try:
         with path.open("rb"):
             return None
@@ -124,13 +133,16 @@ def _ca_file(path: Path) -> str | None:
 
 def _appendable(path: Path) -> str | None:
     """Why a file to append to cannot be opened (or created) at `path`, or None."""
-    if path.exists():
+    if _not_regular(path):
+        return None if os.access(path, os.W_OK) else f"cannot write {path}: permission denied"
+    # os.path, not Path: Path.exists() raises on a directory it may not search (EACCES).
+    if os.path.exists(path):
         try:
             with path.open("ab"):  # appending nothing changes nothing
                 return None
         except OSError as exc:
             return f"cannot write {path}: {exc.strerror or exc}"
-    if not path.parent.is_dir():
+    if not os.path.isdir(path.parent):
         return f"cannot create {path}: no directory {path.parent}"
     try:
         with tempfile.TemporaryFile(dir=path.parent):
@@ -142,9 +154,9 @@ def _appendable(path: Path) -> str | None:
 def _directory(path: Path) -> str | None:
     """Why files cannot be written in directory `path` (created with its parents if missing), or None."""
     existing = path
-    while not existing.exists():
+    while not os.path.exists(existing):  # False, not an exception, where it may not look
         existing = existing.parent
-    if not existing.is_dir():
+    if not os.path.isdir(existing):
         return f"{existing} is not a directory"
     try:
         if existing == path:

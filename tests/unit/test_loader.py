@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import trustme
 from proxy.config import ConfigError, parse_config
 from proxy.forecast import FORMAT_NAME, FORMAT_VERSION
 from proxy.loader import validate
+from tests.unit.file_support import mode_000_is_readable
 
 BACKENDS = ["http://127.0.0.1:1"]
 KNOWN = ("(known: consistent_hash, explore, hcl, least_request, onnx_latency, p2c_peak_ewma, random, "
@@ -178,3 +180,24 @@ def test_a_users_module_that_fails_on_import_is_a_problem(tmp_path: Path,
     monkeypatch.syspath_prepend(str(tmp_path))
     assert _problems({"kind": "boom_policy.Boom"}) == [
         "kind: policy 'boom_policy.Boom': importing boom_policy failed: RuntimeError: boom"]
+
+
+def test_a_fifo_as_an_output_file_is_not_opened(tmp_path: Path) -> None:
+    """Opening a FIFO nobody reads blocks: check-config hung, and a reload's thread for good."""
+    fifo = tmp_path / "access.fifo"
+    os.mkfifo(fifo)
+    assert _file_problems(access_log={"enabled": True, "path": str(fifo)}) == []
+
+
+@pytest.mark.skipif(mode_000_is_readable(), reason="this process (root) may search any directory")
+def test_a_directory_it_may_not_search_is_a_named_problem_not_a_crash(tmp_path: Path) -> None:
+    """Path.exists() raises PermissionError there (Python 3.11): a traceback, exit 1."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o000)
+    try:
+        [problem] = _file_problems(telemetry={"enabled": True, "path": str(locked / "sub" / "t")})
+        assert problem.startswith(f"telemetry.path: cannot create {locked}/sub/t (in {locked}: ")
+        [problem] = _file_problems(access_log={"enabled": True, "path": str(locked / "a.log")})
+        assert problem.startswith("access_log.path: cannot create")
+    finally:
+        locked.chmod(0o700)
