@@ -80,6 +80,9 @@ class SuccessRate(_Frozen):
         return self
 
 
+DEFAULT_RECENT_MAX_AGE_S = 30.0
+
+
 class LatencyOutlier(_Frozen):
     """A backend's recent latency quantile against the fleet median of that quantile."""
 
@@ -103,8 +106,8 @@ class LatencyOutlier(_Frozen):
     recent_requests: StrictInt = Field(default=5, ge=0)
     # The recent rule's attempts may be older than window_s, up to this age (by when
     # they finished): a backend starved to fewer than recent_requests per window is
-    # still judged on its last few answers.
-    recent_max_age_s: StrictFloat = Field(default=30.0, gt=0)
+    # still judged on its last few answers. Unset: 30 s, or window_s if longer.
+    recent_max_age_s: StrictFloat | None = Field(default=None, gt=0)
     # Scale each sample by (fleet median) / (its route class's fleet median) before
     # comparing, so a backend that gets the expensive requests (request-aware routing)
     # is not taken for a slow one (health/latency.py).
@@ -112,9 +115,16 @@ class LatencyOutlier(_Frozen):
 
     @model_validator(mode="after")
     def _recent_age(self) -> LatencyOutlier:
-        if self.recent_max_age_s < self.window_s:
+        if self.recent_max_age_s is not None and self.recent_max_age_s < self.window_s:
             raise ValueError("recent_max_age_s must be at least window_s")
         return self
+
+    @property
+    def recent_horizon_s(self) -> float:
+        """How far back the recent rule's attempts may reach."""
+        if self.recent_max_age_s is not None:
+            return self.recent_max_age_s
+        return max(DEFAULT_RECENT_MAX_AGE_S, self.window_s)
 
 
 class Anomaly(_Frozen):

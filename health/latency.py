@@ -16,7 +16,7 @@ Two rules, both against the fleet (the median over judged backends):
   window stays full of fast samples from before the slowdown and fills with
   new ones only at the policy's exploration rate; the last few attempts show
   the change at once. They may have finished before the window, up to
-  `recent_max_age_s` ago: a backend starved below `recent_requests` answers
+  `recent_max_age_s` ago (30 s, or window_s if longer): a backend starved below `recent_requests` answers
   per window (7x the fleet, one request every 2 s) is judged all the same,
   where the window rule never has enough samples of it. The mean of log latencies is the efficient estimate of
   a lognormal's median, so it is judged against the fleet's median. Each
@@ -176,7 +176,7 @@ class LatencyOutlier:
             if detected:
                 return window
         m = cfg.recent_requests
-        aged_out = now - cfg.recent_max_age_s
+        aged_out = now - cfg.recent_horizon_s
         by_start = sorted([*((start, v, False) for start, v, t in older if t >= aged_out), *obs])
         last = by_start[-m:] if m else []
         recent = ""

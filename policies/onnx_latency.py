@@ -596,6 +596,9 @@ class OnnxLatency:
             log.warning("cluster %s: %s; routing with %s until a valid model appears",
                         self.cluster, exc, options.fallback)
             self._watched_key = self._key_or_none()
+        except BaseException:  # not built after all: the gauges go back to who had them
+            self.close()
+            raise
 
     # -- model lifecycle ----------------------------------------------------------
     def _show_gauges(self) -> None:

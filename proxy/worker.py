@@ -96,6 +96,11 @@ class Worker:
         self._serving = False
         self._hup_held = False
         self._drain_s = 0.0
+        # One reload at a time, each reading the file when its turn comes: two SIGHUPs
+        # close together applied their loads (in threads) in the order they finished.
+        self._reload_lock = asyncio.Lock()
+        # The route classes telemetry records with (fixed when it starts), if it runs.
+        self._telemetry_routes: list[str] | None = None
 
     # -- lifecycle --------------------------------------------------------------
     async def start(self, loaded: Loaded | None = None) -> None:
@@ -150,7 +155,8 @@ class Worker:
         if config.telemetry.enabled:
             from proxy.telemetry import TelemetryRecorder
 
-            telemetry = TelemetryRecorder(config.telemetry, config.route_classes(), self.worker_id)
+            self._telemetry_routes = config.route_classes()
+            telemetry = TelemetryRecorder(config.telemetry, self._telemetry_routes, self.worker_id)
             await telemetry.start()
             self._extras.append(telemetry)
         forecaster = None
@@ -180,11 +186,12 @@ class Worker:
             if self.proxy is not None:
                 admin.refresh_gauges(self.proxy)
 
-    def catch_sighup(self, held: bool = False) -> None:
+    def catch_sighup(self, held: Callable[[], bool] = lambda: False) -> None:
         """SIGHUP reloads the config from now on; until `serving()` it is held (as one from
-        before this, `held`) and applied then."""
-        self._hup_held = held
+        before this, `held()`) and applied then."""
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_hup)
+        # Asked after the handler is in: a HUP in between lands in one or the other.
+        self._hup_held = self._hup_held or held()
 
     def _on_hup(self) -> None:
         if self._serving:
@@ -208,11 +215,19 @@ class Worker:
 
     async def reload(self) -> bool:
         """Re-read the config file; apply it if valid, else keep serving with the old one."""
+        async with self._reload_lock:
+            if self._stop.is_set():  # draining: nothing new is built now
+                log.info("reload: ignored, the worker is stopping")
+                return False
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         proxy = self._get_proxy()
         try:
             # In a thread: validating loads model files (an anomaly model of a few MB
             # takes a second to build), which on the loop would stall every request.
             loaded = await asyncio.to_thread(load, self.config_path)
+            file_tls = loaded.config.listen.tls
             effective, held = held_for_restart(loaded.config, proxy.runtime.config)
             if held:
                 log.warning("reload: not applied until a restart (the rest is): %s",
@@ -228,7 +243,13 @@ class Worker:
             log.error("reload failed, still serving the previous config: %s", exc)
             return False
         old_rt, proxy.runtime = proxy.runtime, new_rt
-        self._reload_tls(loaded.config)
+        if loaded.config.listen.tls == file_tls:  # else held: the old pair, checked by nobody now
+            self._reload_tls(loaded.config)
+        routes = loaded.config.route_classes()
+        if self._telemetry_routes is not None and routes != self._telemetry_routes:
+            log.warning("reload: telemetry records the route classes it started with until a "
+                        "restart (%s; now %s): requests of other classes count as 'other'",
+                        self._telemetry_routes, routes)
         metrics.CONFIG_RELOADS.labels("applied").inc()
         log.info("reload: applied %s", self.config_path)
         # Checkers and policies serve no request: stop them now, so an old
@@ -351,7 +372,7 @@ async def run(config_path: str | Path, worker_id: int, loaded: Loaded | None = N
     os.environ["FORETELL_WORKER_ID"] = str(worker_id)
     worker = Worker(config_path, worker_id)
     # First: SIGHUP's default action would end the process while it starts.
-    worker.catch_sighup(held=hup_received())
+    worker.catch_sighup(held=hup_received)
     try:
         await worker.start(loaded)
     except ConfigError as exc:

@@ -256,6 +256,34 @@ async def test_a_reload_applies_what_it_can_and_the_config_in_effect_says_what_i
     assert "not applied" not in caplog.text  # back to what runs: nothing held
 
 
+async def test_two_sighups_close_together_leave_the_worker_on_the_newer_file(
+        backends: Backends, start_proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loads run in threads: the first, slow one (an anomaly model takes a second) finished
+    after the second and overwrote it with the older file."""
+    from proxy import worker as worker_module
+
+    urls = {"a": await backends.start("a")}
+    proxy = await start_proxy(proxy_config(urls))
+    path = proxy.worker.config_path
+    real_load = worker_module.load
+
+    def slow_for_v1(p: object) -> object:
+        loaded = real_load(p)  # type: ignore[arg-type]
+        if loaded.config.retries.attempts == 2:
+            time.sleep(1.0)
+        return loaded
+
+    monkeypatch.setattr(worker_module, "load", slow_for_v1)
+    cfg = yaml.safe_load(path.read_text())
+    write_config(path, {**cfg, "retries": {"attempts": 2}})
+    first = asyncio.create_task(proxy.worker.reload())
+    await asyncio.sleep(0.2)
+    write_config(path, {**cfg, "retries": {"attempts": 4}})
+    second = asyncio.create_task(proxy.worker.reload())
+    assert await first and await second
+    assert proxy.worker.proxy.runtime.config.retries.attempts == 4
+
+
 async def test_websocket_bad_handshake_opens_nothing_upstream(backends: Backends, start_proxy,
                                                              client) -> None:
     opened = []

@@ -229,6 +229,8 @@ def test_answers_older_than_recent_max_age_s_are_not_recent() -> None:
 def test_recent_max_age_s_shorter_than_the_window_is_a_config_error() -> None:
     with pytest.raises(ValueError, match="recent_max_age_s must be at least window_s"):
         Cfg(window_s=5.0, recent_max_age_s=4.0)
+    # Unset, it follows a longer window (a config with window_s 60 stays valid).
+    assert Cfg(window_s=60.0).recent_horizon_s == 60.0 and Cfg().recent_horizon_s == 30.0
 
 
 def test_recent_rule_caps_each_request_so_a_brief_stall_does_not_decide() -> None:

@@ -403,6 +403,27 @@ async def test_a_failed_reload_gives_the_gauges_back_to_the_policy_that_serves(
         await runtime.close(rt)
 
 
+async def test_a_policy_whose_load_raises_unexpectedly_gives_the_gauges_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a ModelError (onnxruntime failing to import, memory): the half-built policy had
+    taken the gauges, and the one still serving could no longer show its state."""
+    from policies import onnx_latency
+    from proxy import runtime
+
+    v1 = inflight_model(tmp_path / "v1.onnx", version="v1")
+    rt, _ = await runtime.build(gauges_config({**LEARNED, "model_path": str(v1)}), None)
+    try:
+        def no_memory(path: object) -> object:
+            raise MemoryError("no memory for a session")
+
+        monkeypatch.setattr(onnx_latency, "load_model", no_memory)
+        with pytest.raises(MemoryError):
+            await runtime.build(gauges_config({**LEARNED, "model_path": str(v1), "epsilon": 0.2}), rt)
+        assert model_series("gauges") == {"v1": 1.0, "active": 1.0}
+    finally:
+        await runtime.close(rt)
+
+
 def test_inference_error_falls_back_for_cooldown(tmp_path: Path) -> None:
     sim = Sim(n_backends=3)
     p = policy(sim, fails_beyond_two_rows(tmp_path / "m.onnx"), cooldown_s=5.0)
