@@ -5,9 +5,12 @@ with SO_REUSEPORT (the kernel spreads connections); worker 0 also serves the
 admin port, and prometheus_client's multiprocess mode makes its /metrics
 cover every worker. The supervisor forwards SIGHUP and SIGTERM and restarts
 a worker that dies: at once the first time, then after a wait that doubles
-with each death, until a worker has served for STABLE_S. When START_ATTEMPTS
-workers in a row die before they serve (a busy port, a config file that has
-gone bad since), it gives up: it stops the other workers and exits non-zero.
+with each death, until a worker has served for STABLE_S. A restarted worker starts like its
+siblings: the restart-only settings (port, workers, ...) of the copy of the
+config file they all started from, and that copy's content if the file has
+gone bad since. When START_ATTEMPTS workers in a row die before they serve
+(a busy port, a file the config names gone), it gives up: it stops the other
+workers and exits non-zero.
 Workers are told to stop (SIGTERM) when the supervisor dies, however it dies.
 
 SIGHUP ends a process by default. The first thing `serve` does is hold it: a
@@ -47,6 +50,9 @@ START_ATTEMPTS = 5
 # How long past drain_s the supervisor waits for a worker to exit before killing it.
 STOP_GRACE_S = 5.0
 PR_SET_PDEATHSIG = 1
+# The copy of the config file the workers started from, in the supervisor's temp dir.
+STARTED_CONFIG_NAME = "started.yaml"
+STARTED_CONFIG_ENV = "FORETELL_STARTED_CONFIG"
 
 
 def setup_logging(role: str) -> None:
@@ -100,20 +106,34 @@ def serve(config_path: str | Path) -> int:
     # One thread per model call: the proxy's cores serve requests, not BLAS pools.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     raise_fd_limit()
+    started = os.environ.get(STARTED_CONFIG_ENV) if worker_id is not None else None
     try:
         loaded = load(config_path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 2
+        if started is None:
+            return 2
+        # A worker restarted after the file went bad: its siblings serve what they started
+        # from (and reloads since), so it starts from that rather than not at all.
+        print(f"worker {worker_id}: starting from the config the proxy started with instead",
+              file=sys.stderr)
+        try:
+            loaded = load(started)
+        except ConfigError as again:
+            print(again, file=sys.stderr)
+            return 2
     single = worker_id is None and loaded.config.workers == 1
     setup_logging(f"w{worker_id}" if worker_id is not None else "w0" if single else "supervisor")
     if worker_id is not None or single:
         from proxy import worker
 
+        if started is not None:
+            loaded = worker.as_started(loaded, started)
         return run_loop(worker.run(config_path, int(worker_id or 0), loaded,
                                    hup_received=lambda: held_hup.received))
-    return supervise(Path(config_path), loaded.config.workers, loaded.config.timeouts.drain_s,
-                     hup_received=lambda: held_hup.received)
+    workers, drain_s = loaded.config.workers, loaded.config.timeouts.drain_s
+    del loaded  # the supervisor serves nothing: its models are not kept
+    return supervise(Path(config_path), workers, drain_s, hup_received=lambda: held_hup.received)
 
 
 def follow_supervisor() -> bool:
@@ -127,6 +147,10 @@ def follow_supervisor() -> bool:
 def supervise(config_path: Path, workers: int, drain_s: float, *,
               hup_received: Callable[[], bool] = lambda: False) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="foretell-metrics-")
+    # What every worker starts from: a worker restarted later keeps its siblings'
+    # restart-only settings (port, workers, ...) and, if the file has gone bad, its content.
+    started = Path(metrics_dir) / STARTED_CONFIG_NAME
+    shutil.copyfile(config_path, started)
     supervisor = Supervisor(config_path, workers, drain_s, metrics_dir)
     try:
         return supervisor.run(hup_received)
@@ -189,7 +213,8 @@ class Supervisor:
         self.metrics_dir = metrics_dir
         self.slots = [Slot(i) for i in range(workers)]
         self._env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir,
-                         FORETELL_SUPERVISOR_PID=str(os.getpid()))
+                         FORETELL_SUPERVISOR_PID=str(os.getpid()),
+                         **{STARTED_CONFIG_ENV: str(Path(metrics_dir) / STARTED_CONFIG_NAME)})
         self._stopping = False
         self._reload_requested = False
 
@@ -279,12 +304,16 @@ class Supervisor:
         slot.ready_fd = None
 
     def _reap(self, slot: Slot) -> None:
-        """Forget a worker that exited; its live gauges leave /metrics, its counts stay."""
+        """Forget a worker that exited; its gauges leave /metrics, its counts stay."""
         assert slot.proc is not None
         from prometheus_client import multiprocess
 
         # The supervisor's own environment has no PROMETHEUS_MULTIPROC_DIR: name the dir.
         multiprocess.mark_process_dead(slot.proc.pid, self.metrics_dir)
+        # That takes out only the live* gauges: the dead worker's max/min ones (a backend's
+        # health state, the model version) would show its last values for good.
+        for path in Path(self.metrics_dir).glob(f"gauge_*_{slot.proc.pid}.db"):
+            path.unlink(missing_ok=True)
         slot.proc = None
         if slot.ready_fd is not None:
             os.close(slot.ready_fd)

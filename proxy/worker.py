@@ -18,7 +18,7 @@ from aiohttp import web
 
 from proxy import admin, metrics, runtime
 from proxy.access_log import AccessLog
-from proxy.config import Config, ConfigError
+from proxy.config import Config, ConfigError, read_config
 from proxy.loader import Loaded, load
 from proxy.protocol import ProxyHttpServer
 from proxy.server import Proxy
@@ -56,6 +56,16 @@ _RESTART_ONLY: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("telemetry", None),
     ("forecast", None),
 )
+
+
+def as_started(loaded: Loaded, started_path: str) -> Loaded:
+    """`loaded` with the restart-only settings of the config the proxy's workers started
+    from (a worker the supervisor restarts must bind and behave like its siblings)."""
+    effective, held = held_for_restart(loaded.config, read_config(started_path))
+    if not held:
+        return loaded
+    log.warning("restarted worker: as its siblings until a restart of the proxy: %s", "; ".join(held))
+    return dataclasses.replace(loaded, config=effective)
 
 
 def held_for_restart(new: Config, running: Config) -> tuple[Config, list[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import shutil
 import signal
 import socket
 import time
@@ -241,8 +242,12 @@ async def test_supervisor_restarts_a_killed_worker(backends: Backends, run_proxy
         old = _worker(parent, worker_id)
         assert old is not None
         old.kill()
-        await _replacement(proc, parent, worker_id, old.pid)
+        new = await _replacement(proc, parent, worker_id, old.pid)
         await _wait_ready(proc)
+        # Its gauges went with it (a backend's health state, max across workers, showed the
+        # dead worker's last value for good).
+        metrics_dir = Path(new.environ()["PROMETHEUS_MULTIPROC_DIR"])
+        assert not list(metrics_dir.glob(f"gauge_*_{old.pid}.db"))
         for _ in range(20):  # new connections: the kernel spreads them over the workers listening
             connector = aiohttp.TCPConnector(force_close=True)
             async with aiohttp.ClientSession(connector=connector) as one, one.get(proc.url + "/echo") as resp:
@@ -253,21 +258,56 @@ async def test_supervisor_restarts_a_killed_worker(backends: Backends, run_proxy
         assert f"worker {worker_id} (pid {old.pid}) was killed by SIGKILL" in proc.log()
 
 
-async def test_supervisor_gives_up_on_a_worker_that_keeps_failing_to_start(backends: Backends,
-                                                                          run_proxy) -> None:
-    """A restarted worker reads the config file again: one gone bad since fails every start."""
+async def test_a_restarted_worker_starts_like_its_siblings_whatever_the_file_says_now(
+        backends: Backends, run_proxy) -> None:
+    """The file since asks for one worker and is then broken: the replacement of a killed
+    worker starts from what its siblings started from (before, it bound the port without
+    SO_REUSEPORT five times, and the supervisor gave up and took the proxy down)."""
     urls = {"a": await backends.start("a")}
     proc = run_proxy(proxy_config(urls, workers=2))
     parent = await _two_workers_up(proc)
+    text = proc.config_path.read_text()
+    proc.config_path.write_text(text.replace("workers: 2", "workers: 1"))
+    proc.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(1.0)
+    for then in ("as its siblings until a restart of the proxy: workers: 2 -> 1",
+                 "starting from the config the proxy started with instead"):
+        victim = _worker(parent, 1)
+        assert victim is not None
+        victim.kill()
+        await _replacement(proc, parent, 1, victim.pid)
+        await _logged(proc, then)
+        await _logged(proc, "worker 1 listening", times=3 if "instead" in then else 2)
+        proc.config_path.write_text(text + "\nbogus_key: 1\n")
+    assert proc.proc.poll() is None, proc.log()
+
+
+async def _logged(proc: ProxyProcess, text: str, times: int = 1, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while proc.log().count(text) < times:
+        assert time.monotonic() < deadline, f"not logged {times}x: {text!r}\n{proc.log()}"
+        await asyncio.sleep(0.1)
+
+
+async def test_supervisor_gives_up_on_a_worker_that_keeps_failing_to_start(backends: Backends,
+                                                                          run_proxy, tmp_path) -> None:
+    """What the config names is gone (its telemetry directory is a file now): no start can
+    succeed, from the file or from what the workers started with."""
+    urls = {"a": await backends.start("a")}
+    telemetry = tmp_path / "telemetry"
+    proc = run_proxy(proxy_config(urls, workers=2,
+                                  telemetry={"enabled": True, "path": str(telemetry)}))
+    parent = await _two_workers_up(proc)
     workers = parent.children()
-    proc.config_path.write_text(proc.config_path.read_text() + "\nbogus_key: 1\n")
+    shutil.rmtree(telemetry)
+    telemetry.write_text("")
     victim = _worker(parent, 1)
     assert victim is not None
     victim.kill()
     code = await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 40)
     log = proc.log()
     assert code == 2, log  # the workers' own exit code for a bad config
-    assert "bogus_key" in log
+    assert "telemetry.path" in log
     assert "worker 1 failed to start 5 times in a row" in log
     assert not [w for w in workers if w.is_running()], log  # worker 0 was stopped, not left behind
 
