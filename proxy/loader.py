@@ -58,7 +58,9 @@ def validate(config: Config, source: str | Path) -> Loaded:
             except AnomalyModelError as exc:
                 problems.append((f"{where}.health.anomaly.model_path", str(exc)))
         _check(problems, f"{where}.health.anomaly.record_path", anomaly.record_path, _appendable)
-        _check(problems, f"{where}.tls.ca_file", cluster.tls.ca_file, _ca_file)
+        # Without verification the CA file is never read: nothing to hold against it.
+        _check(problems, f"{where}.tls.ca_file",
+               cluster.tls.ca_file if cluster.tls.verify else None, _ca_file)
     _check_files(problems, config)
     if problems:
         raise invalid_config(str(source), problems)

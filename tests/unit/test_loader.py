@@ -114,6 +114,9 @@ def test_an_upstream_ca_file_must_hold_certificates(tmp_path: Path) -> None:
     assert problem.startswith(f"clusters.a.tls.ca_file: no CA certificates in {tmp_path}/ca.pem")
     trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     assert problems(tmp_path / "ca.pem") == []
+    # verify: false never reads it.
+    assert _file_problems(clusters={"a": {"backends": ["https://127.0.0.1:1"], "tls": {
+        "verify": False, "ca_file": str(tmp_path / "missing.pem")}}}) == []
 
 
 def test_output_files_need_a_directory_they_can_be_written_in(tmp_path: Path) -> None:
