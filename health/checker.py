@@ -179,7 +179,9 @@ class HealthChecker:
         if previous is not None and previous is not self:
             for backend_id in previous._records.keys() - self._records.keys():
                 metrics.forget_backend(name, backend_id)
-        if self.anomaly is None or self.anomaly.model is None:
+        had_model = previous is not None and previous.anomaly is not None \
+            and previous.anomaly.model is not None
+        if had_model and (self.anomaly is None or self.anomaly.model is None):
             metrics.forget_cluster_anomaly(name)
         self._tasks["\0evaluate"] = asyncio.create_task(self._evaluate_loop(),
                                                          name=f"health {self.cluster.name}")

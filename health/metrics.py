@@ -1,7 +1,8 @@
 """Health metrics, registered once at import into the default registry.
 
 Gauges carry a multiprocess_mode because the proxy may run several workers,
-each with its own checker; "max" reports the worst view across workers.
+each with its own checker; "livemax" reports the worst view across the live
+workers (a dead worker's values leave with it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ HEALTH_STATES = ("healthy", "suspect", "ejected")
 backend_health = Gauge(
     "foretell_backend_health_state",
     "1 for the backend's current health state (healthy, suspect, ejected), else 0",
-    ["cluster", "backend", "state"], multiprocess_mode="max")
+    ["cluster", "backend", "state"], multiprocess_mode="livemax")
 
 ejections = Counter(
     "foretell_health_ejections",
@@ -30,16 +31,16 @@ readmissions = Counter(
 panic = Gauge(
     "foretell_health_panic",
     "1 while the cluster is in panic mode (too few backends would be ready; routing to all)",
-    ["cluster"], multiprocess_mode="max")
+    ["cluster"], multiprocess_mode="livemax")
 
 anomaly_score = Gauge(
     "foretell_health_anomaly_score",
     "Latest Isolation Forest anomaly score per backend (higher is stranger)",
-    ["cluster", "backend"], multiprocess_mode="max")
+    ["cluster", "backend"], multiprocess_mode="livemax")
 
 anomaly_threshold = Gauge(
     "foretell_health_anomaly_threshold", "Anomaly score threshold of the loaded model",
-    ["cluster"], multiprocess_mode="max")
+    ["cluster"], multiprocess_mode="livemax")
 
 anomaly_reloads = Counter(
     "foretell_health_anomaly_reloads",
@@ -64,7 +65,7 @@ def _drop(gauge: Gauge, *labels: str) -> None:
     """Take a series out, so a gone backend or cluster does not show its last state for
     good (an "ejected" 1 an alert would fire on). With several workers (multiprocess
     mode) prometheus_client cannot remove one: it stays at 0."""
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ:
         gauge.labels(*labels).set(0.0)
         return
     with contextlib.suppress(KeyError):  # never set

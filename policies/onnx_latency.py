@@ -146,15 +146,15 @@ RESCORE_GAP = Gauge(
     "foretell_model_rescore_gap_seconds",
     "Least time between two rescores of one request class while outcomes arrive: rescore_s, "
     "or longer while the proxy is busy (rescore_cpu_share)", ["cluster"],
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 MODEL_INFO = Gauge(
     "foretell_model_info", "The latency model in use (value 1)", ["cluster", "version", "kind"],
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 MODEL_ACTIVE = Gauge(
     "foretell_model_active", "1 when the model routes, 0 when the fallback does", ["cluster"],
-    multiprocess_mode="min",
+    multiprocess_mode="livemin",
 )
 
 # The newest onnx_latency policy of each cluster shows the cluster's gauges above (info,
@@ -609,6 +609,9 @@ class OnnxLatency:
         if self.model is not None:
             _INFO_SHOWN[self.cluster] = (self.model.version, self.model.kind)
             MODEL_INFO.labels(self.cluster, self.model.version, self.model.kind).set(1)
+        # The series was removed with the one that had it: a fresh child, set at the next rescore.
+        self._rescore_gap_gauge = RESCORE_GAP.labels(self.cluster)
+        self._gap_shown_s = -1.0
 
     def _shows_gauges(self) -> bool:
         """Whether this policy's state is what the cluster's gauges show (the newest one's)."""

@@ -63,7 +63,7 @@ FORECAST_RPS = Gauge(FORECAST_RPS_NAME, "Forecast request rate for the next inte
 # With several workers /metrics replaces this gauge with one computed from the summed
 # rate (proxy/admin.py, fleet_replicas); the mode only decides what a scraper of the
 # worker files without that wrapper would see.
-REPLICAS = Gauge(REPLICAS_NAME, REPLICAS_HELP, multiprocess_mode="max")
+REPLICAS = Gauge(REPLICAS_NAME, REPLICAS_HELP, multiprocess_mode="livemax")
 
 
 def recommended_replicas(rps: float, config: Forecast) -> int:

@@ -49,7 +49,9 @@ def validate(config: Config, source: str | Path) -> Loaded:
             problems += [(f"{where}.policy.{field}" if field else f"{where}.policy", problem)
                          for field, problem in exc.problems]
         anomaly = cluster.health.anomaly
-        if anomaly.model_path is not None:
+        before = len(problems)
+        _check(problems, f"{where}.health.anomaly.model_path", anomaly.model_path, _regular)
+        if anomaly.model_path is not None and len(problems) == before:
             # Load it now so a bad file is a config error, named, before any traffic.
             from health.anomaly import AnomalyModel, AnomalyModelError
 
@@ -93,8 +95,11 @@ def _check_files(problems: list[Problem], config: Config) -> None:
     if forecast.enabled:
         from proxy.forecast import ForecastError, coefficients_for
 
+        before = len(problems)
+        _check(problems, "forecast.coefficients_path", forecast.coefficients_path, _regular)
         try:
-            coefficients_for(forecast)
+            if len(problems) == before:
+                coefficients_for(forecast)
         except ForecastError as exc:
             problems.append(("forecast.coefficients_path", str(exc)))
         _check(problems, "forecast.counts_path", forecast.counts_path, _appendable)
@@ -109,13 +114,20 @@ def _check(problems: list[Problem], field: str, path: Path | None,
 
 def _not_regular(path: Path) -> bool:
     """A FIFO or device: opening one to check it could block (a FIFO without a reader or
-    writer) or take data from whoever reads it, so only its permissions are checked."""
+    writer) or take data from whoever reads it."""
     return os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
 
 
+def _regular(path: Path) -> str | None:
+    """Not a FIFO or device (a missing file is the loader's own to report)."""
+    return f"{path} is not a regular file" if _not_regular(path) else None
+
+
 def _readable(path: Path) -> str | None:
+    """Why a file the proxy reads whole (certificate, key, CA, model, coefficients) cannot
+    be, or None: it must be a regular file (reading a FIFO could block for good)."""
     if _not_regular(path):
-        return None if os.access(path, os.R_OK) else f"cannot read {path}: permission denied"
+        return f"{path} is not a regular file"
     try:
         with path.open("rb"):
             return None
@@ -134,7 +146,8 @@ def _ca_file(path: Path) -> str | None:
 
 
 def _appendable(path: Path) -> str | None:
-    """Why a file to append to cannot be opened (or created) at `path`, or None."""
+    """Why a file to append to cannot be opened (or created) at `path`, or None. A FIFO or
+    device is not opened here: only its permissions are checked."""
     if _not_regular(path):
         return None if os.access(path, os.W_OK) else f"cannot write {path}: permission denied"
     # os.path, not Path: Path.exists() raises on a directory it may not search (EACCES).

@@ -113,10 +113,11 @@ def serve(config_path: str | Path) -> int:
         print(exc, file=sys.stderr)
         if started is None:
             return 2
-        # A worker restarted after the file went bad: its siblings serve what they started
-        # from (and reloads since), so it starts from that rather than not at all.
-        print(f"worker {worker_id}: starting from the config the proxy started with instead",
-              file=sys.stderr)
+        # A worker restarted after the file went bad starts from the copy all workers
+        # started from rather than not at all; reloads its siblings applied since are not
+        # in it (it differs from them until the next good reload or a restart).
+        print(f"worker {worker_id}: starting from the config the proxy started with instead "
+              "(without the reloads applied since)", file=sys.stderr)
         try:
             loaded = load(started)
         except ConfigError as again:
@@ -147,12 +148,11 @@ def follow_supervisor() -> bool:
 def supervise(config_path: Path, workers: int, drain_s: float, *,
               hup_received: Callable[[], bool] = lambda: False) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="foretell-metrics-")
-    # What every worker starts from: a worker restarted later keeps its siblings'
-    # restart-only settings (port, workers, ...) and, if the file has gone bad, its content.
-    started = Path(metrics_dir) / STARTED_CONFIG_NAME
-    shutil.copyfile(config_path, started)
     supervisor = Supervisor(config_path, workers, drain_s, metrics_dir)
     try:
+        # What the workers start from: a worker restarted later keeps its siblings'
+        # restart-only settings (port, workers, ...) and, if the file has gone bad, its content.
+        shutil.copyfile(config_path, Path(metrics_dir) / STARTED_CONFIG_NAME)
         return supervisor.run(hup_received)
     finally:
         supervisor.kill_all()  # whatever ended the supervisor, no worker outlives it
@@ -309,11 +309,9 @@ class Supervisor:
         from prometheus_client import multiprocess
 
         # The supervisor's own environment has no PROMETHEUS_MULTIPROC_DIR: name the dir.
+        # Every gauge is a live* one: this takes the dead worker's out (a backend's health
+        # state, the model version), and a scrape racing it tolerates their files going.
         multiprocess.mark_process_dead(slot.proc.pid, self.metrics_dir)
-        # That takes out only the live* gauges: the dead worker's max/min ones (a backend's
-        # health state, the model version) would show its last values for good.
-        for path in Path(self.metrics_dir).glob(f"gauge_*_{slot.proc.pid}.db"):
-            path.unlink(missing_ok=True)
         slot.proc = None
         if slot.ready_fd is not None:
             os.close(slot.ready_fd)

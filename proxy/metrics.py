@@ -42,7 +42,7 @@ CONFIG_RELOADS = Counter("foretell_config_reloads",
                          "Config reload attempts by result (each worker counts its own)", ["result"])
 CLUSTER_PANIC = Gauge("foretell_cluster_panic",
                       "1 when no backend is healthy and the cluster routes to all of them",
-                      ["cluster"], multiprocess_mode="max")
+                      ["cluster"], multiprocess_mode="livemax")
 
 
 def cached_labels(metric: Any) -> Callable[..., Any]:

@@ -32,7 +32,8 @@ log = logging.getLogger("foretell.runtime")
 
 
 def _ca_file(tls: UpstreamTls) -> str | None:
-    return str(tls.ca_file) if tls.ca_file else None
+    # Without verification nothing is checked against a CA: the file is not even read.
+    return str(tls.ca_file) if tls.ca_file and tls.verify else None
 
 
 def upstream_ssl(tls: UpstreamTls) -> ssl.SSLContext | bool:

@@ -61,10 +61,16 @@ _RESTART_ONLY: tuple[tuple[str, tuple[str, ...] | None], ...] = (
 def as_started(loaded: Loaded, started_path: str) -> Loaded:
     """`loaded` with the restart-only settings of the config the proxy's workers started
     from (a worker the supervisor restarts must bind and behave like its siblings)."""
-    effective, held = held_for_restart(loaded.config, read_config(started_path))
+    try:
+        started = read_config(started_path)
+    except ConfigError as exc:  # the copy gone (a /tmp cleaner) or changed: the file as it is
+        log.warning("cannot read the config the workers started from, starting from the file "
+                    "as it is: %s", exc)
+        return loaded
+    effective, held = held_for_restart(loaded.config, started)
     if not held:
         return loaded
-    log.warning("restarted worker: as its siblings until a restart of the proxy: %s", "; ".join(held))
+    log.warning("as the other workers until a restart of the proxy: %s", "; ".join(held))
     return dataclasses.replace(loaded, config=effective)
 
 
@@ -237,6 +243,9 @@ class Worker:
             # In a thread: validating loads model files (an anomaly model of a few MB
             # takes a second to build), which on the loop would stall every request.
             loaded = await asyncio.to_thread(load, self.config_path)
+            if self._stop.is_set():  # the worker began to stop while the file loaded
+                log.info("reload: dropped, the worker is stopping")
+                return False
             file_tls = loaded.config.listen.tls
             effective, held = held_for_restart(loaded.config, proxy.runtime.config)
             if held:

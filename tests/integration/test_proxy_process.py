@@ -270,7 +270,7 @@ async def test_a_restarted_worker_starts_like_its_siblings_whatever_the_file_say
     proc.config_path.write_text(text.replace("workers: 2", "workers: 1"))
     proc.proc.send_signal(signal.SIGHUP)
     await asyncio.sleep(1.0)
-    for then in ("as its siblings until a restart of the proxy: workers: 2 -> 1",
+    for then in ("as the other workers until a restart of the proxy: workers: 2 -> 1",
                  "starting from the config the proxy started with instead"):
         victim = _worker(parent, 1)
         assert victim is not None

@@ -116,3 +116,18 @@ async def test_a_certificate_that_does_not_match_its_key_is_refused_and_the_old_
     cert_file.write_bytes(other_cert.read_bytes())  # the key stays the first one's
     assert not await proxy.worker.reload()
     assert await _peer_cert(port, ca) == before
+
+
+async def test_without_verification_a_ca_file_is_not_read(backends: Backends, start_proxy, client,
+                                                          tmp_path: Path) -> None:
+    """check-config does not hold a missing ca_file against verify: false; neither may the
+    connections (every one failed on the missing file)."""
+    url = await _https_backend(backends, "secure", trustme.CA())
+    cfg = proxy_config({"secure": url})
+    del cfg["backends"], cfg["policy"], cfg["health"]
+    cfg["clusters"] = {"default": {"backends": [{"id": "secure", "url": url}],
+                                   "health": {"active": {"enabled": False}},
+                                   "tls": {"verify": False, "ca_file": str(tmp_path / "gone.pem")}}}
+    proxy = await start_proxy(cfg)
+    async with client.get(proxy.url + "/echo") as resp:
+        assert resp.status == 200

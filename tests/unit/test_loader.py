@@ -190,6 +190,12 @@ def test_a_fifo_as_an_output_file_is_not_opened(tmp_path: Path) -> None:
     fifo = tmp_path / "access.fifo"
     os.mkfifo(fifo)
     assert _file_problems(access_log={"enabled": True, "path": str(fifo)}) == []
+    # One the proxy reads whole is refused: reading it would block just the same.
+    assert _file_problems(clusters={"a": {"backends": ["https://127.0.0.1:1"],
+                                          "tls": {"ca_file": str(fifo)}}}) == [
+        f"clusters.a.tls.ca_file: {fifo} is not a regular file"]
+    assert _file_problems(health={"anomaly": {"model_path": str(fifo)}}) == [
+        f"clusters.default.health.anomaly.model_path: {fifo} is not a regular file"]
 
 
 @pytest.mark.skipif(mode_000_is_readable(), reason="this process (root) may search any directory")
