@@ -317,6 +317,8 @@ async def test_workers_exit_when_the_supervisor_is_killed(backends: Backends, ru
     proc = run_proxy(proxy_config(urls, workers=2))
     parent = await _two_workers_up(proc)
     workers = parent.children()
+    # A SIGKILLed supervisor cannot remove its metrics directory: the test does.
+    metrics_dir = workers[0].environ()["PROMETHEUS_MULTIPROC_DIR"]
     proc.proc.kill()
     proc.proc.wait()
     deadline = time.monotonic() + 10
@@ -328,6 +330,7 @@ async def test_workers_exit_when_the_supervisor_is_killed(backends: Backends, ru
         for w in workers:
             if w.is_running():
                 w.kill()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _catches(pid: int, sig: signal.Signals) -> bool:
