@@ -5,13 +5,14 @@ with SO_REUSEPORT (the kernel spreads connections); worker 0 also serves the
 admin port, and prometheus_client's multiprocess mode makes its /metrics
 cover every worker. The supervisor forwards SIGHUP and SIGTERM and restarts
 a worker that dies: at once the first time, then after a wait that doubles
-with each death, until a worker has served for STABLE_S. A restarted worker starts like its
-siblings: the restart-only settings (port, workers, ...) of the copy of the
-config file they all started from, and that copy's content if the file has
-gone bad since. When START_ATTEMPTS workers in a row die before they serve
-(a busy port, a file the config names gone), it gives up: it stops the other
-workers and exits non-zero.
-Workers are told to stop (SIGTERM) when the supervisor dies, however it dies.
+with each death, until a worker has served for STABLE_S. A restarted worker
+starts like its siblings: the restart-only settings (port, workers, ...) of
+the copy of the config file they all started from and, if the file has gone
+bad since, the content of the copy their last reload kept (or of that first
+copy). When START_ATTEMPTS workers in a row die before they serve (a busy
+port, a file the config names gone), it gives up: it stops the other workers
+and exits non-zero. Workers are told to stop (SIGTERM) when the supervisor
+dies, however it dies.
 
 SIGHUP ends a process by default. The first thing `serve` does is hold it: a
 HUP that comes while the proxy starts is logged and applied as a reload once
@@ -53,6 +54,8 @@ PR_SET_PDEATHSIG = 1
 # The copy of the config file the workers started from, in the supervisor's temp dir.
 STARTED_CONFIG_NAME = "started.yaml"
 STARTED_CONFIG_ENV = "FORETELL_STARTED_CONFIG"
+# Beside it, the config file the workers' last reload applied (each worker keeps it).
+APPLIED_CONFIG_NAME = "applied.yaml"
 
 
 def setup_logging(role: str) -> None:
@@ -113,13 +116,15 @@ def serve(config_path: str | Path) -> int:
         print(exc, file=sys.stderr)
         if started is None:
             return 2
-        # A worker restarted after the file went bad starts from the copy all workers
-        # started from rather than not at all; reloads its siblings applied since are not
-        # in it (it differs from them until the next good reload or a restart).
-        print(f"worker {worker_id}: starting from the config the proxy started with instead "
-              "(without the reloads applied since)", file=sys.stderr)
+        # A worker restarted after the file went bad starts from what its siblings serve:
+        # the file their last reload applied (kept by them), else the one they started from.
+        applied = Path(started).with_name(APPLIED_CONFIG_NAME)
+        fallback = applied if applied.exists() else Path(started)
+        print(f"worker {worker_id}: starting from the config "
+              f"{'the last reload applied' if fallback == applied else 'the proxy started with'} "
+              "instead", file=sys.stderr)
         try:
-            loaded = load(started)
+            loaded = load(fallback)
         except ConfigError as again:
             print(again, file=sys.stderr)
             return 2
@@ -130,8 +135,10 @@ def serve(config_path: str | Path) -> int:
 
         if started is not None:
             loaded = worker.as_started(loaded, started)
+        applied_copy = Path(started).with_name(APPLIED_CONFIG_NAME) if started else None
         return run_loop(worker.run(config_path, int(worker_id or 0), loaded,
-                                   hup_received=lambda: held_hup.received))
+                                   hup_received=lambda: held_hup.received,
+                                   applied_copy=applied_copy))
     workers, drain_s = loaded.config.workers, loaded.config.timeouts.drain_s
     del loaded  # the supervisor serves nothing: its models are not kept
     return supervise(Path(config_path), workers, drain_s, hup_received=lambda: held_hup.received)

@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -95,8 +96,11 @@ def held_for_restart(new: Config, running: Config) -> tuple[Config, list[str]]:
 
 
 class Worker:
-    def __init__(self, config_path: str | Path, worker_id: int = 0) -> None:
+    def __init__(self, config_path: str | Path, worker_id: int = 0,
+                 applied_copy: Path | None = None) -> None:
         self.config_path = Path(config_path)
+        # Under a supervisor: a worker it restarts while the file is bad starts from this.
+        self._applied_copy = applied_copy
         self.worker_id = worker_id
         self.proxy: Proxy | None = None
         self._stop = asyncio.Event()
@@ -243,6 +247,7 @@ class Worker:
             # In a thread: validating loads model files (an anomaly model of a few MB
             # takes a second to build), which on the loop would stall every request.
             loaded = await asyncio.to_thread(load, self.config_path)
+            file_config = loaded.config
             if self._stop.is_set():  # the worker began to stop while the file loaded
                 log.info("reload: dropped, the worker is stopping")
                 return False
@@ -271,6 +276,8 @@ class Worker:
                         self._telemetry_routes, routes)
         metrics.CONFIG_RELOADS.labels("applied").inc()
         log.info("reload: applied %s", self.config_path)
+        if self._applied_copy is not None:
+            self._keep_applied(file_config)
         # Checkers and policies serve no request: stop them now, so an old
         # health config stops judging backends at once.
         await runtime.retire(retired.now)
@@ -278,6 +285,20 @@ class Worker:
             self._pending_upstreams.extend(retired.upstreams)
             self._spawn(self._close_when_idle(old_rt, retired.upstreams))
         return True
+
+    def _keep_applied(self, applied: Config) -> None:
+        """Copy the config file next to the one the workers started from, if it still says
+        what was just applied (it may have changed since it was read)."""
+        assert self._applied_copy is not None
+        tmp = self._applied_copy.with_name(f"{self._applied_copy.name}.{os.getpid()}.tmp")
+        try:
+            shutil.copyfile(self.config_path, tmp)
+            if read_config(tmp) == applied:
+                os.replace(tmp, self._applied_copy)
+        except (OSError, ConfigError) as exc:
+            log.warning("reload: could not keep a copy of the applied config: %s", exc)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _reload_tls(self, config: Config) -> None:
         tls = config.listen.tls
@@ -385,11 +406,13 @@ def report_ready() -> None:
 
 
 async def run(config_path: str | Path, worker_id: int, loaded: Loaded | None = None, *,
-              hup_received: Callable[[], bool] = lambda: False) -> int:
+              hup_received: Callable[[], bool] = lambda: False,
+              applied_copy: Path | None = None) -> int:
     """Serve until SIGTERM. `loaded`: the config as already read; `hup_received`: whether a
-    SIGHUP came before this (held by the caller), to be applied once serving."""
+    SIGHUP came before this (held by the caller), to be applied once serving;
+    `applied_copy`: where to keep a copy of each config file a reload applies."""
     os.environ["FORETELL_WORKER_ID"] = str(worker_id)
-    worker = Worker(config_path, worker_id)
+    worker = Worker(config_path, worker_id, applied_copy)
     # First: SIGHUP's default action would end the process while it starts.
     worker.catch_sighup(held=hup_received)
     try:

@@ -260,9 +260,10 @@ async def test_supervisor_restarts_a_killed_worker(backends: Backends, run_proxy
 
 async def test_a_restarted_worker_starts_like_its_siblings_whatever_the_file_says_now(
         backends: Backends, run_proxy) -> None:
-    """The file since asks for one worker and is then broken: the replacement of a killed
-    worker starts from what its siblings started from (before, it bound the port without
-    SO_REUSEPORT five times, and the supervisor gave up and took the proxy down)."""
+    """The file since asks for one worker (a reload holds that) and is then broken: the
+    replacement of a killed worker starts like its siblings, from the config their last
+    reload applied, with the restart-only settings they started with (before, it bound the
+    port without SO_REUSEPORT five times, and the supervisor took the proxy down)."""
     urls = {"a": await backends.start("a")}
     proc = run_proxy(proxy_config(urls, workers=2))
     parent = await _two_workers_up(proc)
@@ -271,7 +272,7 @@ async def test_a_restarted_worker_starts_like_its_siblings_whatever_the_file_say
     proc.proc.send_signal(signal.SIGHUP)
     await asyncio.sleep(1.0)
     for then in ("as the other workers until a restart of the proxy: workers: 2 -> 1",
-                 "starting from the config the proxy started with instead"):
+                 "starting from the config the last reload applied instead"):
         victim = _worker(parent, 1)
         assert victim is not None
         victim.kill()
