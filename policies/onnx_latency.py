@@ -160,8 +160,7 @@ MODEL_ACTIVE = Gauge(
 # The newest onnx_latency policy of each cluster shows the cluster's gauges above (info,
 # active, rescore gap), and its close takes them out: a config reload builds the new
 # policy before it closes the old one, whose close must leave the new one's alone.
-# Cluster -> the newest policy's token.
-_GAUGE_OWNER: dict[str, object] = {}
+# Cluster -> that policy (weakly: one dropped without close shows nothing).
 _OWNER_POLICY: weakref.WeakValueDictionary[str, OnnxLatency] = weakref.WeakValueDictionary()
 # Cluster -> the (version, kind) foretell_model_info shows.
 _INFO_SHOWN: dict[str, tuple[str, str]] = {}
@@ -553,14 +552,12 @@ class OnnxLatency:
         self._plain = False
         # This policy shows the cluster's gauges from now on: no model yet, not active
         # (_update_plain sets it on every change).
-        self._gauge_token = object()
         # The policy this one took the gauges from: they go back to it if this one is
         # closed unused (a reload that failed after building it).
         # (Weakly: a chain of every policy a reload ever replaced would stay alive.)
         shown = _OWNER_POLICY.get(self.cluster)
         self._displaced = weakref.ref(shown) if shown is not None else None
         self._closed = False
-        _GAUGE_OWNER[self.cluster] = self._gauge_token
         _OWNER_POLICY[self.cluster] = self
         _drop_info(self.cluster)
         MODEL_ACTIVE.labels(self.cluster).set(0)
@@ -603,7 +600,6 @@ class OnnxLatency:
     # -- model lifecycle ----------------------------------------------------------
     def _show_gauges(self) -> None:
         """Take the cluster's gauges (back) and show this policy's state on them."""
-        _GAUGE_OWNER[self.cluster] = self._gauge_token
         _OWNER_POLICY[self.cluster] = self
         MODEL_ACTIVE.labels(self.cluster).set(1 if self._plain else 0)
         if self.model is not None:
@@ -615,7 +611,7 @@ class OnnxLatency:
 
     def _shows_gauges(self) -> bool:
         """Whether this policy's state is what the cluster's gauges show (the newest one's)."""
-        return _GAUGE_OWNER.get(self.cluster) is self._gauge_token
+        return _OWNER_POLICY.get(self.cluster) is self
 
     def _key_or_none(self) -> tuple[int, int, int] | None:
         try:
@@ -1117,8 +1113,7 @@ class OnnxLatency:
         foretell_model_active: a cluster routed by another policy now shows neither)."""
         self._closed = True
         if self._shows_gauges():
-            del _GAUGE_OWNER[self.cluster]
-            _OWNER_POLICY.pop(self.cluster, None)
+            del _OWNER_POLICY[self.cluster]
             _drop_info(self.cluster)
             _drop_series(MODEL_ACTIVE, self.cluster)
             _drop_series(RESCORE_GAP, self.cluster)
