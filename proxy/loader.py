@@ -126,8 +126,9 @@ def _regular(path: Path) -> str | None:
 def _readable(path: Path) -> str | None:
     """Why a file the proxy reads whole (certificate, key, CA, model, coefficients) cannot
     be, or None: it must be a regular file (reading a FIFO could block for good)."""
-    if _not_regular(path):
-        return f"{path} is not a regular file"
+    problem = _regular(path)
+    if problem is not None:
+        return problem
     try:
         with path.open("rb"):
             return None
