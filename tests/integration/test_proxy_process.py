@@ -367,10 +367,7 @@ async def test_sighup_during_startup_is_applied_once_started(backends: Backends,
     async with aiohttp.ClientSession() as client, client.get(proc.url + "/echo") as resp:
         assert resp.status == 200
     # Each worker reloads once it serves: the file may have changed since it was read.
-    deadline = time.monotonic() + 10
-    while proc.log().count("reload: applied") < workers:
-        assert time.monotonic() < deadline, proc.log()
-        await asyncio.sleep(0.1)
+    await _logged(proc, "reload: applied", times=workers, timeout_s=10)
     assert {c.pid for c in parent.children()} == pids, proc.log()  # no worker died and came back
     assert "restarting" not in proc.log()
 
